@@ -1,0 +1,103 @@
+"""Resumable checkpoints and the final student export.
+
+Layout of ``output_dir``::
+
+    kd_config.json              the resolved run configuration
+    checkpoints/step-00000040/  accelerator state (model safetensors, optimizer, RNG, sampler)
+                                + trainer_state.json + kd_config.json
+    checkpoints/latest          name of the newest complete checkpoint (written last, atomically)
+    model.safetensors, config.json, tokenizer files, generation_config.json   the final student
+
+Everything is read back safely: weights from safetensors, the rest with
+``torch.load(weights_only=True)`` (accelerate's default) or as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kd_dist.config import ConfigError, TrainConfig
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_POINTER = "latest"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Where the loop is. ``batches_done`` counts micro-batches consumed in the current epoch."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, state: TrainerState) -> Path:
+    """Every rank writes its part; ``latest`` moves only after all ranks have finished."""
+    root = Path(cfg.output_dir) / CHECKPOINTS_DIR
+    path = root / f"step-{state.global_step:08d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / TRAINER_STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+        cfg.save(path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_atomically(root / LATEST_POINTER, path.name + "\n")
+    accelerator.wait_for_everyone()
+    return path
+
+
+def resolve_checkpoint(cfg: TrainConfig) -> Path:
+    """The folder named by ``--resume_from_checkpoint`` ('latest' means output_dir's newest)."""
+    spec = cfg.resume_from_checkpoint
+    assert spec is not None
+    if spec == "latest":
+        pointer = Path(cfg.output_dir) / CHECKPOINTS_DIR / LATEST_POINTER
+        if not pointer.is_file():
+            raise ConfigError(
+                f"--resume_from_checkpoint latest: {pointer} does not exist, so {cfg.output_dir} "
+                "holds no complete checkpoint. Drop the flag to start fresh, or pass a path."
+            )
+        path = pointer.parent / pointer.read_text().strip()
+    else:
+        path = Path(spec)
+    if not (path / TRAINER_STATE_FILE).is_file():
+        raise ConfigError(
+            f"--resume_from_checkpoint: {path} is not a complete kd_dist checkpoint "
+            f"(no {TRAINER_STATE_FILE}). Pass a folder under {CHECKPOINTS_DIR}/ or 'latest'."
+        )
+    return path
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
+    accelerator.load_state(str(path))
+    return TrainerState(**json.loads((path / TRAINER_STATE_FILE).read_text()))
+
+
+def export_student(
+    accelerator: Accelerator,
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str,
+) -> None:
+    """Save the trained student as a plain Hugging Face model (safetensors) in ``output_dir``."""
+    accelerator.wait_for_everyone()
+    # get_state_dict gathers the full weights when they are sharded (ZeRO-3) on every rank.
+    state_dict = accelerator.get_state_dict(student)
+    model = accelerator.unwrap_model(student)
+    if accelerator.is_main_process:
+        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,103 @@
+"""Command line: ``kd-dist train|demo`` (also ``python -m kd_dist ...``).
+
+The ``train`` flags are generated from ``TrainConfig``'s fields, so every flag can also be set in
+a ``--config run.yaml`` file; precedence is defaults < YAML < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from kd_dist.config import CONFIG_FIELDS, ConfigError, TrainConfig, load_yaml
+
+_TYPE_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _flag_kwargs(name: str) -> dict[str, Any]:
+    """argparse keyword arguments for one TrainConfig field, from its type and help text."""
+    hint = _TYPE_HINTS[name]
+    kwargs: dict[str, Any] = {"help": CONFIG_FIELDS[name].metadata.get("help")}
+    base = hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None` -> int
+        base = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if base is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(base) is typing.Literal:
+        kwargs["choices"] = typing.get_args(base)
+    else:
+        kwargs["type"] = base
+    default = CONFIG_FIELDS[name].default
+    if kwargs["help"] and default not in (None, ""):
+        kwargs["help"] += f" (default: {default})"
+    return kwargs
+
+
+def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--config", help="YAML file of flag values; command-line flags override it."
+    )
+    for name in CONFIG_FIELDS:
+        # SUPPRESS keeps flags the user did not type out of the namespace, so YAML values survive.
+        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, **_flag_kwargs(name))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k in CONFIG_FIELDS})
+    try:
+        return TrainConfig(**values)
+    except TypeError as error:
+        raise ConfigError(f"Invalid configuration: {error}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kd-dist",
+        description="Distil a Hugging Face teacher language model into a smaller student.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_train_parser(
+        commands.add_parser("train", help="Distil a teacher into a student.", allow_abbrev=False)
+    )
+    demo = commands.add_parser(
+        "demo", help="Built-in offline demo: train a tiny teacher, distil it, compare with CE."
+    )
+    demo.add_argument("--output_dir", default="demo_output", help="Where the demo writes.")
+    demo.add_argument("--seed", type=int, default=0, help="Random seed.")
+    return parser
+
+
+def _setup_logging() -> None:
+    # Only the main process talks; other ranks report warnings and errors.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "train":
+            from kd_dist.trainer import train
+
+            train(config_from_args(args))
+        elif args.command == "demo":
+            from kd_dist.demo import run_demo
+
+            run_demo(args.output_dir, seed=args.seed)
+    except ConfigError as error:
+        print(f"kd-dist: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,237 @@
+"""The run configuration: one typed dataclass, loadable from YAML, validated before any model loads.
+
+Every field is a command-line flag of the same name (``cli.py`` builds the parser from these
+fields), so a YAML file and the command line can set exactly the same things.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+TaskType = Literal["causal", "seq2seq"]
+OptimizerName = Literal["adamw", "sgd", "adafactor"]
+SchedulerName = Literal["linear", "cosine", "constant"]
+DatasetFormat = Literal["auto", "text", "instruction", "seq2seq"]
+
+CONFIG_FILE_NAME = "kd_config.json"
+
+
+class ConfigError(ValueError):
+    """A problem with the user's configuration: the message names the problem and the fix."""
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainConfig:
+    # --- models -----------------------------------------------------------------------------
+    teacher_model: str = field(
+        default="", metadata=_help("Teacher: hub name or local folder (frozen, eval mode).")
+    )
+    student_model: str = field(
+        default="", metadata=_help("Student to train: hub name or local folder.")
+    )
+    task_type: TaskType = field(
+        default="causal",
+        metadata=_help("causal (GPT-2, OPT, Llama, Qwen...) or seq2seq (T5, BART)."),
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=_help("Allow model code from the hub (off unless you ask).")
+    )
+
+    # --- data -------------------------------------------------------------------------------
+    dataset: str = field(
+        default="",
+        metadata=_help(
+            "Hub dataset name (from the local cache), a save_to_disk folder, or a "
+            "json/jsonl/csv/parquet/txt file."
+        ),
+    )
+    dataset_config: str | None = field(
+        default=None, metadata=_help("Configuration name of a hub dataset.")
+    )
+    dataset_split: str = field(default="train", metadata=_help("Split to train on."))
+    eval_split: str | None = field(
+        default=None,
+        metadata=_help("Split to evaluate on (default: validation/test when present)."),
+    )
+    eval_ratio: float = field(
+        default=0.0,
+        metadata=_help("Hold out this fraction of the training split for evaluation (by seed)."),
+    )
+    dataset_format: DatasetFormat = field(
+        default="auto", metadata=_help("Override the format detected from the columns.")
+    )
+    text_column: str | None = field(default=None, metadata=_help("Column holding plain text."))
+    prompt_column: str | None = field(
+        default=None, metadata=_help("Column holding the prompt/instruction/source.")
+    )
+    response_column: str | None = field(
+        default=None, metadata=_help("Column holding the response/output/target.")
+    )
+    max_length: int = field(default=512, metadata=_help("Maximum tokens per example (source)."))
+    max_target_length: int | None = field(
+        default=None, metadata=_help("seq2seq: maximum target tokens (default: max_length).")
+    )
+    train_on_prompt: bool = field(
+        default=False, metadata=_help("Include prompt tokens in the loss (masked by default).")
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata=_help("Use at most this many training examples.")
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata=_help("Use at most this many evaluation examples.")
+    )
+    num_proc: int | None = field(
+        default=None, metadata=_help("Processes for tokenization (datasets.map).")
+    )
+
+    # --- optimisation -----------------------------------------------------------------------
+    output_dir: str = field(
+        default="./distilled_model", metadata=_help("Where checkpoints and the student go.")
+    )
+    batch_size: int = field(default=8, metadata=_help("Micro-batch size per process."))
+    gradient_accumulation_steps: int = field(
+        default=1, metadata=_help("Micro-batches per optimizer step.")
+    )
+    optimizer: OptimizerName = field(default="adamw", metadata=_help("adamw, sgd or adafactor."))
+    learning_rate: float = field(default=5e-5, metadata=_help("Peak learning rate."))
+    weight_decay: float = field(default=0.0, metadata=_help("Weight decay (AdamW, SGD)."))
+    warmup_ratio: float = field(
+        default=0.1, metadata=_help("Fraction of steps with linear warm-up.")
+    )
+    lr_scheduler: SchedulerName = field(
+        default="linear", metadata=_help("Decay after warm-up: linear, cosine or constant.")
+    )
+    epochs: int = field(default=3, metadata=_help("Passes over the training data."))
+    max_steps: int | None = field(
+        default=None, metadata=_help("Stop after this many optimizer steps (overrides epochs).")
+    )
+    clip_grad_norm: float = field(
+        default=1.0, metadata=_help("Clip the gradient norm to this (0 disables).")
+    )
+    fp16: bool = field(default=False, metadata=_help("fp16 mixed precision (GPU)."))
+    bf16: bool = field(default=False, metadata=_help("bf16 mixed precision."))
+    seed: int = field(default=42, metadata=_help("Random seed (data order, dropout, init)."))
+    logging_steps: int = field(default=10, metadata=_help("Log every this many steps."))
+    save_every: int = field(
+        default=1, metadata=_help("Save a resumable checkpoint every N epochs (0 disables).")
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata=_help("Checkpoint folder to continue from, or 'latest' in output_dir."),
+    )
+
+    # --- distillation loss ------------------------------------------------------------------
+    temperature: float = field(
+        default=2.0, metadata=_help("Softmax temperature T; the KD term is scaled by T^2.")
+    )
+    alpha: float = field(
+        default=0.0,
+        metadata=_help("Weight of ground-truth cross-entropy: (1-alpha)*KD + alpha*CE."),
+    )
+    vocab_chunk_size: int = field(
+        default=1024,
+        metadata=_help(
+            "Token positions whose full-vocabulary distributions are processed at once in the "
+            "loss (bounds the loss's extra memory to about vocab_chunk_size x vocab fp32 values)."
+        ),
+    )
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def mixed_precision(self) -> str:
+        return "fp16" if self.fp16 else "bf16" if self.bf16 else "no"
+
+    def validate(self) -> None:
+        """Check everything that can be checked without loading a model or a dataset."""
+        problems = []
+        for name in ("teacher_model", "student_model", "dataset"):
+            if not getattr(self, name):
+                problems.append(f"--{name} is required.")
+        for name, kind in (
+            ("task_type", TaskType),
+            ("optimizer", OptimizerName),
+            ("lr_scheduler", SchedulerName),
+            ("dataset_format", DatasetFormat),
+        ):
+            allowed = get_args(kind)
+            if getattr(self, name) not in allowed:
+                problems.append(
+                    f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}."
+                )
+        if self.temperature <= 0:
+            problems.append(
+                f"--temperature must be > 0 (got {self.temperature}); 1.0 leaves the "
+                "distributions unchanged, 2.0 is a common choice."
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"--alpha must be in [0, 1] (got {self.alpha}).")
+        for name in ("batch_size", "gradient_accumulation_steps", "epochs", "vocab_chunk_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be at least 1 (got {getattr(self, name)}).")
+        if self.max_length < 2:
+            problems.append(f"--max_length must be at least 2 (got {self.max_length}).")
+        if self.max_target_length is not None and self.max_target_length < 1:
+            problems.append("--max_target_length must be at least 1.")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append("--max_steps must be at least 1 (omit it to train for --epochs).")
+        if self.learning_rate <= 0:
+            problems.append(f"--learning_rate must be > 0 (got {self.learning_rate}).")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"--warmup_ratio must be in [0, 1) (got {self.warmup_ratio}).")
+        if not 0.0 <= self.eval_ratio < 1.0:
+            problems.append(f"--eval_ratio must be in [0, 1) (got {self.eval_ratio}).")
+        if self.clip_grad_norm < 0:
+            problems.append("--clip_grad_norm must be >= 0 (0 disables clipping).")
+        if self.logging_steps < 1:
+            problems.append("--logging_steps must be at least 1.")
+        if self.save_every < 0:
+            problems.append("--save_every must be >= 0 (0 disables epoch checkpoints).")
+        if self.fp16 and self.bf16:
+            problems.append("--fp16 and --bf16 are exclusive: choose one.")
+        if problems:
+            raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the resolved configuration as JSON beside the run's outputs."""
+        path = Path(directory) / CONFIG_FILE_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML run file: a mapping of flag names to values. Unknown keys are an error."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file.") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of flag names to values.")
+    unknown = sorted(set(data) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"--config {path}: unknown keys {', '.join(unknown)}. "
+            "Use the flag names without dashes (see `kd-dist train --help`)."
+        )
+    return data

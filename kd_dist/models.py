@@ -1,0 +1,165 @@
+"""Load the tokenizer, the frozen teacher and the trainable student, after checking they fit.
+
+Checks run in order of cost: configs and tokenizers (small files) before any weights, so a
+mismatch is reported in seconds rather than after loading a 70B teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from kd_dist.config import ConfigError, TrainConfig
+
+
+def _load_config(name: str, role: str, cfg: TrainConfig) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"--{role}_model {name!r}: could not load its config. Pass a local folder holding "
+            f"config.json or a hub name already in the local Hugging Face cache. ({error})"
+        ) from None
+
+
+def check_task_type(config: PretrainedConfig, role: str, name: str, task_type: str) -> None:
+    """Refuse a causal model run as seq2seq and the other way round, naming the right flag."""
+    is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if is_seq2seq and task_type == "causal":
+        raise ConfigError(
+            f"--{role}_model {name!r} is an encoder-decoder ({config.model_type}) model but "
+            "--task_type is causal: pass --task_type seq2seq."
+        )
+    if not is_seq2seq and task_type == "seq2seq":
+        raise ConfigError(
+            f"--{role}_model {name!r} is a decoder-only ({config.model_type}) model but "
+            "--task_type is seq2seq: pass --task_type causal."
+        )
+
+
+def check_vocab_covers_tokenizer(
+    config: PretrainedConfig, role: str, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """The model's output layer must have a row for every token; extra (padded) rows are fine."""
+    model_vocab = config.get_text_config().vocab_size
+    if model_vocab < len(tokenizer):
+        raise ConfigError(
+            f"The {role}'s vocabulary ({model_vocab} rows) is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens: teacher and student must share one tokenizer that both "
+            "models were trained with."
+        )
+
+
+def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
+    """The student's tokenizer, after checking the teacher's is the same; pad token ensured."""
+    tokenizers = {}
+    for role, name in (("student", cfg.student_model), ("teacher", cfg.teacher_model)):
+        try:
+            tokenizers[role] = AutoTokenizer.from_pretrained(
+                name, trust_remote_code=cfg.trust_remote_code
+            )
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"--{role}_model {name!r}: could not load its tokenizer. The folder must hold "
+                f"the tokenizer files saved with the model. ({error})"
+            ) from None
+    student_tok, teacher_tok = tokenizers["student"], tokenizers["teacher"]
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        only_student = len(set(student_tok.get_vocab()) - set(teacher_tok.get_vocab()))
+        raise ConfigError(
+            "Teacher and student tokenizers differ "
+            f"(teacher {len(teacher_tok)} tokens, student {len(student_tok)} tokens, "
+            f"{only_student} tokens only in the student's). Token-level distillation compares "
+            "the two models' distributions token by token, so both must use the same tokenizer: "
+            "pick a student from the teacher's model family."
+        )
+    if student_tok.pad_token is None:
+        # GPT-2, Llama and others ship without a pad token; padded positions are masked out of
+        # the loss and the attention, so any existing token serves.
+        if student_tok.eos_token is None:
+            raise ConfigError(
+                f"The tokenizer of {cfg.student_model!r} has neither a pad nor an eos token: "
+                "add a pad token to it (tokenizer.add_special_tokens) and save it again."
+            )
+        student_tok.pad_token = student_tok.eos_token
+    return student_tok
+
+
+def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Configuration-level checks of both models (no weights loaded)."""
+    for role, name in (("teacher", cfg.teacher_model), ("student", cfg.student_model)):
+        config = _load_config(name, role, cfg)
+        check_task_type(config, role, name, cfg.task_type)
+        check_vocab_covers_tokenizer(config, role, tokenizer)
+
+
+def _precision_dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else torch.float32
+
+
+@dataclass
+class ModelPair:
+    teacher: PreTrainedModel
+    student: PreTrainedModel
+
+
+def load_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> ModelPair:
+    """Teacher (frozen, eval, in the run's precision) and student (fp32 master weights, train)."""
+    check_models(cfg, tokenizer)
+    auto = AutoModelForSeq2SeqLM if cfg.task_type == "seq2seq" else AutoModelForCausalLM
+    # The teacher only runs forward, so it is stored in the run's precision to halve its memory;
+    # the student keeps fp32 weights and mixed precision autocasts its forward.
+    teacher = auto.from_pretrained(
+        cfg.teacher_model, dtype=_precision_dtype(cfg), trust_remote_code=cfg.trust_remote_code
+    )
+    student = auto.from_pretrained(
+        cfg.student_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
+    teacher.eval()
+    teacher.requires_grad_(False)
+    student.train()
+    for model in (teacher, student):
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None and model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return ModelPair(teacher=teacher, student=student)
+
+
+def decoder_inputs_from_labels(labels: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:
+    """seq2seq decoder inputs: labels shifted right behind the decoder start token.
+
+    [B, T] -> [B, T]; masked (-100) label positions become the pad token, as T5 and BART expect.
+    """
+    start = config.decoder_start_token_id
+    if start is None:
+        raise ConfigError(
+            f"The {config.model_type} model config has no decoder_start_token_id, which seq2seq "
+            "training needs: set it in the model's config.json."
+        )
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == -100, config.pad_token_id)
+
+
+def forward_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], task_type: str, config: PretrainedConfig
+) -> torch.Tensor:
+    """The model's logits for a collated batch: [B, L, V] (causal) or [B, T, V] (seq2seq).
+
+    Labels are not passed to the model, so it does not compute its own full-vocabulary loss.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if task_type == "seq2seq":
+        inputs["decoder_input_ids"] = decoder_inputs_from_labels(batch["labels"], config)
+    return model(**inputs, use_cache=False).logits

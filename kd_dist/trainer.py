@@ -1,0 +1,265 @@
+"""The training loop: teacher forward -> student forward -> loss -> backward -> step.
+
+It reads top to bottom in ``train``; the helpers above it are small and pure where they can be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers.optimization import Adafactor
+
+from kd_dist.checkpoint import (
+    TrainerState,
+    export_student,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from kd_dist.config import TrainConfig
+from kd_dist.data import build_datasets, make_collator
+from kd_dist.engine import accelerator_session, place_teacher
+from kd_dist.evaluation import evaluate
+from kd_dist.losses import count_valid_tokens, distillation_loss, select_valid_positions
+from kd_dist.models import check_models, forward_logits, load_models, load_tokenizer
+
+logger = logging.getLogger("kd_dist")
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_RESULTS_FILE = "eval_results.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    global_step: int
+    last_loss: float | None
+    eval_metrics: dict[str, float] | None
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay
+        )
+    # Adafactor with an external learning rate, so the warm-up/decay schedule applies to it too.
+    return Adafactor(
+        params,
+        lr=cfg.learning_rate,
+        scale_parameter=False,
+        relative_step=False,
+        warmup_init=False,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def learning_rate_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the decay.
+
+    A pure function of the step, so a resumed run needs no scheduler state to continue exactly.
+    """
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    if step < warmup_steps:
+        return cfg.learning_rate * (step + 1) / warmup_steps
+    if cfg.lr_scheduler == "constant":
+        return cfg.learning_rate
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if cfg.lr_scheduler == "cosine":
+        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.learning_rate * (1.0 - progress)
+
+
+def accumulation_windows(batches: Iterator, size: int) -> Iterator[list]:
+    """Group micro-batches into optimizer steps; the last window of an epoch may be shorter."""
+    while window := list(itertools.islice(batches, size)):
+        yield window
+
+
+@contextlib.contextmanager
+def micro_batch_context(accelerator: Accelerator, model: torch.nn.Module, last: bool):
+    """Synchronise (all-reduce, DeepSpeed step boundary) only on a window's last micro-batch."""
+    accelerator.sync_gradients = last
+    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        yield
+
+
+def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Distil ``cfg.teacher_model`` into ``cfg.student_model``; the student lands in output_dir."""
+    cfg.validate()
+    with accelerator_session(cfg) as accelerator:
+        return run_training(cfg, accelerator)
+
+
+def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
+    set_seed(cfg.seed)
+    causal = cfg.task_type == "causal"
+
+    # --- tokenizer, data, models: cheapest checks first, weights last ---------------------------
+    tokenizer = load_tokenizer(cfg)
+    check_models(cfg, tokenizer)
+    data = build_datasets(cfg, tokenizer, main_process_first=accelerator.main_process_first)
+    models = load_models(cfg, tokenizer)
+    teacher, student = models.teacher, models.student
+    vocab_size = len(tokenizer)
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        cfg.save(cfg.output_dir)
+        logger.info("Data format %s, %s; example:\n%s", data.format, data.stats, data.example)
+
+    collate = make_collator(tokenizer, cfg.task_type)
+    train_loader = DataLoader(
+        data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate
+    )
+    total_steps = planned_steps(cfg, len(train_loader))
+    optimizer = build_optimizer(cfg, student)
+    student, optimizer, train_loader = accelerator.prepare(student, optimizer, train_loader)
+    teacher = place_teacher(accelerator, teacher)
+
+    state = TrainerState()
+    if cfg.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(cfg)
+        state = load_checkpoint(accelerator, checkpoint)
+        logger.info("Resumed from %s at step %d", checkpoint, state.global_step)
+
+    progress = tqdm(
+        total=total_steps,
+        initial=state.global_step,
+        disable=not accelerator.is_main_process,
+        desc="distilling",
+    )
+    metrics_file = Path(cfg.output_dir) / METRICS_FILE
+    last_loss = None
+    window_started = time.perf_counter()
+    window_tokens = 0
+
+    # --- the loop ---------------------------------------------------------------------------
+    while state.global_step < total_steps:
+        train_loader.set_epoch(state.epoch)
+        batches = iter(accelerator.skip_first_batches(train_loader, state.batches_done))
+        for window in accumulation_windows(batches, cfg.gradient_accumulation_steps):
+            if state.global_step >= total_steps:  # --max_steps reached mid-epoch
+                break
+            # Normalise by the valid tokens of the whole optimizer step, over every micro-batch
+            # and rank, so the gradient does not depend on how the step's batch was split.
+            local_tokens = sum(count_valid_tokens(b["labels"], causal) for b in window)
+            step_tokens = accelerator.reduce(
+                torch.tensor(local_tokens, device=accelerator.device), reduction="sum"
+            )
+            # accelerate divides each backward by the accumulation steps and DDP/ZeRO average
+            # over ranks; this undoes both so the step's gradient is sum(loss) / step_tokens.
+            backward_scale = cfg.gradient_accumulation_steps * accelerator.num_processes
+            step_sums = torch.zeros(2, device=accelerator.device)
+            for index, batch in enumerate(window):
+                with micro_batch_context(accelerator, student, last=index == len(window) - 1):
+                    student_logits = forward_logits(student, batch, cfg.task_type, teacher.config)
+                    if cfg.alpha < 1.0:
+                        with torch.no_grad(), accelerator.autocast():
+                            teacher_logits = forward_logits(
+                                teacher, batch, cfg.task_type, teacher.config
+                            )
+                    else:  # pure cross-entropy: the teacher's distribution has zero weight
+                        teacher_logits = student_logits.detach()
+                    s, t, labels = select_valid_positions(
+                        student_logits, teacher_logits, batch["labels"], causal
+                    )
+                    out = distillation_loss(
+                        s,
+                        t,
+                        labels,
+                        temperature=cfg.temperature,
+                        alpha=cfg.alpha,
+                        num_tokens=step_tokens,
+                        vocab_size=vocab_size,
+                        chunk_size=cfg.vocab_chunk_size,
+                    )
+                    accelerator.backward(out.loss * backward_scale)
+                step_sums += torch.stack([out.kd_sum, out.ce_sum])
+
+            grad_norm = None
+            if cfg.clip_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.clip_grad_norm)
+            learning_rate = learning_rate_at(state.global_step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.global_step += 1
+            state.batches_done += len(window)
+            window_tokens += int(step_tokens)
+            step_sums = accelerator.reduce(step_sums, reduction="sum")
+            kd, ce = (step_sums / max(int(step_tokens), 1)).tolist()
+            last_loss = (1 - cfg.alpha) * kd + cfg.alpha * ce
+            progress.update(1)
+            if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
+                elapsed = time.perf_counter() - window_started
+                record = {
+                    "step": state.global_step,
+                    "epoch": state.epoch,
+                    "loss": last_loss,
+                    "kd_loss": kd,
+                    "ce_loss": ce,
+                    "lr": learning_rate,
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                }
+                progress.set_postfix(
+                    loss=f"{last_loss:.4f}",
+                    lr=f"{learning_rate:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
+                if accelerator.is_main_process:
+                    with metrics_file.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                window_started, window_tokens = time.perf_counter(), 0
+        else:  # the epoch ran to its end
+            state.epoch += 1
+            state.batches_done = 0
+            if cfg.save_every and state.epoch % cfg.save_every == 0:
+                save_checkpoint(accelerator, cfg, state)
+    progress.close()
+
+    # --- evaluation and export --------------------------------------------------------------
+    eval_metrics = None
+    if data.eval is not None:
+        eval_loader = accelerator.prepare(
+            DataLoader(data.eval, batch_size=cfg.batch_size, collate_fn=collate)
+        )
+        eval_metrics = evaluate(
+            student,
+            teacher,
+            eval_loader,
+            task_type=cfg.task_type,
+            vocab_size=vocab_size,
+            chunk_size=cfg.vocab_chunk_size,
+            device=accelerator.device,
+            sum_across_ranks=lambda sums: accelerator.reduce(sums, reduction="sum"),
+        )
+        if accelerator.is_main_process:
+            logger.info("Held-out metrics: %s", eval_metrics)
+            (Path(cfg.output_dir) / EVAL_RESULTS_FILE).write_text(
+                json.dumps(eval_metrics, indent=2) + "\n"
+            )
+    export_student(accelerator, student, tokenizer, cfg.output_dir)
+    return TrainResult(cfg.output_dir, state.global_step, last_loss, eval_metrics)
