@@ -1,0 +1,131 @@
+"""Load the raw dataset named by ``--dataset`` and pick its train and eval splits.
+
+Every source is loaded as a ``DatasetDict`` so that split selection is the same for all of them;
+a source with a single unnamed split (one file, a ``Dataset.save_to_disk`` folder) becomes the
+``--dataset_split`` split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from kd_dist.config import ConfigError, TrainConfig
+
+# File suffix -> the `datasets` builder that reads it. The text builder yields one row per line
+# in a `text` column (blank lines are dropped later with the other empty examples).
+FILE_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+
+# Splits used for evaluation when --eval_split is not given, in order of preference.
+AUTO_EVAL_SPLITS = ("validation", "test")
+
+ACCEPTED_FORMS = (
+    "--dataset accepts a local " + "/".join(s.lstrip(".") for s in FILE_BUILDERS) + " file, "
+    "a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk, or the name of a "
+    "hub dataset that is already in the local Hugging Face cache."
+)
+
+
+def load_source(cfg: TrainConfig) -> DatasetDict:
+    """All splits of ``cfg.dataset``: a local file, a save_to_disk folder or a hub name."""
+    path = Path(cfg.dataset).expanduser()
+    if path.is_dir():
+        return _load_folder(path, cfg.dataset_split)
+    if path.is_file():
+        return _load_file(path, cfg.dataset_split)
+    if path.suffix.lower() in FILE_BUILDERS or cfg.dataset.startswith((".", "/", "~")):
+        # Clearly meant as a local path: don't make the user wait for a hub lookup.
+        raise ConfigError(f"--dataset {cfg.dataset}: no such file or folder. {ACCEPTED_FORMS}")
+    return _load_hub(cfg.dataset, cfg.dataset_config)
+
+
+def _load_file(path: Path, split: str) -> DatasetDict:
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ConfigError(
+            f"--dataset {path}: unsupported file type {path.suffix!r}. {ACCEPTED_FORMS}"
+        )
+    return load_dataset(builder, data_files={split: str(path)})
+
+
+def _load_folder(path: Path, split: str) -> DatasetDict:
+    try:
+        loaded = load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise ConfigError(
+            f"--dataset {path} is a folder but not one written by save_to_disk ({error}). "
+            f"{ACCEPTED_FORMS}"
+        ) from error
+    return loaded if isinstance(loaded, DatasetDict) else DatasetDict({split: loaded})
+
+
+def _load_hub(name: str, config_name: str | None) -> DatasetDict:
+    try:
+        loaded = load_dataset(name, config_name)
+    except (OSError, ValueError) as error:
+        # OSError covers "not found" and "can't reach the hub" (offline); ValueError covers an
+        # unknown configuration name.
+        config = f" (configuration {config_name!r})" if config_name else ""
+        raise ConfigError(
+            f"--dataset {name}{config}: not a local file or folder, and not found as a hub "
+            f"dataset in the local cache ({type(error).__name__}: {error}). {ACCEPTED_FORMS}"
+        ) from error
+    if not isinstance(loaded, DatasetDict):
+        raise ConfigError(f"--dataset {name}: expected a dataset with splits, got {type(loaded)}.")
+    return loaded
+
+
+def _split(splits: DatasetDict, name: str, flag: str) -> Dataset:
+    if name not in splits:
+        raise ConfigError(
+            f"{flag} {name!r} is not a split of the dataset. "
+            f"Available splits: {', '.join(splits) or '(none)'}."
+        )
+    return splits[name]
+
+
+def select_splits(splits: DatasetDict, cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
+    """The raw train split and the eval split (or None), capped by the max_*_samples flags.
+
+    Eval is, in order: --eval_split; a validation/test split of the source; a --eval_ratio
+    hold-out of the train split (deterministic for a given --seed); otherwise none.
+    """
+    train = _split(splits, cfg.dataset_split, "--dataset_split")
+    if cfg.eval_split:
+        eval_ = _split(splits, cfg.eval_split, "--eval_split")
+    else:
+        auto = [s for s in AUTO_EVAL_SPLITS if s in splits and s != cfg.dataset_split]
+        if auto:
+            eval_ = splits[auto[0]]
+        elif cfg.eval_ratio > 0:
+            train, eval_ = hold_out(train, cfg.eval_ratio, cfg.seed)
+        else:
+            eval_ = None
+    train = first_n(train, cfg.max_train_samples)
+    eval_ = first_n(eval_, cfg.max_eval_samples) if eval_ is not None else None
+    return train, eval_
+
+
+def hold_out(train: Dataset, ratio: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split ``ratio`` of ``train`` off for evaluation, the same way for the same seed."""
+    try:
+        parts = train.train_test_split(test_size=ratio, seed=seed)
+    except ValueError as error:
+        raise ConfigError(
+            f"--eval_ratio {ratio} can't split the {len(train)} training examples ({error})."
+        ) from error
+    return parts["train"], parts["test"]
+
+
+def first_n(split: Dataset, limit: int | None) -> Dataset:
+    """The first ``limit`` examples (all of them when ``limit`` is None or larger)."""
+    if limit is None or limit >= len(split):
+        return split
+    return split.select(range(limit))

@@ -1,0 +1,625 @@
+"""Tests for kd_dist.data: real `datasets`, real files in tmp_path, real in-process tokenizers."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from tokenizers import processors
+
+from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.data import IGNORE_INDEX, DataSplits, build_datasets, make_collator, sources
+from kd_dist.data.formats import FORMATS, detect_format, render, resolve_format
+from kd_dist.tiny import build_tokenizer
+
+# --- format table: one row per supported layout ---------------------------------------------
+# (case id, raw row, detected kind, causal (prompt, response), seq2seq (source, target) or None
+# when the layout can't train a seq2seq model). Expected strings are spelled out in full so the
+# test documents the rendering.
+FORMAT_CASES = [
+    ("text", {"text": "the cat sat on the mat"}, "text", ("", "the cat sat on the mat"), None),
+    ("content", {"content": "a dog ran home"}, "text", ("", "a dog ran home"), None),
+    (
+        "dolly",
+        {"instruction": "Name a color", "context": "of the sky", "response": "blue"},
+        "instruction",
+        ("### Instruction:\nName a color\n\n### Input:\nof the sky\n\n### Response:\n", "blue"),
+        ("### Instruction:\nName a color\n\n### Input:\nof the sky\n\n### Response:\n", "blue"),
+    ),
+    (
+        "dolly_no_context",
+        {"instruction": "Name a color", "context": "", "response": "red"},
+        "instruction",
+        ("### Instruction:\nName a color\n\n### Response:\n", "red"),
+        ("### Instruction:\nName a color\n\n### Response:\n", "red"),
+    ),
+    (
+        "alpaca",
+        {"instruction": "Add the numbers", "input": "2 and 3", "output": "5"},
+        "instruction",
+        ("### Instruction:\nAdd the numbers\n\n### Input:\n2 and 3\n\n### Response:\n", "5"),
+        ("### Instruction:\nAdd the numbers\n\n### Input:\n2 and 3\n\n### Response:\n", "5"),
+    ),
+    (
+        "alpaca_no_input",
+        {"instruction": "Say hello", "input": "", "output": "hello"},
+        "instruction",
+        ("### Instruction:\nSay hello\n\n### Response:\n", "hello"),
+        ("### Instruction:\nSay hello\n\n### Response:\n", "hello"),
+    ),
+    (
+        "prompt_completion",
+        {"prompt": "The capital of France is", "completion": " Paris"},
+        "instruction",
+        ("The capital of France is", " Paris"),
+        ("The capital of France is", " Paris"),
+    ),
+    (
+        "question_answer",
+        {"question": "How many legs has a cat?", "answer": "four"},
+        "instruction",
+        ("### Instruction:\nHow many legs has a cat?\n\n### Response:\n", "four"),
+        ("### Instruction:\nHow many legs has a cat?\n\n### Response:\n", "four"),
+    ),
+    (
+        "source_target",
+        {"source": "hello world", "target": "hallo welt"},
+        "seq2seq",
+        ("hello world\n", "hallo welt"),
+        ("hello world", "hallo welt"),
+    ),
+    (
+        "article_highlights",
+        {"article": "the long news article", "highlights": "short news"},
+        "seq2seq",
+        ("the long news article\n", "short news"),
+        ("the long news article", "short news"),
+    ),
+    (
+        "document_summary",
+        {"document": "a long document about cats", "summary": "cats"},
+        "seq2seq",
+        ("a long document about cats\n", "cats"),
+        ("a long document about cats", "cats"),
+    ),
+    (
+        "input_output",
+        {"input": "translate this", "output": "done"},
+        "seq2seq",
+        ("translate this\n", "done"),
+        ("translate this", "done"),
+    ),
+]
+CASE_IDS = [case[0] for case in FORMAT_CASES]
+# (case, task_type) for every combination that applies: plain text has no seq2seq target.
+TASK_CASES = [
+    pytest.param(case, task, id=f"{case[0]}-{task}")
+    for case in FORMAT_CASES
+    for task in ("causal", "seq2seq")
+    if task == "causal" or case[4] is not None
+]
+
+DOLLY_ROWS = [
+    {"instruction": f"Question number {i}", "context": "", "response": f"answer {i}"}
+    for i in range(12)
+]
+
+
+def corpus() -> list[str]:
+    texts = [json.dumps(case[1]) for case in FORMAT_CASES] + [json.dumps(r) for r in DOLLY_ROWS]
+    return texts + ["### Instruction:\n### Input:\n### Response:\n"] * 3
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok():
+    """GPT-2-like: adds no special tokens itself (but has a pad token)."""
+    return build_tokenizer(corpus(), vocab_size=400)
+
+
+def with_template(tokenizer, single: str, token: str):
+    """A copy of ``tokenizer`` whose post-processor adds special tokens like a hub tokenizer."""
+    tokenizer = copy.deepcopy(tokenizer)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(token, token_id)]
+    )
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tok):
+    """Llama-like: prepends <s>."""
+    return with_template(tok, "<s> $A", "<s>")
+
+
+@pytest.fixture(scope="module")
+def eos_tok(tok):
+    """T5-like: appends </s>."""
+    return with_template(tok, "$A </s>", "</s>")
+
+
+@pytest.fixture(autouse=True)
+def isolated_hf(tmp_path, monkeypatch):
+    """Keep the datasets cache inside tmp_path and never wait on the network."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def config(path, **overrides) -> TrainConfig:
+    return TrainConfig(teacher_model="t", student_model="s", dataset=str(path), **overrides)
+
+
+def ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def split_labels(example: dict) -> tuple[int, list[int]]:
+    """(number of masked positions, the label ids that are trained on)."""
+    labels = example["labels"]
+    return labels.count(IGNORE_INDEX), [label for label in labels if label != IGNORE_INDEX]
+
+
+# --- formats: detection and rendering (pure functions) --------------------------------------
+@pytest.mark.parametrize(("case", "task"), TASK_CASES)
+def test_detect_and_render(case, task):
+    _, row, kind, causal, seq2seq = case
+    spec = detect_format(list(row))
+    assert spec is not None and spec.kind == kind
+    assert render(row, spec, task) == (causal if task == "causal" else seq2seq)
+
+
+def test_alpaca_input_is_not_a_seq2seq_source():
+    # `input`/`output` is a seq2seq pair only without an `instruction` column.
+    assert detect_format(["instruction", "input", "output"]).name == "alpaca"
+    assert detect_format(["input", "output"]).name == "input_output"
+
+
+def test_structured_columns_win_over_a_text_column():
+    assert detect_format(["instruction", "input", "output", "text"]).name == "alpaca"
+
+
+def test_every_format_row_has_a_test_case():
+    assert {spec.name for spec in FORMATS} <= set(CASE_IDS)
+
+
+def test_blank_required_field_renders_to_none():
+    spec = detect_format(["instruction", "context", "response"])
+    assert render({"instruction": "x", "context": "", "response": "  "}, spec, "causal") is None
+    assert render({"instruction": None, "context": "", "response": "y"}, spec, "causal") is None
+    assert render({"text": ""}, detect_format(["text"]), "causal") is None
+
+
+# --- tokenization: label masks for every format and task -------------------------------------
+@pytest.mark.parametrize(("case", "task"), TASK_CASES)
+def test_label_masking(case, task, tok, tmp_path):
+    _, row, kind, causal, seq2seq = case
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", [row]), task_type=task), tok)
+    assert data.format == kind
+    assert data.stats["train_examples"] == 1 and data.eval is None
+    example = data.train[0]
+    eos = tok.eos_token_id
+    if task == "causal":
+        prompt, response = causal
+        prompt_ids = ids(tok, prompt, special=True)
+        response_ids = ids(tok, response, special=False)
+        assert example["input_ids"] == prompt_ids + response_ids + [eos]
+        assert example["attention_mask"] == [1] * len(example["input_ids"])
+        masked, trained = split_labels(example)
+        assert masked == len(prompt_ids)
+        assert example["labels"][:masked] == [IGNORE_INDEX] * masked  # the prompt is the prefix
+        assert trained == [*response_ids, eos]
+        assert tok.decode(trained) == response + tok.eos_token
+    else:
+        source, target = seq2seq
+        assert example["input_ids"] == ids(tok, source, special=True)
+        # this tokenizer adds no eos itself, so the collator-facing labels get one appended
+        assert example["labels"] == [*ids(tok, target, special=True), eos]
+
+
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=CASE_IDS)
+def test_train_on_prompt_masks_nothing(case, tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [case[1]])
+    example = build_datasets(config(path, train_on_prompt=True), tok).train[0]
+    assert example["labels"] == example["input_ids"]
+
+
+def test_text_with_bos_tokenizer_masks_only_the_bos(bos_tok, tmp_path):
+    text = "the cat sat on the mat"
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", [{"text": text}])), bos_tok)
+    example = data.train[0]
+    assert example["input_ids"][0] == bos_tok.bos_token_id
+    masked, trained = split_labels(example)
+    assert masked == 1
+    assert bos_tok.decode(trained) == text + "</s>"
+
+
+def test_instruction_with_bos_tokenizer(bos_tok, tmp_path):
+    row = {"question": "How many legs has a cat?", "answer": "four"}
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", [row])), bos_tok)
+    prompt = "### Instruction:\nHow many legs has a cat?\n\n### Response:\n"
+    masked, trained = split_labels(data.train[0])
+    assert masked == len(ids(bos_tok, prompt, special=True))  # bos + prompt
+    assert bos_tok.decode(trained) == "four</s>"
+
+
+def test_seq2seq_with_eos_adding_tokenizer(eos_tok, tmp_path):
+    row = {"source": "hello world", "target": "hallo welt"}
+    data = build_datasets(
+        config(write_jsonl(tmp_path / "d.jsonl", [row]), task_type="seq2seq"), eos_tok
+    )
+    example = data.train[0]
+    assert example["input_ids"] == ids(eos_tok, "hello world", special=True)
+    assert example["labels"] == ids(eos_tok, "hallo welt", special=True)  # one eos, not two
+    assert example["labels"].count(eos_tok.eos_token_id) == 1
+
+
+def test_seq2seq_truncation_keeps_eos(eos_tok, tmp_path):
+    row = {"document": "a long document about cats " * 5, "summary": "cats " * 10}
+    cfg = config(
+        write_jsonl(tmp_path / "d.jsonl", [row]),
+        task_type="seq2seq",
+        max_length=6,
+        max_target_length=4,
+    )
+    data = build_datasets(cfg, eos_tok)
+    example = data.train[0]
+    assert len(example["input_ids"]) == 6 and example["input_ids"][-1] == eos_tok.eos_token_id
+    assert len(example["labels"]) == 4 and example["labels"][-1] == eos_tok.eos_token_id
+    assert data.stats["truncated"] == 1
+
+
+def test_causal_truncation_is_counted(tok, tmp_path):
+    rows = [{"text": "the cat sat on the mat " * 10}, {"text": "a dog"}]
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", rows), max_length=8), tok)
+    long, short = data.train[0], data.train[1]
+    assert len(long["input_ids"]) == 8
+    assert long["input_ids"] == ids(tok, rows[0]["text"], special=False)[:8]  # start kept, no eos
+    assert short["input_ids"][-1] == tok.eos_token_id
+    assert data.stats["truncated"] == 1
+
+
+def test_prompt_filling_max_length_is_dropped(tok, tmp_path):
+    rows = [
+        {"question": "How many legs has a cat? " * 10, "answer": "four"},
+        {"question": "Why?", "answer": "because"},
+    ]
+    # room for the short prompt and its answer, not for the long prompt
+    limit = len(ids(tok, "### Instruction:\nWhy?\n\n### Response:\nbecause", special=True)) + 1
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", rows), max_length=limit), tok)
+    assert data.stats["train_examples"] == 1
+    assert data.stats["dropped_no_labels"] == 1
+
+
+def test_empty_examples_are_dropped_and_counted(tok, tmp_path):
+    rows = [
+        {"instruction": "Say hi", "context": "", "response": "hi"},
+        {"instruction": "Say hi", "context": "", "response": ""},
+        {"instruction": "", "context": "x", "response": "hi"},
+    ]
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", rows)), tok)
+    assert data.stats["train_examples"] == 1
+    assert data.stats["dropped_empty"] == 2
+
+
+def test_example_string_marks_the_prompt(tok, tmp_path):
+    row = {"question": "How many legs has a cat?", "answer": "four"}
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", [row])), tok)
+    prompt = "### Instruction:\nHow many legs has a cat?\n\n### Response:\n"
+    assert data.example == f"[masked: {prompt}]four</s>"
+
+
+def test_seq2seq_example_string(tok, tmp_path):
+    row = {"source": "hello world", "target": "hallo welt"}
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    data = build_datasets(config(path, task_type="seq2seq"), tok)
+    assert data.example == "[source: hello world]\nhallo welt</s>"
+
+
+def test_num_proc_gives_the_same_result(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+    one = build_datasets(config(path), tok)
+    two = build_datasets(config(path, num_proc=2), tok)
+    assert one.train.to_list() == two.train.to_list()
+
+
+def test_main_process_first_wraps_loading(tok, tmp_path):
+    entered = []
+
+    @contextlib.contextmanager
+    def main_process_first():
+        entered.append(True)
+        yield
+
+    path = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+    build_datasets(config(path), tok, main_process_first=main_process_first)
+    assert entered == [True]
+
+
+# --- explicit format flags ---------------------------------------------------------------------
+def test_text_column_flag(tok, tmp_path):
+    rows = [{"body": "the cat sat", "id": 1}]
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", rows), text_column="body"), tok)
+    assert data.format == "text"
+    assert tok.decode(split_labels(data.train[0])[1]) == "the cat sat</s>"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "prompt"),
+    [
+        ("instruction", "### Instruction:\nhello world\n\n### Response:\n"),
+        ("seq2seq", "hello world\n"),
+    ],
+)
+def test_prompt_and_response_column_flags(fmt, prompt, tok, tmp_path):
+    rows = [{"q": "hello world", "a": "hallo welt"}]
+    cfg = config(
+        write_jsonl(tmp_path / "d.jsonl", rows),
+        dataset_format=fmt,
+        prompt_column="q",
+        response_column="a",
+    )
+    data = build_datasets(cfg, tok)
+    assert data.format == fmt
+    masked, trained = split_labels(data.train[0])
+    assert masked == len(ids(tok, prompt, special=True))
+    assert tok.decode(trained) == "hallo welt</s>"
+
+
+def test_one_named_column_completes_a_detected_layout():
+    cfg = config("x", response_column="best_answer")
+    spec = resolve_format(["question", "answer", "best_answer"], cfg)
+    assert (spec.name, spec.prompt, spec.response) == ("question_answer", "question", "best_answer")
+
+
+def test_one_named_column_without_a_layout_asks_for_the_other():
+    with pytest.raises(ConfigError, match=r"holds the response: set --response_column"):
+        resolve_format(["q", "a"], config("x", prompt_column="q"))
+
+
+def test_text_and_pair_columns_conflict():
+    with pytest.raises(ConfigError, match=r"set one or the other"):
+        resolve_format(["q", "a"], config("x", text_column="q", response_column="a"))
+
+
+def test_dataset_format_overrides_detection():
+    cfg = config("x", dataset_format="seq2seq")
+    assert resolve_format(["instruction", "input", "output"], cfg).name == "input_output"
+
+
+# --- sources ------------------------------------------------------------------------------------
+def write_json(path: Path, rows):
+    path.write_text(json.dumps(rows))
+
+
+def write_csv(path: Path, rows):
+    Dataset.from_list(rows).to_csv(str(path), index=False)
+
+
+def write_parquet(path: Path, rows):
+    Dataset.from_list(rows).to_parquet(str(path))
+
+
+def write_dataset_folder(path: Path, rows):
+    Dataset.from_list(rows).save_to_disk(str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "writer"),
+    [
+        ("d.jsonl", write_jsonl),
+        ("d.json", write_json),
+        ("d.csv", write_csv),
+        ("d.parquet", write_parquet),
+        ("folder", write_dataset_folder),
+    ],
+)
+def test_source_kinds(name, writer, tok, tmp_path):
+    path = tmp_path / name
+    writer(path, DOLLY_ROWS)
+    data = build_datasets(config(path), tok)
+    assert isinstance(data, DataSplits)
+    assert data.format == "instruction"
+    assert data.stats["train_examples"] == len(DOLLY_ROWS)
+    assert data.eval is None
+    assert tok.decode(split_labels(data.train[3])[1]) == "answer 3</s>"
+
+
+def test_txt_file_one_example_per_line(tok, tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("the cat sat on the mat\n\na dog ran home\n")
+    data = build_datasets(config(path), tok)
+    assert data.format == "text"
+    assert data.stats["train_examples"] == 2
+    assert data.stats["dropped_empty"] == 1  # the blank line
+    assert tok.decode(data.train[1]["input_ids"]) == "a dog ran home</s>"
+
+
+def test_dataset_dict_folder_picks_up_validation(tok, tmp_path):
+    path = tmp_path / "dd"
+    DatasetDict(
+        train=Dataset.from_list(DOLLY_ROWS[:8]), validation=Dataset.from_list(DOLLY_ROWS[8:])
+    ).save_to_disk(str(path))
+    data = build_datasets(config(path), tok)
+    assert data.stats["train_examples"] == 8
+    assert data.stats["eval_examples"] == 4
+    assert tok.decode(split_labels(data.eval[0])[1]) == "answer 8</s>"
+
+
+def dict_folder(tmp_path: Path, **splits: list[dict]) -> Path:
+    path = tmp_path / "dd"
+    DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(path))
+    return path
+
+
+def test_test_split_is_used_when_there_is_no_validation(tok, tmp_path):
+    path = dict_folder(tmp_path, train=DOLLY_ROWS[:8], test=DOLLY_ROWS[8:10])
+    assert build_datasets(config(path), tok).stats["eval_examples"] == 2
+
+
+def test_explicit_eval_split(tok, tmp_path):
+    path = dict_folder(tmp_path, train=DOLLY_ROWS[:8], dev=DOLLY_ROWS[8:11])
+    assert build_datasets(config(path), tok).eval is None
+    assert build_datasets(config(path, eval_split="dev"), tok).stats["eval_examples"] == 3
+
+
+def test_eval_ratio_holds_out_deterministically(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+
+    def held_out(seed: int) -> list[list[int]]:
+        data = build_datasets(config(path, eval_ratio=0.25, seed=seed), tok)
+        assert data.stats["eval_examples"] == 3 and data.stats["train_examples"] == 9
+        return data.eval["input_ids"]
+
+    assert held_out(1) == held_out(1)
+    assert held_out(1) != held_out(2)
+
+
+def test_sample_caps_take_the_first_examples(tok, tmp_path):
+    path = dict_folder(tmp_path, train=DOLLY_ROWS[:8], validation=DOLLY_ROWS[8:])
+    data = build_datasets(config(path, max_train_samples=3, max_eval_samples=2), tok)
+    assert (data.stats["train_examples"], data.stats["eval_examples"]) == (3, 2)
+    assert tok.decode(split_labels(data.train[2])[1]) == "answer 2</s>"
+
+
+def test_hub_name_is_loaded_with_its_config(tok, monkeypatch):
+    calls = []
+
+    def fake_load_dataset(name, config_name):
+        calls.append((name, config_name))
+        return DatasetDict(train=Dataset.from_list(DOLLY_ROWS))
+
+    monkeypatch.setattr(sources, "load_dataset", fake_load_dataset)
+    data = build_datasets(config("org/some_dataset", dataset_config="en"), tok)
+    assert calls == [("org/some_dataset", "en")]
+    assert data.stats["train_examples"] == len(DOLLY_ROWS)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+def test_unknown_columns(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"foo": "a", "bar": "b"}])
+    with pytest.raises(ConfigError) as error:
+        build_datasets(config(path), tok)
+    message = str(error.value)
+    flags = ("--dataset_format", "--text_column", "--prompt_column", "--response_column")
+    for expected in ("foo", "bar", *flags):
+        assert expected in message
+
+
+def test_named_column_missing(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"foo": "a", "bar": "b"}])
+    with pytest.raises(ConfigError, match=r"--prompt_column 'q'.*Columns found: foo, bar"):
+        build_datasets(config(path, prompt_column="q", response_column="bar"), tok)
+
+
+def test_missing_train_split_lists_splits(tok, tmp_path):
+    path = dict_folder(tmp_path, train=DOLLY_ROWS[:8], validation=DOLLY_ROWS[8:])
+    with pytest.raises(ConfigError, match=r"'nope'.*Available splits: train, validation"):
+        build_datasets(config(path, dataset_split="nope"), tok)
+
+
+def test_missing_eval_split_lists_splits(tok, tmp_path):
+    path = dict_folder(tmp_path, train=DOLLY_ROWS[:8], validation=DOLLY_ROWS[8:])
+    with pytest.raises(ConfigError, match=r"--eval_split 'dev'.*Available splits: train"):
+        build_datasets(config(path, eval_split="dev"), tok)
+
+
+def test_empty_after_filtering(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": ""}, {"text": "   "}])
+    with pytest.raises(ConfigError, match=r"No training examples left.*2 had an empty text"):
+        build_datasets(config(path), tok)
+
+
+def test_empty_because_prompts_fill_max_length(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "why? " * 20, "answer": "so"}])
+    with pytest.raises(ConfigError, match=r"1 had no token left to train on.*--max_length 8"):
+        build_datasets(config(path, max_length=8), tok)
+
+
+def test_text_data_with_seq2seq_task(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "the cat sat"}])
+    with pytest.raises(ConfigError, match=r"seq2seq needs \(source, target\) pairs.*plain text"):
+        build_datasets(config(path, task_type="seq2seq"), tok)
+
+
+def test_nonexistent_local_path(tok, tmp_path):
+    with pytest.raises(ConfigError, match=r"no such file or folder.*--dataset accepts"):
+        build_datasets(config(tmp_path / "missing.jsonl"), tok)
+
+
+def test_unsupported_file_type(tok, tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("a\tb\n")
+    with pytest.raises(ConfigError, match=r"unsupported file type '.tsv'"):
+        build_datasets(config(path), tok)
+
+
+def test_folder_that_is_not_a_saved_dataset(tok, tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match=r"not one written by save_to_disk"):
+        build_datasets(config(tmp_path / "plain"), tok)
+
+
+def test_hub_name_not_in_cache(tok):
+    with pytest.raises(ConfigError) as error:
+        build_datasets(config("no_such_org/no_such_dataset_kd"), tok)
+    message = str(error.value)
+    assert "no_such_org/no_such_dataset_kd" in message
+    assert "not found as a hub dataset in the local cache" in message
+    assert "--dataset accepts" in message
+
+
+# --- collator -------------------------------------------------------------------------------------
+def test_collator_pads_causal_batches(tok):
+    collate = make_collator(tok, "causal")
+    batch = collate(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+            {"input_ids": [8], "attention_mask": [1], "labels": [8]},
+        ]
+    )
+    pad = tok.pad_token_id
+    assert all(t.dtype == torch.int64 for t in batch.values())
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_collator_pads_seq2seq_source_and_labels_separately(tok):
+    collate = make_collator(tok, "seq2seq")
+    batch = collate(
+        [
+            {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [9]},
+            {"input_ids": [7], "attention_mask": [1], "labels": [9, 10, 11]},
+        ]
+    )
+    pad = tok.pad_token_id
+    assert batch["input_ids"].tolist() == [[5, 6], [7, pad]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert batch["labels"].tolist() == [[9, -100, -100], [9, 10, 11]]
+
+
+def test_collator_on_built_dataset(tok, tmp_path):
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)), tok)
+    batch = make_collator(tok, "causal")([data.train[i] for i in range(4)])
+    lengths = [len(data.train[i]["input_ids"]) for i in range(4)]
+    assert batch["input_ids"].shape == (4, max(lengths))
+    assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+
+
+def test_collator_needs_a_pad_token():
+    with pytest.raises(ValueError, match="no pad token"):
+        make_collator(build_tokenizer(["abc"], with_pad=False), "causal")
