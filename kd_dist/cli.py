@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output_dir", default="demo_output", help="Where the demo writes.")
     demo.add_argument("--seed", type=int, default=0, help="Random seed.")
+    demo.add_argument(
+        "--corpus_size", type=int, default=6000, help="Sentences in the generated corpus."
+    )
     return parser
 
 
@@ -96,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from kd_dist.demo import run_demo
 
-            run_demo(args.output_dir, seed=args.seed)
+            run_demo(args.output_dir, seed=args.seed, corpus_size=args.corpus_size)
     except ConfigError as error:
         print(f"kd-dist: error: {error}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
 """Flag parsing: the original toolkit's flags, YAML files and their precedence."""
 
+from pathlib import Path
+
 import pytest
 
 from kd_dist.cli import build_parser, config_from_args, main
-from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.config import CONFIG_FIELDS, ConfigError, TrainConfig
 
 # The original llm_kd.py flags with an example value each, and the value they must produce.
 ORIGINAL_FLAGS = {
@@ -99,3 +101,9 @@ def test_missing_required_flags_are_named(capsys):
     assert main(["train"]) == 2
     err = capsys.readouterr().err
     assert "--teacher_model is required" in err and "--dataset is required" in err
+
+
+def test_readme_documents_every_flag():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [name for name in CONFIG_FIELDS if f"| `--{name}` |" not in readme]
+    assert not missing, f"flags missing from README's flag table: {missing}"

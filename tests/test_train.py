@@ -163,3 +163,17 @@ def test_resume_latest_without_checkpoint_is_a_clear_error(
     )
     assert main(argv) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_teacher_is_frozen_in_eval_mode_and_student_trains(model_pair, tokenizer):
+    from kd_dist.config import TrainConfig
+    from kd_dist.models import load_models
+
+    teacher, student = model_pair("gpt2")
+    cfg = TrainConfig(teacher_model=teacher, student_model=student, dataset="unused", bf16=True)
+    models = load_models(cfg, tokenizer)
+    assert not models.teacher.training
+    assert not any(p.requires_grad for p in models.teacher.parameters())
+    assert {p.dtype for p in models.teacher.parameters()} == {torch.bfloat16}
+    assert models.student.training
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in models.student.parameters())
