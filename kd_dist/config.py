@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from kd_dist.losses import DEFAULT_CHUNK_MEMORY_MB, LossSpec, Objective
+
 TaskType = Literal["causal", "seq2seq"]
 OptimizerName = Literal["adamw", "sgd", "adafactor"]
 SchedulerName = Literal["linear", "cosine", "constant"]
@@ -132,6 +134,14 @@ class TrainConfig:
     )
 
     # --- distillation loss ------------------------------------------------------------------
+    loss: Objective = field(
+        default="forward_kl",
+        metadata=_help(
+            "Divergence between teacher p and student q: forward_kl KL(p||q), reverse_kl "
+            "KL(q||p), jsd (generalized, --jsd_beta), skew_forward_kl / skew_reverse_kl "
+            "(--skew_alpha), tvd."
+        ),
+    )
     temperature: float = field(
         default=2.0, metadata=_help("Softmax temperature T; the KD term is scaled by T^2.")
     )
@@ -139,15 +149,37 @@ class TrainConfig:
         default=0.0,
         metadata=_help("Weight of ground-truth cross-entropy: (1-alpha)*KD + alpha*CE."),
     )
-    vocab_chunk_size: int = field(
-        default=1024,
+    jsd_beta: float = field(
+        default=0.5,
+        metadata=_help("jsd: mixture weight beta of the teacher (0 = forward KL, 1 = reverse KL)."),
+    )
+    skew_alpha: float = field(
+        default=0.1, metadata=_help("skew_*_kl: weight of the skewed-towards distribution.")
+    )
+    fused_loss: bool = field(
+        default=True,
         metadata=_help(
-            "Token positions whose full-vocabulary distributions are processed at once in the "
-            "loss (bounds the loss's extra memory to about vocab_chunk_size x vocab fp32 values)."
+            "Compute the loss from final hidden states and the output weights chunk by chunk, "
+            "never making the full logits (off: from the models' logits)."
         ),
+    )
+    vocab_chunk_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Token positions whose full-vocabulary distributions the loss processes at once "
+            "(default: as many as fit --loss_chunk_memory_mb)."
+        ),
+    )
+    loss_chunk_memory_mb: float = field(
+        default=DEFAULT_CHUNK_MEMORY_MB,
+        metadata=_help("Memory for one loss chunk's fp32 temporaries, sizing the default chunk."),
     )
 
     # ----------------------------------------------------------------------------------------
+    @property
+    def loss_spec(self) -> LossSpec:
+        return LossSpec(self.loss, self.temperature, self.alpha, self.jsd_beta, self.skew_alpha)
+
     @property
     def mixed_precision(self) -> str:
         return "fp16" if self.fp16 else "bf16" if self.bf16 else "no"
@@ -163,6 +195,7 @@ class TrainConfig:
             ("optimizer", OptimizerName),
             ("lr_scheduler", SchedulerName),
             ("dataset_format", DatasetFormat),
+            ("loss", Objective),
         ):
             allowed = get_args(kind)
             if getattr(self, name) not in allowed:
@@ -176,9 +209,17 @@ class TrainConfig:
             )
         if not 0.0 <= self.alpha <= 1.0:
             problems.append(f"--alpha must be in [0, 1] (got {self.alpha}).")
-        for name in ("batch_size", "gradient_accumulation_steps", "epochs", "vocab_chunk_size"):
+        for name in ("batch_size", "gradient_accumulation_steps", "epochs"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be at least 1 (got {getattr(self, name)}).")
+        if self.vocab_chunk_size is not None and self.vocab_chunk_size < 1:
+            problems.append("--vocab_chunk_size must be at least 1 (omit it to size it by memory).")
+        if self.loss_chunk_memory_mb <= 0:
+            problems.append("--loss_chunk_memory_mb must be > 0.")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            problems.append(f"--jsd_beta must be in [0, 1] (got {self.jsd_beta}).")
+        if not 0.0 <= self.skew_alpha < 1.0:
+            problems.append(f"--skew_alpha must be in [0, 1) (got {self.skew_alpha}).")
         if self.max_length < 2:
             problems.append(f"--max_length must be at least 2 (got {self.max_length}).")
         if self.max_target_length is not None and self.max_target_length < 1:

@@ -14,20 +14,23 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 
-from kd_dist.losses import cross_entropy_per_token, forward_kl_per_token, select_valid_positions
+from kd_dist.losses import valid_rows
 from kd_dist.models import forward_logits
 
 METRIC_SUMS = ("student_ce", "teacher_ce", "kl", "agreement", "tokens")
 
 
 def _chunk_sums(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[5] float64 sums of one chunk of rows, in METRIC_SUMS order."""
+    """[5] float64 sums of one chunk of logit rows ([C, V] x 2, [C]), in METRIC_SUMS order."""
+    log_q = F.log_softmax(student.float(), dim=-1)
+    log_p = F.log_softmax(teacher.float(), dim=-1)
     return torch.stack(
         [
-            cross_entropy_per_token(student, labels).sum(),
-            cross_entropy_per_token(teacher, labels).sum(),
-            forward_kl_per_token(student, teacher, temperature=1.0).sum(),
+            F.nll_loss(log_q, labels, reduction="sum"),
+            F.nll_loss(log_p, labels, reduction="sum"),
+            (log_p.exp() * (log_p - log_q)).sum(),
             (student.argmax(-1) == teacher.argmax(-1)).sum(),
             torch.tensor(labels.numel(), device=labels.device),
         ]
@@ -55,9 +58,7 @@ def evaluate(
         batch = {key: value.to(device) for key, value in batch.items()}
         student_logits = forward_logits(student, batch, task_type, teacher.config)
         teacher_logits = forward_logits(teacher, batch, task_type, teacher.config)
-        s, t, labels = select_valid_positions(
-            student_logits, teacher_logits, batch["labels"], causal
-        )
+        s, t, labels = valid_rows(student_logits, teacher_logits, batch["labels"], causal)
         s, t = s[:, :vocab_size], t[:, :vocab_size]
         for start in range(0, labels.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)

@@ -1,87 +1,207 @@
 """Distillation losses: pure torch, no accelerate.
 
-Shapes: N = valid (non-masked) token positions, V = vocabulary size.
+Shapes: N = valid (non-masked) token positions, V = the tokenizer's vocabulary, H = hidden size,
+C = rows in one chunk.
 
-The KD term is the temperature-scaled forward KL(teacher || student) multiplied by T^2 (so its
-gradient magnitude does not shrink with T, Hinton et al. 2015), optionally mixed with the
-ordinary cross-entropy on the ground-truth tokens:
+Every objective D compares the teacher's p = softmax(z_t / T) with the student's
+q = softmax(z_s / T) and is multiplied by T^2 (so the gradient's scale does not shrink with T,
+Hinton et al. 2015); it can be mixed with the ordinary cross-entropy on the ground truth:
 
-    loss = [(1 - alpha) * T^2 * sum_tokens KL(p_T || q_T) + alpha * sum_tokens CE] / num_tokens
+    loss = [(1 - alpha) * T^2 * sum_tokens D(p, q) + alpha * sum_tokens CE(z_s, label)] / num_tokens
 
-``num_tokens`` is passed by the caller so the training loop can normalise by the valid tokens of
-a whole optimizer step (all accumulation micro-batches, all ranks); a plain mean over one batch is
-the special case ``num_tokens = N``.
+``num_tokens`` is passed by the caller, so the training loop can normalise by the valid tokens of
+a whole optimizer step (every accumulation micro-batch, every rank).
 
-Memory: a naive implementation keeps several fp32 [N x V] tensors alive for backward (softmax,
-log-softmax of both models). ``distillation_loss`` instead walks the tokens in chunks of
-``chunk_size`` rows, computes each chunk's loss and its gradient with respect to the student's
-logits right away (fp32 math, whatever the logits' dtype), and keeps only that gradient, in the
-logits' own dtype, for the backward pass.
+Objectives (p: teacher, q: student):
+
+    forward_kl        KL(p || q)
+    reverse_kl        KL(q || p)
+    jsd               beta * KL(p || m) + (1 - beta) * KL(q || m),  m = beta p + (1 - beta) q;
+                      beta = 0 is forward KL and beta = 1 reverse KL (the TRL/Liger convention)
+    skew_forward_kl   KL(p || a p + (1 - a) q),  a = skew_alpha (DistiLLM)
+    skew_reverse_kl   KL(q || a q + (1 - a) p)
+    tvd               1/2 sum |p - q|
+
+Memory: nothing here keeps a [N x V] tensor for the backward pass. Both entry points walk the
+rows in chunks and compute each chunk's loss *and* its gradient right away, in closed form and
+in fp32 whatever the input dtype:
+
+- ``distillation_loss`` takes logits; it keeps only the gradient w.r.t. the student's logits.
+- ``fused_distillation_loss`` takes final hidden states and output-projection weights; each
+  chunk's logits exist only inside the chunk, and it keeps only the gradients w.r.t. the
+  student's hidden states, weight and bias.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
+Objective = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
-def forward_kl_per_token(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) for each row: [N, V] x 2 -> [N] (fp32)."""
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=-1)
-    return kl * temperature**2
+# fp32 [C x V] temporaries alive at once while a chunk is processed (logits of both models,
+# their log-probabilities and probabilities, the gradient, one scratch): sizes the automatic chunk.
+_LIVE_CHUNK_TEMPORARIES = 8
+DEFAULT_CHUNK_MEMORY_MB = 256.0
 
 
-def cross_entropy_per_token(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the ground-truth token for each row: [N, V], [N] -> [N] (fp32)."""
-    return F.cross_entropy(student_logits.float(), labels, reduction="none")
+@dataclass(frozen=True)
+class LossSpec:
+    objective: Objective = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.0  # weight of the ground-truth cross-entropy
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; one of {OBJECTIVES}")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("alpha must be in [0, 1]")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError("jsd_beta must be in [0, 1]")
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ValueError("skew_alpha must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to ``hidden @ weight.T + bias`` before its softmax.
+
+    ``scale`` multiplies the logits (Cohere's logit_scale); ``softcap`` squashes them to
+    softcap * tanh(logits / softcap) (Gemma 2/3's final_logit_softcapping).
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def apply(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(transformed logits, d transformed / d logits or None when it is the identity)."""
+        if self.scale == 1.0 and self.softcap is None:
+            return logits, None
+        logits = logits * self.scale
+        derivative = torch.full_like(logits[:1, :1], self.scale)
+        if self.softcap is not None:
+            squashed = torch.tanh(logits / self.softcap)
+            logits = squashed * self.softcap
+            derivative = derivative * (1.0 - squashed.square())
+        return logits, derivative
+
+
+IDENTITY = LogitTransform()
+
+
+def _softmax_backward(q: torch.Tensor, grad_q: torch.Tensor) -> torch.Tensor:
+    """d loss / d a for q = softmax(a), given d loss / d q: q * (g - sum_j q_j g_j)."""
+    return q * (grad_q - (q * grad_q).sum(-1, keepdim=True))
+
+
+def _log_mix(log_x: torch.Tensor, log_y: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(weight * x + (1 - weight) * y), finite even where x and y underflow to 0."""
+    if weight == 0.0:
+        return log_y
+    return torch.logaddexp(log_x + math.log(weight), log_y + math.log1p(-weight))
+
+
+def divergence_and_grad(
+    log_q: torch.Tensor, log_p: torch.Tensor, spec: LossSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """D(p, q) per row and dD/da, where q = softmax(a): fp32 [C, V] x 2 -> [C], [C, V]."""
+    q, p = log_q.exp(), log_p.exp()
+    objective, beta, skew = spec.objective, spec.jsd_beta, spec.skew_alpha
+    if objective == "jsd" and beta == 0.0:
+        objective = "forward_kl"
+    elif objective == "jsd" and beta == 1.0:
+        objective = "reverse_kl"
+
+    if objective == "forward_kl":
+        return (p * (log_p - log_q)).sum(-1), q - p
+    if objective == "reverse_kl":
+        log_ratio = log_q - log_p
+        value = (q * log_ratio).sum(-1)
+        return value, q * (log_ratio - value[:, None])
+    if objective == "jsd":
+        log_m = _log_mix(log_p, log_q, beta)
+        value = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+        return value, _softmax_backward(q, (1 - beta) * (log_q - log_m))
+    if objective == "skew_forward_kl":
+        log_m = _log_mix(log_p, log_q, skew)
+        value = (p * (log_p - log_m)).sum(-1)
+        return value, _softmax_backward(q, -(1 - skew) * (log_p - log_m).exp())
+    if objective == "skew_reverse_kl":
+        log_m = _log_mix(log_q, log_p, skew)
+        value = (q * (log_q - log_m)).sum(-1)
+        # d/dq_j = log q_j - log m_j + 1 - skew q_j / m_j; the constant 1 cancels in the softmax.
+        return value, _softmax_backward(q, log_q - log_m - skew * (log_q - log_m).exp())
+    # tvd
+    value = 0.5 * (p - q).abs().sum(-1)
+    return value, _softmax_backward(q, 0.5 * torch.sign(q - p))
+
+
+def chunk_loss_and_grad(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    spec: LossSpec,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk: (weighted loss sum, KD sum, CE sum, d loss / d student logits), all fp32.
+
+    [C, V] x 2 (any float dtype), [C] -> scalars x 3, [C, V].
+    """
+    temperature = spec.temperature
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    divergence, grad_a = divergence_and_grad(log_q, log_p, spec)
+    kd_sum = divergence.sum() * temperature**2
+    # d(T^2 D)/dz_s = T^2 * dD/da * (1/T), with a = z_s / T.
+    grad = grad_a.mul_((1.0 - spec.alpha) * temperature)
+    ce_sum = kd_sum.new_zeros(())
+    if spec.alpha > 0:
+        log_probs = log_q if temperature == 1.0 else F.log_softmax(student_logits, dim=-1)
+        ce_sum = -log_probs.gather(-1, labels[:, None]).sum()
+        grad_ce = log_probs.exp()
+        grad_ce[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
+        grad.add_(grad_ce, alpha=spec.alpha)
+    weighted = (1.0 - spec.alpha) * kd_sum + spec.alpha * ce_sum
+    return weighted, kd_sum, ce_sum, grad
+
+
+def auto_chunk_rows(vocab_size: int, memory_budget_mb: float = DEFAULT_CHUNK_MEMORY_MB) -> int:
+    """Rows per chunk so that the chunk's fp32 [C x V] temporaries fit in the budget."""
+    bytes_per_row = vocab_size * 4 * _LIVE_CHUNK_TEMPORARIES
+    return max(1, int(memory_budget_mb * 2**20) // bytes_per_row)
 
 
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, differentiable: what to call backward on
-    kd_sum: torch.Tensor  # scalar, detached: sum of T^2 * KL over the valid tokens
+    kd_sum: torch.Tensor  # scalar, detached: sum over the valid tokens of T^2 * D(p, q)
     ce_sum: torch.Tensor  # scalar, detached: sum of cross-entropy over the valid tokens
     num_tokens: int  # valid tokens in this call
 
 
-def _chunk_loss_sums(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    alpha: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weighted loss sum, KD sum, CE sum) of one chunk of rows, all fp32 scalars."""
-    kd = forward_kl_per_token(student, teacher, temperature).sum()
-    ce = cross_entropy_per_token(student, labels).sum() if alpha > 0 else kd.new_zeros(())
-    return (1.0 - alpha) * kd + alpha * ce, kd, ce
-
-
-class _ChunkedDistillation(torch.autograd.Function):
-    """Loss sum over rows, computed chunk by chunk with the student-logit gradient made in place."""
+class _ChunkedLogitsLoss(torch.autograd.Function):
+    """Loss sum over rows of logits, chunk by chunk; keeps only the student-logit gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, temperature, alpha, chunk_size):
+    def forward(ctx, student, teacher, labels, spec, chunk_rows):
         grad_student = torch.zeros_like(student)
         totals = torch.zeros(3, dtype=torch.float32, device=student.device)
-        for start in range(0, student.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            with torch.enable_grad():
-                chunk = student[rows].detach().float().requires_grad_(True)
-                weighted, kd, ce = _chunk_loss_sums(
-                    chunk, teacher[rows], labels[rows], temperature, alpha
-                )
-                (grad_chunk,) = torch.autograd.grad(weighted, chunk)
-            grad_student[rows] = grad_chunk.to(grad_student.dtype)
-            totals += torch.stack([weighted.detach(), kd.detach(), ce.detach()])
+        for start in range(0, student.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            *sums, grad = chunk_loss_and_grad(student[rows], teacher[rows], labels[rows], spec)
+            grad_student[rows] = grad
+            totals += torch.stack(sums)
         ctx.save_for_backward(grad_student)
         ctx.mark_non_differentiable(totals)
         return totals[0].clone(), totals
@@ -89,67 +209,202 @@ class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_totals):
         (grad_student,) = ctx.saved_tensors
-        return grad_student * grad_loss.to(grad_student.dtype), None, None, None, None, None
+        return grad_student * grad_loss.to(grad_student.dtype), None, None, None, None
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Loss sum over rows of hidden states: each chunk's logits are made, used and freed in turn."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden,  # [N, Hs]
+        student_weight,  # [V, Hs] (already cut to the tokenizer's vocabulary)
+        student_bias,  # [V] or None
+        teacher_hidden,  # [N, Ht]
+        teacher_weight,  # [V, Ht]
+        teacher_bias,  # [V] or None
+        labels,  # [N]
+        spec,
+        student_transform,
+        teacher_transform,
+        chunk_rows,
+    ):
+        grad_hidden = torch.empty_like(student_hidden)
+        # Gradients of the projection accumulate over chunks: fp32 so many chunks add up exactly.
+        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
+        grad_bias = (
+            None if student_bias is None else torch.zeros_like(student_bias, dtype=torch.float32)
+        )
+        totals = torch.zeros(3, dtype=torch.float32, device=student_hidden.device)
+        for start in range(0, student_hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            hidden = student_hidden[rows]
+            student_logits, student_derivative = student_transform.apply(
+                _project(hidden, student_weight, student_bias)
+            )
+            teacher_logits, _ = teacher_transform.apply(
+                _project(teacher_hidden[rows], teacher_weight, teacher_bias)
+            )
+            *sums, grad_logits = chunk_loss_and_grad(
+                student_logits, teacher_logits, labels[rows], spec
+            )
+            if student_derivative is not None:
+                grad_logits.mul_(student_derivative)
+            totals += torch.stack(sums)
+            grad_logits = grad_logits.to(student_weight.dtype)
+            torch.matmul(grad_logits, student_weight, out=grad_hidden[rows])  # [C, Hs]
+            _accumulate_product(grad_weight, grad_logits.t(), hidden)  # [V, Hs]
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = student_weight.dtype
+        ctx.mark_non_differentiable(totals)
+        return totals[0].clone(), totals
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_totals):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_loss.float()
+        grad_bias = None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype)
+        return (
+            grad_hidden * scale.to(grad_hidden.dtype),
+            (grad_weight * scale).to(ctx.weight_dtype),
+            grad_bias,
+            *(None,) * 8,
+        )
+
+
+def _accumulate_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """total += left @ right, with the product in the inputs' dtype and the sum in total's."""
+    if left.dtype == total.dtype:
+        total.addmm_(left, right)
+    else:
+        total += (left @ right).to(total.dtype)
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """hidden @ weight.T (+ bias): [C, H] x [V, H] -> [C, V], in the inputs' dtype."""
+    return F.linear(hidden, weight, bias)
+
+
+def _normalise(loss_sum: torch.Tensor, num_tokens, num_rows: int) -> torch.Tensor:
+    normaliser = num_rows if num_tokens is None else num_tokens
+    if not torch.is_tensor(normaliser):
+        normaliser = torch.tensor(float(normaliser), device=loss_sum.device)
+    # An all-masked batch has nothing to normalise: its loss is an exact 0, never 0/0 = NaN.
+    return loss_sum / normaliser.clamp(min=1).to(loss_sum.dtype)
+
+
+def _check_vocab(name: str, columns: int, vocab_size: int) -> None:
+    if columns < vocab_size:
+        raise ValueError(
+            f"{name} has {columns} vocabulary rows, fewer than the tokenizer's {vocab_size} "
+            "tokens: the model's vocabulary does not cover the tokenizer."
+        )
 
 
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
+    spec: LossSpec,
     *,
-    temperature: float,
-    alpha: float = 0.0,
     num_tokens: int | float | torch.Tensor | None = None,
     vocab_size: int | None = None,
-    chunk_size: int = 1024,
+    chunk_rows: int | None = None,
 ) -> LossOutput:
-    """KD (+ CE) loss over the rows of ``student_logits`` / ``teacher_logits`` ([N, V_s], [N, V_t]).
+    """Loss over rows of logits ([N, V_s], [N, V_t]) with labels [N] of the same rows.
 
-    ``labels`` [N] are the ground-truth ids of the same rows (used only when ``alpha > 0``);
-    callers pass only valid rows (see ``select_valid_positions``). ``vocab_size`` is the
-    tokenizer's real vocabulary: both logit tensors are cut to it, because models often pad their
-    embedding matrices to a multiple of 64/128 and the padded columns are not real tokens.
-    ``num_tokens`` is the normaliser (default: N, at least 1).
+    Callers pass only valid rows (see ``valid_rows``). ``vocab_size`` is the tokenizer's real
+    vocabulary: both logit tensors are cut to it, because models often pad their embedding
+    matrices and the padded columns are not real tokens (cutting equals masking them to -inf).
+    ``num_tokens`` is the normaliser (default: N, at least 1); ``chunk_rows`` defaults to what
+    fits ``DEFAULT_CHUNK_MEMORY_MB``.
     """
     vocab_size = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
-    for name, logits in (("student", student_logits), ("teacher", teacher_logits)):
-        if logits.shape[-1] < vocab_size:
-            raise ValueError(
-                f"{name} logits have {logits.shape[-1]} columns, fewer than the tokenizer's "
-                f"{vocab_size} tokens: the model's vocabulary does not cover the tokenizer."
-            )
-    student_logits = student_logits[..., :vocab_size]
-    teacher_logits = teacher_logits[..., :vocab_size].detach()
-    num_rows = student_logits.shape[0]
-    loss_sum, totals = _ChunkedDistillation.apply(
-        student_logits, teacher_logits, labels, temperature, alpha, chunk_size
+    _check_vocab("student logits", student_logits.shape[-1], vocab_size)
+    _check_vocab("teacher logits", teacher_logits.shape[-1], vocab_size)
+    loss_sum, totals = _ChunkedLogitsLoss.apply(
+        student_logits[..., :vocab_size],
+        teacher_logits[..., :vocab_size].detach(),
+        labels,
+        spec,
+        chunk_rows or auto_chunk_rows(vocab_size),
     )
-    normaliser = num_rows if num_tokens is None else num_tokens
-    if not torch.is_tensor(normaliser):
-        normaliser = torch.tensor(float(normaliser), device=loss_sum.device)
-    # An all-masked batch has nothing to normalise: its loss is an exact 0, never 0/0 = NaN.
-    loss = loss_sum / normaliser.clamp(min=1).to(loss_sum.dtype)
-    return LossOutput(loss=loss, kd_sum=totals[1], ce_sum=totals[2], num_tokens=num_rows)
+    loss = _normalise(loss_sum, num_tokens, student_logits.shape[0])
+    return LossOutput(loss, totals[1], totals[2], student_logits.shape[0])
 
 
-def select_valid_positions(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+@dataclass
+class OutputHead:
+    """A model's output projection: logits = transform(hidden @ weight.T + bias)."""
+
+    weight: torch.Tensor  # [V_rows, H], V_rows >= the tokenizer's vocabulary
+    bias: torch.Tensor | None = None  # [V_rows]
+    transform: LogitTransform = IDENTITY
+
+
+def fused_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head: OutputHead,
+    teacher_hidden: torch.Tensor,
+    teacher_head: OutputHead,
     labels: torch.Tensor,
-    causal: bool,
+    spec: LossSpec,
+    *,
+    vocab_size: int,
+    num_tokens: int | float | torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> LossOutput:
+    """The same loss as ``distillation_loss`` on ``head(hidden)``, without ever making all logits.
+
+    ``student_hidden`` [N, Hs] and ``teacher_hidden`` [N, Ht] are the final hidden states of the
+    valid rows (the inputs of each model's output projection). The gradient reaches the student's
+    hidden states, output weight and bias through autograd as usual, so tied embeddings and
+    sharded (ZeRO) parameters receive it like any other gradient. Each head's weight and bias are
+    cast to its hidden states' dtype, as autocast would. ``chunk_rows`` as in
+    ``distillation_loss``.
+    """
+    _check_vocab("the student's output layer", student_head.weight.shape[0], vocab_size)
+    _check_vocab("the teacher's output layer", teacher_head.weight.shape[0], vocab_size)
+
+    def cut(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if tensor is None else tensor[:vocab_size].to(dtype)
+
+    teacher_hidden = teacher_hidden.detach()
+    loss_sum, totals = _FusedLinearLoss.apply(
+        student_hidden,
+        cut(student_head.weight, student_hidden.dtype),
+        cut(student_head.bias, student_hidden.dtype),
+        teacher_hidden,
+        cut(teacher_head.weight.detach(), teacher_hidden.dtype),
+        cut(
+            None if teacher_head.bias is None else teacher_head.bias.detach(), teacher_hidden.dtype
+        ),
+        labels,
+        spec,
+        student_head.transform,
+        teacher_head.transform,
+        chunk_rows or auto_chunk_rows(vocab_size),
+    )
+    loss = _normalise(loss_sum, num_tokens, student_hidden.shape[0])
+    return LossOutput(loss, totals[1], totals[2], student_hidden.shape[0])
+
+
+def valid_rows(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of both logits that predict a non-masked label.
+    """Rows of both models' outputs (logits or hidden states) that predict a non-masked label.
 
-    [B, L, V] x 2 and [B, L] -> [N, V] x 2 and [N].
-
-    Causal models predict token t+1 at position t, so the logits drop their last position and the
-    labels their first; seq2seq decoders are already aligned with their labels.
+    [B, L, D_s], [B, L, D_t] and [B, L] -> [N, D_s], [N, D_t] and [N]. Causal models predict
+    token t+1 at position t, so outputs drop their last position and labels their first;
+    seq2seq decoders are already aligned with their labels.
     """
     if causal:
-        student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
-        labels = labels[:, 1:]
+        student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
     valid = labels != IGNORE_INDEX
-    return student_logits[valid], teacher_logits[valid], labels[valid]
+    return student[valid], teacher[valid], labels[valid]
 
 
 def count_valid_tokens(labels: torch.Tensor, causal: bool) -> int:

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.losses import LogitTransform, OutputHead
 
 
 def _load_config(name: str, role: str, cfg: TrainConfig) -> PretrainedConfig:
@@ -152,6 +153,84 @@ def decoder_inputs_from_labels(labels: torch.Tensor, config: PretrainedConfig) -
     return shifted.masked_fill(shifted == -100, config.pad_token_id)
 
 
+@dataclass(frozen=True)
+class _HeadRule:
+    """What a model family does around its output projection, beyond ``hidden @ W.T + b``.
+
+    Anything applied *before* the projection (T5 scaling the decoder output by d_model**-0.5
+    when its embeddings are tied, OPT's project_out, final norms) is already in the hidden states
+    captured at the projection's input, so only what comes after needs a rule.
+    """
+
+    softcap: str | None = None  # config attribute: logits = cap * tanh(logits / cap)
+    scale: str | None = None  # config attribute: logits *= scale
+    inverse_scale: str | None = None  # config attribute: logits /= value (Granite)
+    extra_bias: str | None = None  # model buffer added to the logits (BART's final_logits_bias)
+
+
+# Model types whose logits the fused loss can reproduce from hidden states exactly.
+_PLAIN_HEADS = (
+    "gpt2 gpt_neox opt llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe phi phi3 falcon "
+    "gemma t5 mt5 umt5"
+).split()
+FUSED_HEAD_RULES: dict[str, _HeadRule] = {
+    **dict.fromkeys(_PLAIN_HEADS, _HeadRule()),
+    "gemma2": _HeadRule(softcap="final_logit_softcapping"),
+    "gemma3_text": _HeadRule(softcap="final_logit_softcapping"),
+    "cohere": _HeadRule(scale="logit_scale"),
+    "cohere2": _HeadRule(scale="logit_scale"),
+    "granite": _HeadRule(inverse_scale="logits_scaling"),
+    "bart": _HeadRule(extra_bias="final_logits_bias"),
+    "mbart": _HeadRule(extra_bias="final_logits_bias"),
+}
+
+
+def output_head(model: PreTrainedModel) -> OutputHead | None:
+    """The model's output projection as the fused loss needs it, or None for an unknown family."""
+    rule = FUSED_HEAD_RULES.get(model.config.model_type)
+    projection = model.get_output_embeddings()
+    if rule is None or not isinstance(projection, torch.nn.Linear):
+        return None
+    config = model.config.get_text_config()
+    bias = projection.bias
+    if rule.extra_bias is not None:
+        extra = getattr(model, rule.extra_bias).view(-1)
+        bias = extra if bias is None else bias + extra
+    scale = getattr(config, rule.scale, None) if rule.scale else None
+    if rule.inverse_scale and getattr(config, rule.inverse_scale, None):
+        scale = 1.0 / getattr(config, rule.inverse_scale)
+    softcap = getattr(config, rule.softcap, None) if rule.softcap else None
+    transform = LogitTransform(scale=float(scale or 1.0), softcap=softcap)
+    return OutputHead(projection.weight, bias, transform)
+
+
+def forward_hidden(
+    model: torch.nn.Module,
+    projection: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    task_type: str,
+    config: PretrainedConfig,
+) -> torch.Tensor:
+    """The final hidden states the output projection would see: [B, L, H] (or [B, T, H]).
+
+    A pre-hook on ``projection`` takes its input and hands it an empty sequence instead, so the
+    model runs unchanged (same code path, same hooks, DDP/ZeRO wrappers included) but never
+    projects to the vocabulary.
+    """
+    captured: list[torch.Tensor] = []
+
+    def take_input(_module, args):
+        captured.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = projection.register_forward_pre_hook(take_input)
+    try:
+        _forward(model, batch, task_type, config)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 def forward_logits(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], task_type: str, config: PretrainedConfig
 ) -> torch.Tensor:
@@ -159,7 +238,11 @@ def forward_logits(
 
     Labels are not passed to the model, so it does not compute its own full-vocabulary loss.
     """
+    return _forward(model, batch, task_type, config).logits
+
+
+def _forward(model, batch, task_type, config):
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if task_type == "seq2seq":
         inputs["decoder_input_ids"] = decoder_inputs_from_labels(batch["labels"], config)
-    return model(**inputs, use_cache=False).logits
+    return model(**inputs, use_cache=False)

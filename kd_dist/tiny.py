@@ -64,13 +64,14 @@ def model_config(family: str, vocab_size: int, size: str = "small", **overrides:
             word_embed_proj_dim=hidden,
             max_position_embeddings=512,
         )
-    elif family in ("llama", "qwen2"):
+    elif family in ("llama", "qwen2", "gemma2", "cohere"):
         kwargs = dict(
             hidden_size=hidden,
             intermediate_size=hidden * 2,
             num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=heads,
+            head_dim=hidden // heads,
             max_position_embeddings=512,
         )
     elif family == "t5":

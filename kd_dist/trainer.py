@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 from transformers.optimization import Adafactor
 
 from kd_dist.checkpoint import (
@@ -33,8 +34,22 @@ from kd_dist.config import TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.engine import accelerator_session, place_teacher
 from kd_dist.evaluation import evaluate
-from kd_dist.losses import count_valid_tokens, distillation_loss, select_valid_positions
-from kd_dist.models import check_models, forward_logits, load_models, load_tokenizer
+from kd_dist.losses import (
+    LossOutput,
+    auto_chunk_rows,
+    count_valid_tokens,
+    distillation_loss,
+    fused_distillation_loss,
+    valid_rows,
+)
+from kd_dist.models import (
+    check_models,
+    forward_hidden,
+    forward_logits,
+    load_models,
+    load_tokenizer,
+    output_head,
+)
 
 logger = logging.getLogger("kd_dist")
 
@@ -99,6 +114,58 @@ def micro_batch_context(accelerator: Accelerator, model: torch.nn.Module, last: 
         yield
 
 
+def make_batch_loss(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    student: torch.nn.Module,
+    teacher: PreTrainedModel,
+    vocab_size: int,
+    chunk_rows: int,
+) -> Callable[..., LossOutput]:
+    """The micro-batch loss: both forwards, then the fused loss (or the logits loss).
+
+    The fused path needs each model's output projection (``output_head``); a model family it
+    does not know falls back to the logits path, with a warning.
+    """
+    causal = cfg.task_type == "causal"
+    spec = cfg.loss_spec
+    student_module = accelerator.unwrap_model(student)
+    fused = cfg.fused_loss
+    if fused and (output_head(student_module) is None or output_head(teacher) is None):
+        logger.warning(
+            "The fused loss does not know %s/%s; computing the loss from full logits instead.",
+            student_module.config.model_type,
+            teacher.config.model_type,
+        )
+        fused = False
+
+    def outputs(model, module, batch):  # [B, L, hidden] when fused, else [B, L, vocab]
+        if fused:
+            projection = module.get_output_embeddings()
+            return forward_hidden(model, projection, batch, cfg.task_type, teacher.config)
+        return forward_logits(model, batch, cfg.task_type, teacher.config)
+
+    def batch_loss(batch: dict[str, torch.Tensor], num_tokens: torch.Tensor) -> LossOutput:
+        student_out = outputs(student, student_module, batch)
+        teacher_module = teacher
+        if cfg.alpha < 1.0:
+            with torch.no_grad(), accelerator.autocast():
+                teacher_out = outputs(teacher, teacher, batch)
+        else:  # pure cross-entropy: the teacher's distribution has zero weight, skip its forward
+            teacher_out, teacher_module = student_out.detach(), student_module
+        s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
+        if fused:
+            return fused_distillation_loss(
+                s, output_head(student_module), t, output_head(teacher_module), labels, spec,
+                vocab_size=vocab_size, num_tokens=num_tokens, chunk_rows=chunk_rows,
+            )  # fmt: skip
+        return distillation_loss(
+            s, t, labels, spec, num_tokens=num_tokens, vocab_size=vocab_size, chunk_rows=chunk_rows
+        )
+
+    return batch_loss
+
+
 def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -122,6 +189,7 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
     models = load_models(cfg, tokenizer)
     teacher, student = models.teacher, models.student
     vocab_size = len(tokenizer)
+    chunk_rows = cfg.vocab_chunk_size or auto_chunk_rows(vocab_size, cfg.loss_chunk_memory_mb)
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         cfg.save(cfg.output_dir)
@@ -135,6 +203,7 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
     optimizer = build_optimizer(cfg, student)
     student, optimizer, train_loader = accelerator.prepare(student, optimizer, train_loader)
     teacher = place_teacher(accelerator, teacher)
+    batch_loss = make_batch_loss(cfg, accelerator, student, teacher, vocab_size, chunk_rows)
 
     state = TrainerState()
     if cfg.resume_from_checkpoint:
@@ -172,27 +241,7 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
             step_sums = torch.zeros(2, device=accelerator.device)
             for index, batch in enumerate(window):
                 with micro_batch_context(accelerator, student, last=index == len(window) - 1):
-                    student_logits = forward_logits(student, batch, cfg.task_type, teacher.config)
-                    if cfg.alpha < 1.0:
-                        with torch.no_grad(), accelerator.autocast():
-                            teacher_logits = forward_logits(
-                                teacher, batch, cfg.task_type, teacher.config
-                            )
-                    else:  # pure cross-entropy: the teacher's distribution has zero weight
-                        teacher_logits = student_logits.detach()
-                    s, t, labels = select_valid_positions(
-                        student_logits, teacher_logits, batch["labels"], causal
-                    )
-                    out = distillation_loss(
-                        s,
-                        t,
-                        labels,
-                        temperature=cfg.temperature,
-                        alpha=cfg.alpha,
-                        num_tokens=step_tokens,
-                        vocab_size=vocab_size,
-                        chunk_size=cfg.vocab_chunk_size,
-                    )
+                    out = batch_loss(batch, num_tokens=step_tokens)
                     accelerator.backward(out.loss * backward_scale)
                 step_sums += torch.stack([out.kd_sum, out.ce_sum])
 
@@ -252,7 +301,7 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
             eval_loader,
             task_type=cfg.task_type,
             vocab_size=vocab_size,
-            chunk_size=cfg.vocab_chunk_size,
+            chunk_size=chunk_rows,
             device=accelerator.device,
             sum_across_ranks=lambda sums: accelerator.reduce(sums, reduction="sum"),
         )
