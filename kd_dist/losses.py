@@ -34,7 +34,7 @@ in fp32 whatever the input dtype:
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -100,23 +100,43 @@ class LogitTransform:
 IDENTITY = LogitTransform()
 
 
+def softmax_and_log_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax and log_softmax of [C, V] rows with one exp per element (shared by both)."""
+    shifted = logits - logits.amax(-1, keepdim=True)
+    exps = shifted.exp()
+    total = exps.sum(-1, keepdim=True)
+    return exps / total, shifted - total.log()
+
+
+def _plogx(probs: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """Row sums of probs * log_ratio, with 0 * log 0 = 0 (a -inf logit is a zero probability)."""
+    return torch.where(probs > 0, probs * log_ratio, 0.0).sum(-1)
+
+
 def _softmax_backward(q: torch.Tensor, grad_q: torch.Tensor) -> torch.Tensor:
     """d loss / d a for q = softmax(a), given d loss / d q: q * (g - sum_j q_j g_j)."""
+    grad_q = torch.where(q > 0, grad_q, 0.0)
     return q * (grad_q - (q * grad_q).sum(-1, keepdim=True))
 
 
-def _log_mix(log_x: torch.Tensor, log_y: torch.Tensor, weight: float) -> torch.Tensor:
-    """log(weight * x + (1 - weight) * y), finite even where x and y underflow to 0."""
-    if weight == 0.0:
-        return log_y
-    return torch.logaddexp(log_x + math.log(weight), log_y + math.log1p(-weight))
+def _log_mixture(x: torch.Tensor, y: torch.Tensor, weight: float) -> tuple[torch.Tensor, ...]:
+    """(m, log m) for m = weight * x + (1 - weight) * y; log m stays finite where m underflows."""
+    mixture = torch.lerp(y, x, weight)
+    return mixture, mixture.clamp_min(torch.finfo(mixture.dtype).tiny).log()
 
 
 def divergence_and_grad(
-    log_q: torch.Tensor, log_p: torch.Tensor, spec: LossSpec
+    q: torch.Tensor,
+    log_q: torch.Tensor,
+    p: torch.Tensor,
+    log_p: torch.Tensor,
+    spec: LossSpec,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """D(p, q) per row and dD/da, where q = softmax(a): fp32 [C, V] x 2 -> [C], [C, V]."""
-    q, p = log_q.exp(), log_p.exp()
+    """D(p, q) per row and dD/da where q = softmax(a): fp32 [C, V] x 4 -> [C], [C, V].
+
+    Written to need no transcendental function beyond the two softmaxes and one log of the
+    mixture, which is what bounds its speed once compiled.
+    """
     objective, beta, skew = spec.objective, spec.jsd_beta, spec.skew_alpha
     if objective == "jsd" and beta == 0.0:
         objective = "forward_kl"
@@ -124,27 +144,25 @@ def divergence_and_grad(
         objective = "reverse_kl"
 
     if objective == "forward_kl":
-        return (p * (log_p - log_q)).sum(-1), q - p
+        return _plogx(p, log_p - log_q), q - p
     if objective == "reverse_kl":
         log_ratio = log_q - log_p
-        value = (q * log_ratio).sum(-1)
-        return value, q * (log_ratio - value[:, None])
+        value = _plogx(q, log_ratio)
+        return value, _softmax_backward(q, log_ratio)
     if objective == "jsd":
-        log_m = _log_mix(log_p, log_q, beta)
-        value = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+        _, log_m = _log_mixture(p, q, beta)
+        value = beta * _plogx(p, log_p - log_m) + (1 - beta) * _plogx(q, log_q - log_m)
         return value, _softmax_backward(q, (1 - beta) * (log_q - log_m))
     if objective == "skew_forward_kl":
-        log_m = _log_mix(log_p, log_q, skew)
-        value = (p * (log_p - log_m)).sum(-1)
-        return value, _softmax_backward(q, -(1 - skew) * (log_p - log_m).exp())
+        m, log_m = _log_mixture(p, q, skew)
+        return _plogx(p, log_p - log_m), _softmax_backward(q, -(1 - skew) * p / m)
     if objective == "skew_reverse_kl":
-        log_m = _log_mix(log_q, log_p, skew)
-        value = (q * (log_q - log_m)).sum(-1)
+        m, log_m = _log_mixture(q, p, skew)
         # d/dq_j = log q_j - log m_j + 1 - skew q_j / m_j; the constant 1 cancels in the softmax.
-        return value, _softmax_backward(q, log_q - log_m - skew * (log_q - log_m).exp())
+        grad_q = log_q - log_m - skew * q / m
+        return _plogx(q, log_q - log_m), _softmax_backward(q, grad_q)
     # tvd
-    value = 0.5 * (p - q).abs().sum(-1)
-    return value, _softmax_backward(q, 0.5 * torch.sign(q - p))
+    return 0.5 * (p - q).abs().sum(-1), _softmax_backward(q, 0.5 * torch.sign(q - p))
 
 
 def chunk_loss_and_grad(
@@ -152,28 +170,62 @@ def chunk_loss_and_grad(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     spec: LossSpec,
+    student_transform: LogitTransform = IDENTITY,
+    teacher_transform: LogitTransform = IDENTITY,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk: (weighted loss sum, KD sum, CE sum, d loss / d student logits), all fp32.
+    """One chunk: (weighted loss sum, KD sum, CE sum, d loss / d raw student logits).
 
-    [C, V] x 2 (any float dtype), [C] -> scalars x 3, [C, V].
+    [C, V] x 2 (any float dtype, before each model's logit transform), [C] -> fp32 scalars x 3
+    and a gradient [C, V] in the student logits' dtype. All the math is fp32.
     """
-    temperature = spec.temperature
-    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
-    log_q = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
-    divergence, grad_a = divergence_and_grad(log_q, log_p, spec)
+    temperature, grad_dtype = spec.temperature, student_logits.dtype
+    student_logits, derivative = student_transform.apply(student_logits.float())
+    teacher_logits, _ = teacher_transform.apply(teacher_logits.float())
+    q, log_q = softmax_and_log_softmax(student_logits / temperature)
+    p, log_p = softmax_and_log_softmax(teacher_logits / temperature)
+    divergence, grad_a = divergence_and_grad(q, log_q, p, log_p, spec)
     kd_sum = divergence.sum() * temperature**2
     # d(T^2 D)/dz_s = T^2 * dD/da * (1/T), with a = z_s / T.
-    grad = grad_a.mul_((1.0 - spec.alpha) * temperature)
+    grad = grad_a * ((1.0 - spec.alpha) * temperature)
     ce_sum = kd_sum.new_zeros(())
     if spec.alpha > 0:
-        log_probs = log_q if temperature == 1.0 else F.log_softmax(student_logits, dim=-1)
+        probs, log_probs = (
+            (q, log_q) if temperature == 1.0 else softmax_and_log_softmax(student_logits)
+        )
         ce_sum = -log_probs.gather(-1, labels[:, None]).sum()
-        grad_ce = log_probs.exp()
-        grad_ce[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
-        grad.add_(grad_ce, alpha=spec.alpha)
+        grad = grad + spec.alpha * (probs - F.one_hot(labels, student_logits.shape[-1]))
+    if derivative is not None:
+        grad = grad * derivative
     weighted = (1.0 - spec.alpha) * kd_sum + spec.alpha * ce_sum
-    return weighted, kd_sum, ce_sum, grad
+    return weighted, kd_sum, ce_sum, grad.to(grad_dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _chunk_kernel(compiled: bool):
+    """``chunk_loss_and_grad``, torch.compile'd when asked and possible.
+
+    Compiling fuses the chunk's ~20 elementwise passes over [C x V] into a few row-wise loops;
+    where compilation is unavailable (no C++ compiler, an unsupported backend) it falls back to
+    eager execution with a warning, once.
+    """
+    if not compiled or _COMPILED.get("failed"):
+        return chunk_loss_and_grad
+    if "kernel" not in _COMPILED:
+        _COMPILED["kernel"] = torch.compile(chunk_loss_and_grad)
+
+    def run(*args):
+        try:
+            return _COMPILED["kernel"](*args)
+        except Exception as error:  # compilation problems surface at the first call
+            warnings.warn(
+                f"torch.compile of the loss failed, running it eagerly: {error}", stacklevel=2
+            )
+            _COMPILED["failed"] = True
+            return chunk_loss_and_grad(*args)
+
+    return run
 
 
 def auto_chunk_rows(vocab_size: int, memory_budget_mb: float = DEFAULT_CHUNK_MEMORY_MB) -> int:
@@ -194,13 +246,13 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
     """Loss sum over rows of logits, chunk by chunk; keeps only the student-logit gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, spec, chunk_rows):
-        grad_student = torch.zeros_like(student)
+    def forward(ctx, student, teacher, labels, spec, chunk_rows, compiled):
+        kernel = _chunk_kernel(compiled)
+        grad_student = torch.empty_like(student)
         totals = torch.zeros(3, dtype=torch.float32, device=student.device)
         for start in range(0, student.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            *sums, grad = chunk_loss_and_grad(student[rows], teacher[rows], labels[rows], spec)
-            grad_student[rows] = grad
+            *sums, grad_student[rows] = kernel(student[rows], teacher[rows], labels[rows], spec)
             totals += torch.stack(sums)
         ctx.save_for_backward(grad_student)
         ctx.mark_non_differentiable(totals)
@@ -209,7 +261,7 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_totals):
         (grad_student,) = ctx.saved_tensors
-        return grad_student * grad_loss.to(grad_student.dtype), None, None, None, None
+        return grad_student * grad_loss.to(grad_student.dtype), None, None, None, None, None
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -229,7 +281,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         student_transform,
         teacher_transform,
         chunk_rows,
+        compiled,
     ):
+        kernel = _chunk_kernel(compiled)
         grad_hidden = torch.empty_like(student_hidden)
         # Gradients of the projection accumulate over chunks: fp32 so many chunks add up exactly.
         grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
@@ -237,23 +291,26 @@ class _FusedLinearLoss(torch.autograd.Function):
             None if student_bias is None else torch.zeros_like(student_bias, dtype=torch.float32)
         )
         totals = torch.zeros(3, dtype=torch.float32, device=student_hidden.device)
+        # Each chunk's logits go to buffers made once: fresh [C x V] tensors per chunk cost
+        # page faults on CPU and allocator churn on GPU.
+        buffer_rows = min(chunk_rows, student_hidden.shape[0])
+        student_buffer = student_hidden.new_empty(buffer_rows, student_weight.shape[0])
+        teacher_buffer = teacher_hidden.new_empty(buffer_rows, teacher_weight.shape[0])
         for start in range(0, student_hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             hidden = student_hidden[rows]
-            student_logits, student_derivative = student_transform.apply(
-                _project(hidden, student_weight, student_bias)
+            count = hidden.shape[0]
+            student_logits = _project(student_buffer[:count], hidden, student_weight, student_bias)
+            teacher_logits = _project(
+                teacher_buffer[:count], teacher_hidden[rows], teacher_weight, teacher_bias
             )
-            teacher_logits, _ = teacher_transform.apply(
-                _project(teacher_hidden[rows], teacher_weight, teacher_bias)
-            )
-            *sums, grad_logits = chunk_loss_and_grad(
-                student_logits, teacher_logits, labels[rows], spec
-            )
-            if student_derivative is not None:
-                grad_logits.mul_(student_derivative)
+            *sums, grad_logits = kernel(
+                student_logits, teacher_logits, labels[rows], spec, student_transform,
+                teacher_transform,
+            )  # fmt: skip
             totals += torch.stack(sums)
             grad_logits = grad_logits.to(student_weight.dtype)
-            torch.matmul(grad_logits, student_weight, out=grad_hidden[rows])  # [C, Hs]
+            torch.mm(grad_logits, student_weight, out=grad_hidden[rows])  # [C, Hs]
             _accumulate_product(grad_weight, grad_logits.t(), hidden)  # [V, Hs]
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
@@ -271,7 +328,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             grad_hidden * scale.to(grad_hidden.dtype),
             (grad_weight * scale).to(ctx.weight_dtype),
             grad_bias,
-            *(None,) * 8,
+            *(None,) * 9,
         )
 
 
@@ -283,9 +340,13 @@ def _accumulate_product(total: torch.Tensor, left: torch.Tensor, right: torch.Te
         total += (left @ right).to(total.dtype)
 
 
-def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """hidden @ weight.T (+ bias): [C, H] x [V, H] -> [C, V], in the inputs' dtype."""
-    return F.linear(hidden, weight, bias)
+def _project(
+    out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """out = hidden @ weight.T (+ bias): [C, H] x [V, H] -> [C, V], in the inputs' dtype."""
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
 def _normalise(loss_sum: torch.Tensor, num_tokens, num_rows: int) -> torch.Tensor:
@@ -313,6 +374,7 @@ def distillation_loss(
     num_tokens: int | float | torch.Tensor | None = None,
     vocab_size: int | None = None,
     chunk_rows: int | None = None,
+    compiled: bool = False,
 ) -> LossOutput:
     """Loss over rows of logits ([N, V_s], [N, V_t]) with labels [N] of the same rows.
 
@@ -331,6 +393,7 @@ def distillation_loss(
         labels,
         spec,
         chunk_rows or auto_chunk_rows(vocab_size),
+        compiled,
     )
     loss = _normalise(loss_sum, num_tokens, student_logits.shape[0])
     return LossOutput(loss, totals[1], totals[2], student_logits.shape[0])
@@ -356,6 +419,7 @@ def fused_distillation_loss(
     vocab_size: int,
     num_tokens: int | float | torch.Tensor | None = None,
     chunk_rows: int | None = None,
+    compiled: bool = False,
 ) -> LossOutput:
     """The same loss as ``distillation_loss`` on ``head(hidden)``, without ever making all logits.
 
@@ -387,6 +451,7 @@ def fused_distillation_loss(
         student_head.transform,
         teacher_head.transform,
         chunk_rows or auto_chunk_rows(vocab_size),
+        compiled,
     )
     loss = _normalise(loss_sum, num_tokens, student_hidden.shape[0])
     return LossOutput(loss, totals[1], totals[2], student_hidden.shape[0])
