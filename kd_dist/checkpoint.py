@@ -3,6 +3,8 @@
 Layout of ``output_dir``::
 
     kd_config.json              the resolved run configuration
+    metrics.jsonl               one line per logged step
+    eval_results.json           held-out metrics at the end
     checkpoints/step-00000040/  accelerator state (model safetensors, optimizer, RNG, sampler)
                                 + trainer_state.json + kd_config.json
     checkpoints/latest          name of the newest complete checkpoint (written last, atomically)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +30,11 @@ from kd_dist.config import ConfigError, TrainConfig
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+EVAL_RESULTS_FILE = "eval_results.json"
+# What a run writes besides the student's own files; --overwrite_output_dir clears these so a
+# new run never mixes with an old one's metrics or resumes from its checkpoints.
+RUN_RECORDS = (CHECKPOINTS_DIR, METRICS_FILE, EVAL_RESULTS_FILE)
 
 
 @dataclass
@@ -79,6 +87,55 @@ def resolve_checkpoint(cfg: TrainConfig) -> Path:
             f"(no {TRAINER_STATE_FILE}). Pass a folder under {CHECKPOINTS_DIR}/ or 'latest'."
         )
     return path
+
+
+def check_output_dir(cfg: TrainConfig) -> Path | None:
+    """Read-only checks of output_dir (every rank, before anything loads).
+
+    Returns the checkpoint to resume from, if any. A non-empty folder is refused unless the run
+    resumes in it or --overwrite_output_dir is given, so nothing there is lost by accident.
+    """
+    output_dir = Path(cfg.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output_dir {output_dir} is a file: pass a folder.")
+    checkpoint = resolve_checkpoint(cfg) if cfg.resume_from_checkpoint else None
+    if checkpoint is None and not cfg.overwrite_output_dir and output_dir.is_dir():
+        entries = sorted(entry.name for entry in output_dir.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise ConfigError(
+                f"--output_dir {output_dir} is not empty ({shown}). Pass "
+                "--resume_from_checkpoint latest to continue the run in it, "
+                "--overwrite_output_dir to train into it anyway, or choose another folder."
+            )
+    return checkpoint
+
+
+def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> None:
+    """Create output_dir and clear a previous run's records when overwriting (main process)."""
+    output_dir = Path(cfg.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--output_dir {output_dir}: cannot create it ({error}).") from None
+    if not os.access(output_dir, os.W_OK):
+        raise ConfigError(f"--output_dir {output_dir} is not writable: choose another folder.")
+    if cfg.overwrite_output_dir and not resuming:
+        for name in RUN_RECORDS:
+            record = output_dir / name
+            if record.is_dir():
+                shutil.rmtree(record)
+            elif record.exists():
+                record.unlink()
+
+
+def drop_metrics_after(output_dir: str, step: int) -> None:
+    """On resume, forget logged steps past the checkpoint: they will be logged again."""
+    path = Path(output_dir) / METRICS_FILE
+    if path.is_file():
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        _write_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:

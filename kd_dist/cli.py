@@ -10,23 +10,17 @@ import argparse
 import logging
 import os
 import sys
-import types
 import typing
 from collections.abc import Sequence
 from typing import Any
 
-from kd_dist.config import CONFIG_FIELDS, ConfigError, TrainConfig, load_yaml
-
-_TYPE_HINTS = typing.get_type_hints(TrainConfig)
+from kd_dist.config import CONFIG_FIELDS, ConfigError, TrainConfig, field_type, load_yaml
 
 
 def _flag_kwargs(name: str) -> dict[str, Any]:
     """argparse keyword arguments for one TrainConfig field, from its type and help text."""
-    hint = _TYPE_HINTS[name]
     kwargs: dict[str, Any] = {"help": CONFIG_FIELDS[name].metadata.get("help")}
-    base = hint
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None` -> int
-        base = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    base, _ = field_type(name)
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(base) is typing.Literal:
@@ -58,6 +52,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"Invalid configuration: {error}") from None
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kd-dist",
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output_dir", default="demo_output", help="Where the demo writes.")
     demo.add_argument("--seed", type=int, default=0, help="Random seed.")
     demo.add_argument(
-        "--corpus_size", type=int, default=6000, help="Sentences in the generated corpus."
+        "--corpus_size", type=_positive_int, default=6000, help="Sentences in the generated corpus."
     )
     return parser
 

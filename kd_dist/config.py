@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -128,6 +130,13 @@ class TrainConfig:
     save_every: int = field(
         default=1, metadata=_help("Save a resumable checkpoint every N epochs (0 disables).")
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "Train into a non-empty output_dir (files of the same names are replaced; a previous "
+            "run's checkpoints and metrics are removed)."
+        ),
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata=_help("Checkpoint folder to continue from, or 'latest' in output_dir."),
@@ -161,6 +170,13 @@ class TrainConfig:
         metadata=_help(
             "Compute the loss from final hidden states and the output weights chunk by chunk, "
             "never making the full logits (off: from the models' logits)."
+        ),
+    )
+    compile_loss: bool = field(
+        default=True,
+        metadata=_help(
+            "torch.compile the loss's per-chunk math (falls back to eager, with a warning, where "
+            "compilation is unavailable)."
         ),
     )
     vocab_chunk_size: int | None = field(
@@ -234,6 +250,10 @@ class TrainConfig:
             problems.append(f"--eval_ratio must be in [0, 1) (got {self.eval_ratio}).")
         if self.clip_grad_norm < 0:
             problems.append("--clip_grad_norm must be >= 0 (0 disables clipping).")
+        for name in ("max_train_samples", "max_eval_samples", "num_proc"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"--{name} must be at least 1 (got {value}; omit it for all).")
         if self.logging_steps < 1:
             problems.append("--logging_steps must be at least 1.")
         if self.save_every < 0:
@@ -255,6 +275,56 @@ class TrainConfig:
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPE_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def field_type(name: str) -> tuple[Any, bool]:
+    """(the field's base type, whether it may be None): ``int | None`` -> (int, True)."""
+    hint = _TYPE_HINTS[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None)), True
+    return hint, False
+
+
+def coerce(name: str, value: Any) -> Any:
+    """A YAML value converted to the field's type, or a ConfigError saying what was expected.
+
+    YAML is looser than the command line: ``5e-5`` is a string to PyYAML, ``"false"`` is a
+    true-ish string, and a list or a float can land anywhere.
+    """
+    base, optional = field_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: a value is required (got null).")
+    if typing.get_origin(base) is typing.Literal:
+        if value in typing.get_args(base):
+            return value
+        expected = "one of " + ", ".join(map(str, typing.get_args(base)))
+    elif base is bool:
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        expected = "a whole number"
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        expected = "a number"
+    else:  # str
+        if isinstance(value, str):
+            return value
+        expected = "a string (quote it)"
+    raise ConfigError(f"{name}: expected {expected}, got {value!r}.")
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -275,4 +345,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"--config {path}: unknown keys {', '.join(unknown)}. "
             "Use the flag names without dashes (see `kd-dist train --help`)."
         )
-    return data
+    try:
+        return {name: coerce(name, value) for name, value in data.items()}
+    except ConfigError as error:
+        raise ConfigError(f"--config {path}: {error}") from None

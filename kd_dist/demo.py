@@ -16,7 +16,7 @@ import random
 import shutil
 from pathlib import Path
 
-from kd_dist.config import TrainConfig
+from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.tiny import build_model, build_tokenizer, save_pair
 from kd_dist.trainer import train
 
@@ -65,11 +65,36 @@ def demo_config(
     return TrainConfig(**{**base, **changes})
 
 
+# Everything the demo writes in its folder; a rerun replaces exactly these and nothing else.
+DEMO_OUTPUTS = ("corpus.jsonl", "init", "teacher", "student_kd", "student_ce", "demo_results.json")
+
+
+def prepare_demo_dir(root: Path) -> None:
+    """Empty or create the demo's folder; refuse one holding anything the demo did not write."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--output_dir {root} is a file: pass a folder for the demo.")
+    foreign = (
+        sorted(p.name for p in root.iterdir() if p.name not in DEMO_OUTPUTS)
+        if root.exists()
+        else []
+    )
+    if foreign:
+        raise ConfigError(
+            f"--output_dir {root} holds files the demo did not write ({', '.join(foreign[:5])}): "
+            "choose an empty or new folder."
+        )
+    for name in DEMO_OUTPUTS:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+
+
 def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 6000) -> dict:
     root = Path(output_dir)
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    prepare_demo_dir(root)
     rng = random.Random(seed)
     sentences = make_corpus(rng, corpus_size)
     dataset = root / "corpus.jsonl"

@@ -59,4 +59,4 @@ def accelerator_session(cfg: TrainConfig) -> Iterator[Accelerator]:
 
 def place_teacher(accelerator: Accelerator, teacher: torch.nn.Module) -> torch.nn.Module:
     """A replicated, frozen copy of the teacher on this rank's device, in inference mode."""
-    return teacher.to(accelerator.device).eval()
+    return teacher.to(accelerator.device)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedModel
 
 from kd_dist.losses import valid_rows
 from kd_dist.models import forward_logits
@@ -39,8 +40,8 @@ def _chunk_sums(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
 
 @torch.no_grad()
 def evaluate(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
     batches: Iterable[dict[str, torch.Tensor]],
     *,
     task_type: str,
@@ -56,7 +57,7 @@ def evaluate(
     causal = task_type == "causal"
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
-        student_logits = forward_logits(student, batch, task_type, teacher.config)
+        student_logits = forward_logits(student, batch, task_type, student.config)
         teacher_logits = forward_logits(teacher, batch, task_type, teacher.config)
         s, t, labels = valid_rows(student_logits, teacher_logits, batch["labels"], causal)
         s, t = s[:, :vocab_size], t[:, :vocab_size]

@@ -176,9 +176,9 @@ def chunk_loss_and_grad(
     """One chunk: (weighted loss sum, KD sum, CE sum, d loss / d raw student logits).
 
     [C, V] x 2 (any float dtype, before each model's logit transform), [C] -> fp32 scalars x 3
-    and a gradient [C, V] in the student logits' dtype. All the math is fp32.
+    and a gradient [C, V] in ``gradient_dtype`` of the logits' dtype. All the math is fp32.
     """
-    temperature, grad_dtype = spec.temperature, student_logits.dtype
+    temperature, grad_dtype = spec.temperature, gradient_dtype(student_logits.dtype)
     student_logits, derivative = student_transform.apply(student_logits.float())
     teacher_logits, _ = teacher_transform.apply(teacher_logits.float())
     q, log_q = softmax_and_log_softmax(student_logits / temperature)
@@ -198,6 +198,15 @@ def chunk_loss_and_grad(
         grad = grad * derivative
     weighted = (1.0 - spec.alpha) * kd_sum + spec.alpha * ce_sum
     return weighted, kd_sum, ce_sum, grad.to(grad_dtype)
+
+
+def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gradients are kept in before the backward pass scales them.
+
+    fp16 gradients made here would not yet carry the loss scale of fp16 training (GradScaler
+    multiplies in backward), so small ones would flush to zero: they stay fp32 until then.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 _COMPILED: dict[str, object] = {}
@@ -248,7 +257,7 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, spec, chunk_rows, compiled):
         kernel = _chunk_kernel(compiled)
-        grad_student = torch.empty_like(student)
+        grad_student = torch.empty_like(student, dtype=gradient_dtype(student.dtype))
         totals = torch.zeros(3, dtype=torch.float32, device=student.device)
         for start in range(0, student.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -284,7 +293,10 @@ class _FusedLinearLoss(torch.autograd.Function):
         compiled,
     ):
         kernel = _chunk_kernel(compiled)
-        grad_hidden = torch.empty_like(student_hidden)
+        # The gradient GEMMs run in gradient_dtype (fp32 for fp16 inputs, see there).
+        grad_dtype = gradient_dtype(student_weight.dtype)
+        weight_for_grad = student_weight.to(grad_dtype)
+        grad_hidden = torch.empty_like(student_hidden, dtype=grad_dtype)
         # Gradients of the projection accumulate over chunks: fp32 so many chunks add up exactly.
         grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
         grad_bias = (
@@ -309,9 +321,8 @@ class _FusedLinearLoss(torch.autograd.Function):
                 teacher_transform,
             )  # fmt: skip
             totals += torch.stack(sums)
-            grad_logits = grad_logits.to(student_weight.dtype)
-            torch.mm(grad_logits, student_weight, out=grad_hidden[rows])  # [C, Hs]
-            _accumulate_product(grad_weight, grad_logits.t(), hidden)  # [V, Hs]
+            torch.mm(grad_logits, weight_for_grad, out=grad_hidden[rows])  # [C, Hs]
+            _accumulate_product(grad_weight, grad_logits.t(), hidden.to(grad_dtype))  # [V, Hs]
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from kd_dist.config import ConfigError, TrainConfig
-from kd_dist.losses import LogitTransform, OutputHead
+from kd_dist.losses import IGNORE_INDEX, LogitTransform, OutputHead
 
 
 def _load_config(name: str, role: str, cfg: TrainConfig) -> PretrainedConfig:
@@ -115,8 +115,10 @@ class ModelPair:
 
 
 def load_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> ModelPair:
-    """Teacher (frozen, eval, in the run's precision) and student (fp32 master weights, train)."""
-    check_models(cfg, tokenizer)
+    """Teacher (frozen, eval, in the run's precision) and student (fp32 master weights, train).
+
+    Call ``check_models`` first: it catches mismatches before any weights load.
+    """
     auto = AutoModelForSeq2SeqLM if cfg.task_type == "seq2seq" else AutoModelForCausalLM
     # The teacher only runs forward, so it is stored in the run's precision to halve its memory;
     # the student keeps fp32 weights and mixed precision autocasts its forward.
@@ -150,7 +152,7 @@ def decoder_inputs_from_labels(labels: torch.Tensor, config: PretrainedConfig) -
         )
     shifted = labels.new_full(labels.shape, start)
     shifted[:, 1:] = labels[:, :-1]
-    return shifted.masked_fill(shifted == -100, config.pad_token_id)
+    return shifted.masked_fill(shifted == IGNORE_INDEX, config.pad_token_id)
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,14 @@ from transformers import PreTrainedModel
 from transformers.optimization import Adafactor
 
 from kd_dist.checkpoint import (
+    EVAL_RESULTS_FILE,
+    METRICS_FILE,
     TrainerState,
+    check_output_dir,
+    drop_metrics_after,
     export_student,
     load_checkpoint,
-    resolve_checkpoint,
+    prepare_output_dir,
     save_checkpoint,
 )
 from kd_dist.config import TrainConfig
@@ -52,9 +56,6 @@ from kd_dist.models import (
 )
 
 logger = logging.getLogger("kd_dist")
-
-METRICS_FILE = "metrics.jsonl"
-EVAL_RESULTS_FILE = "eval_results.json"
 
 
 @dataclass
@@ -142,8 +143,8 @@ def make_batch_loss(
     def outputs(model, module, batch):  # [B, L, hidden] when fused, else [B, L, vocab]
         if fused:
             projection = module.get_output_embeddings()
-            return forward_hidden(model, projection, batch, cfg.task_type, teacher.config)
-        return forward_logits(model, batch, cfg.task_type, teacher.config)
+            return forward_hidden(model, projection, batch, cfg.task_type, module.config)
+        return forward_logits(model, batch, cfg.task_type, module.config)
 
     def batch_loss(batch: dict[str, torch.Tensor], num_tokens: torch.Tensor) -> LossOutput:
         student_out = outputs(student, student_module, batch)
@@ -158,12 +159,42 @@ def make_batch_loss(
             return fused_distillation_loss(
                 s, output_head(student_module), t, output_head(teacher_module), labels, spec,
                 vocab_size=vocab_size, num_tokens=num_tokens, chunk_rows=chunk_rows,
+                compiled=cfg.compile_loss,
             )  # fmt: skip
         return distillation_loss(
-            s, t, labels, spec, num_tokens=num_tokens, vocab_size=vocab_size, chunk_rows=chunk_rows
-        )
+            s, t, labels, spec, num_tokens=num_tokens, vocab_size=vocab_size,
+            chunk_rows=chunk_rows, compiled=cfg.compile_loss,
+        )  # fmt: skip
 
     return batch_loss
+
+
+class MetricsLog:
+    """metrics.jsonl lines and the progress bar's numbers (main process only).
+
+    ``tokens_per_s`` counts the tokens that enter the loss, over the steps since the last line.
+    """
+
+    def __init__(self, path: Path, progress: tqdm, accelerator: Accelerator) -> None:
+        self.path, self.progress = path, progress
+        self.enabled = accelerator.is_main_process
+        self.tokens, self.since = 0, time.perf_counter()
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def log(self, **record: float | int | None) -> None:
+        now = time.perf_counter()
+        record["tokens_per_s"] = self.tokens / max(now - self.since, 1e-9)
+        self.tokens, self.since = 0, now
+        self.progress.set_postfix(
+            loss=f"{record['loss']:.4f}",
+            lr=f"{record['lr']:.2e}",
+            tok_s=f"{record['tokens_per_s']:.0f}",
+        )
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
 
 
 def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
@@ -182,16 +213,19 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
     set_seed(cfg.seed)
     causal = cfg.task_type == "causal"
 
-    # --- tokenizer, data, models: cheapest checks first, weights last ---------------------------
+    # --- output folder, tokenizer, data, models: cheapest checks first, weights last -----------
+    checkpoint = check_output_dir(cfg)
     tokenizer = load_tokenizer(cfg)
     check_models(cfg, tokenizer)
     data = build_datasets(cfg, tokenizer, main_process_first=accelerator.main_process_first)
+    accelerator.wait_for_everyone()  # every rank has checked output_dir before anything is written
+    if accelerator.is_main_process:
+        prepare_output_dir(cfg, resuming=checkpoint is not None)
     models = load_models(cfg, tokenizer)
     teacher, student = models.teacher, models.student
     vocab_size = len(tokenizer)
     chunk_rows = cfg.vocab_chunk_size or auto_chunk_rows(vocab_size, cfg.loss_chunk_memory_mb)
     if accelerator.is_main_process:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         cfg.save(cfg.output_dir)
         logger.info("Data format %s, %s; example:\n%s", data.format, data.stats, data.example)
 
@@ -206,9 +240,10 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
     batch_loss = make_batch_loss(cfg, accelerator, student, teacher, vocab_size, chunk_rows)
 
     state = TrainerState()
-    if cfg.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(cfg)
+    if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
+        if accelerator.is_main_process:
+            drop_metrics_after(cfg.output_dir, state.global_step)
         logger.info("Resumed from %s at step %d", checkpoint, state.global_step)
 
     progress = tqdm(
@@ -217,10 +252,8 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
         disable=not accelerator.is_main_process,
         desc="distilling",
     )
-    metrics_file = Path(cfg.output_dir) / METRICS_FILE
+    metrics = MetricsLog(Path(cfg.output_dir) / METRICS_FILE, progress, accelerator)
     last_loss = None
-    window_started = time.perf_counter()
-    window_tokens = 0
 
     # --- the loop ---------------------------------------------------------------------------
     while state.global_step < total_steps:
@@ -253,35 +286,20 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
                 group["lr"] = learning_rate
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            progress.update(1)
 
             state.global_step += 1
             state.batches_done += len(window)
-            window_tokens += int(step_tokens)
             step_sums = accelerator.reduce(step_sums, reduction="sum")
             kd, ce = (step_sums / max(int(step_tokens), 1)).tolist()
             last_loss = (1 - cfg.alpha) * kd + cfg.alpha * ce
-            progress.update(1)
+            metrics.count(int(step_tokens))
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
-                elapsed = time.perf_counter() - window_started
-                record = {
-                    "step": state.global_step,
-                    "epoch": state.epoch,
-                    "loss": last_loss,
-                    "kd_loss": kd,
-                    "ce_loss": ce,
-                    "lr": learning_rate,
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
-                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                }
-                progress.set_postfix(
-                    loss=f"{last_loss:.4f}",
-                    lr=f"{learning_rate:.2e}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                )
-                if accelerator.is_main_process:
-                    with metrics_file.open("a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                window_started, window_tokens = time.perf_counter(), 0
+                metrics.log(
+                    step=state.global_step, epoch=state.epoch, loss=last_loss, kd_loss=kd,
+                    ce_loss=ce, lr=learning_rate,
+                    grad_norm=None if grad_norm is None else float(grad_norm),
+                )  # fmt: skip
         else:  # the epoch ran to its end
             state.epoch += 1
             state.batches_done = 0
@@ -296,7 +314,7 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
             DataLoader(data.eval, batch_size=cfg.batch_size, collate_fn=collate)
         )
         eval_metrics = evaluate(
-            student,
+            accelerator.unwrap_model(student),
             teacher,
             eval_loader,
             task_type=cfg.task_type,

@@ -1,5 +1,6 @@
 """Flag parsing: the original toolkit's flags, YAML files and their precedence."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,29 @@ def test_readme_documents_every_flag():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [name for name in CONFIG_FIELDS if f"| `--{name}` |" not in readme]
     assert not missing, f"flags missing from README's flag table: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('batch_size: "eight"', "batch_size: expected a whole number, got 'eight'"),
+        ("max_length: 32.5", "max_length: expected a whole number, got 32.5"),
+        ('bf16: "false"', "bf16: expected true or false, got 'false'"),
+        ("temperature: [1, 2]", "temperature: expected a number"),
+        ("optimizer: adam", "optimizer: expected one of adamw, sgd, adafactor"),
+        ("output_dir: 5", "output_dir: expected a string (quote it), got 5"),
+    ],
+)
+def test_yaml_values_of_the_wrong_type_are_named(tmp_path, line, message):
+    run = tmp_path / "run.yaml"
+    run.write_text(f"teacher_model: t\n{line}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(["--config", str(run)])
+
+
+def test_yaml_numbers_are_read_as_numbers(tmp_path):
+    run = tmp_path / "run.yaml"
+    # PyYAML reads 5e-5 as a string and 3.0 as a float: both are what the user meant.
+    run.write_text("learning_rate: 5e-5\nepochs: 3.0\nmax_steps: null\n")
+    cfg = parse(["--config", str(run)])
+    assert cfg.learning_rate == 5e-5 and cfg.epochs == 3 and cfg.max_steps is None

@@ -18,3 +18,10 @@ def test_demo_trains_both_students_and_reports_the_table(tmp_path, capsys):
         assert set(results[name]) >= {"student_ppl", "kl_to_teacher", "top1_agreement"}
         assert f"{results[name]['kl_to_teacher']:.4f}" in printed
     AutoModelForCausalLM.from_pretrained(out_dir / "student_kd")
+
+
+def test_demo_refuses_a_folder_with_files_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "thesis.txt").write_text("years of work")
+    assert main(["demo", "--output_dir", str(tmp_path)]) == 2
+    assert "thesis.txt" in capsys.readouterr().err
+    assert (tmp_path / "thesis.txt").read_text() == "years of work"

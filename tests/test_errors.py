@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -70,3 +72,63 @@ def test_fp16_without_a_gpu_is_refused(capsys, model_pair, text_dataset, tmp_pat
     teacher, student = model_pair("gpt2")
     err = run_train(capsys, teacher, student, text_dataset, tmp_path / "out", "--fp16")
     assert "--fp16 needs a CUDA GPU" in err and "--bf16" in err
+
+
+def test_non_empty_output_dir_is_refused_and_nothing_is_touched(capsys, model_pair, text_dataset,
+                                                                tmp_path):  # fmt: skip
+    teacher, student = model_pair("gpt2")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    err = run_train(capsys, teacher, student, text_dataset, out)
+    assert "is not empty (notes.txt)" in err and "--overwrite_output_dir" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_overwrite_output_dir_replaces_a_previous_run_but_keeps_other_files(
+    model_pair, text_dataset, tmp_path
+):
+    teacher, student = model_pair("gpt2")
+    out = tmp_path / "out"
+    argv = ["train", "--teacher_model", teacher, "--student_model", student, "--dataset",
+            str(text_dataset), "--output_dir", str(out), "--logging_steps", "1"]  # fmt: skip
+    assert main([*argv, "--epochs", "1", "--save_every", "1"]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main([*argv, "--max_steps", "2", "--save_every", "0", "--overwrite_output_dir"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert not (out / "checkpoints").exists()  # the old run's checkpoints cannot be resumed
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--resume_from_checkpoint", "/nonexistent/step-1"], "not a complete kd_dist checkpoint"),
+        (["--max_train_samples", "0"], "--max_train_samples must be at least 1"),
+    ],
+)
+def test_errors_before_any_model_loads(capsys, model_pair, text_dataset, tmp_path, extra, message,
+                                       monkeypatch):  # fmt: skip
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr("kd_dist.trainer.load_models", no_weights)
+    teacher, student = model_pair("gpt2")
+    err = run_train(capsys, teacher, student, text_dataset, tmp_path / "out", *extra)
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file_is_refused(capsys, model_pair, text_dataset, tmp_path):
+    teacher, student = model_pair("gpt2")
+    (tmp_path / "afile").write_text("x")
+    err = run_train(capsys, teacher, student, text_dataset, tmp_path / "afile")
+    assert "is a file" in err
+
+
+def test_empty_dataset_file_is_a_clear_error(capsys, model_pair, tmp_path):
+    teacher, student = model_pair("gpt2")
+    (tmp_path / "empty.jsonl").write_text("")
+    err = run_train(capsys, teacher, student, tmp_path / "empty.jsonl", tmp_path / "out")
+    assert "empty.jsonl" in err and "not empty" in err

@@ -272,3 +272,65 @@ def test_automatic_chunk_fits_the_memory_budget():
     rows = auto_chunk_rows(vocab_size=128_256, memory_budget_mb=256)
     assert rows * 128_256 * 4 * 8 <= 256 * 2**20 < (rows + 1) * 128_256 * 4 * 8
     assert auto_chunk_rows(vocab_size=10**9, memory_budget_mb=1) == 1
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_minus_infinity_logits_are_zero_probabilities_not_nan(objective):
+    """Models may mask tokens with -inf logits: those tokens have probability 0 and contribute
+    nothing (0 log 0 = 0) instead of turning the loss into NaN."""
+    spec = LossSpec(objective, temperature=1.0, alpha=0.2)
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(6, 20, generator=g)
+    teacher = torch.randn(6, 20, generator=g)
+    labels = torch.randint(0, 15, (6,), generator=g)
+    student[:, 15:] = teacher[:, 15:] = float("-inf")
+    student.requires_grad_(True)
+    masked = distillation_loss(student, teacher, labels, spec)
+    (grad,) = torch.autograd.grad(masked.loss, student)
+    assert torch.isfinite(masked.loss) and torch.isfinite(grad).all()
+    # The same as leaving the masked columns out.
+    kept = student.detach()[:, :15].requires_grad_(True)
+    expected = distillation_loss(kept, teacher[:, :15], labels, spec)
+    (expected_grad,) = torch.autograd.grad(expected.loss, kept)
+    torch.testing.assert_close(masked.loss, expected.loss)
+    torch.testing.assert_close(grad[:, :15], expected_grad)
+    assert torch.all(grad[:, 15:] == 0)
+
+
+def test_fp16_gradients_are_not_flushed_before_the_loss_scale_applies():
+    """Under fp16 training GradScaler multiplies the loss in backward; gradients made in the
+    forward pass must survive until then (they are kept in fp32)."""
+    vocab = 4000
+    spec = LossSpec("forward_kl", temperature=2.0)
+    s_hidden, s_head, t_hidden, t_head, labels = random_problem(
+        rows=32, vocab=vocab, hidden=(16, 16), dtype=torch.float16, seed=6
+    )
+    out = fused_distillation_loss(s_hidden, s_head, t_hidden, t_head, labels, spec,
+                                  vocab_size=vocab)  # fmt: skip
+    (grad_weight,) = torch.autograd.grad(out.loss * 2.0**16, s_head.weight)
+    hidden64, head64 = float64_copy(s_hidden, s_head)
+    teacher64 = OutputHead(t_head.weight.double(), t_head.bias.double())
+    expected = reference_loss(
+        logits_of(hidden64, head64, vocab), logits_of(t_hidden.double(), teacher64, vocab),
+        labels, spec, 32,
+    )  # fmt: skip
+    (expected_weight,) = torch.autograd.grad(expected * 2.0**16, head64.weight)
+    real = expected_weight[:vocab].abs() > 2.0**-14  # representable once scaled
+    flushed = (grad_weight[:vocab][real] == 0).float().mean()
+    assert flushed < 0.01
+    assert (grad_weight.double() - expected_weight).norm() / expected_weight.norm() < 2e-2
+
+
+@pytest.mark.parametrize(("objective", "extra"), CASES)
+def test_compiled_kernel_equals_eager(objective, extra):
+    spec = LossSpec(objective, temperature=2.0, alpha=0.3, **extra)
+    s_hidden, s_head, t_hidden, t_head, labels = random_problem(rows=21, seed=7)
+    s_head.transform = LogitTransform(softcap=4.0)
+    results = []
+    for compiled in (False, True):
+        out = fused_distillation_loss(s_hidden, s_head, t_hidden, t_head, labels, spec,
+                                      vocab_size=53, chunk_rows=8, compiled=compiled)  # fmt: skip
+        grads = torch.autograd.grad(out.loss, (s_hidden, s_head.weight, s_head.bias))
+        results.append((out.loss, *grads))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

@@ -177,3 +177,39 @@ def test_teacher_is_frozen_in_eval_mode_and_student_trains(model_pair, tokenizer
     assert {p.dtype for p in models.teacher.parameters()} == {torch.bfloat16}
     assert models.student.training
     assert all(p.requires_grad and p.dtype == torch.float32 for p in models.student.parameters())
+
+
+def test_one_batch_of_8_equals_two_accumulated_micro_batches_of_4(model_pair, text_dataset,
+                                                                   tmp_path):  # fmt: skip
+    """The loss is normalised by the optimizer step's tokens, not per micro-batch: one SGD step
+    (its first update is lr * gradient) lands on the same weights however the batch is split."""
+    teacher, student = model_pair("llama")  # no dropout, so the split changes nothing else
+    common = ("--optimizer", "sgd", "--max_steps", "1", "--clip_grad_norm", "0",
+              "--warmup_ratio", "0", "--lr_scheduler", "constant", "--learning_rate", "0.5",
+              "--alpha", "0.3", "--save_every", "0")  # fmt: skip
+    splits = {"8x1": ("--batch_size", "8"),
+              "4x2": ("--batch_size", "4", "--gradient_accumulation_steps", "2")}  # fmt: skip
+    weights = {}
+    for name, split in splits.items():
+        out = tmp_path / name
+        assert main(train_args(teacher, student, text_dataset, out, *common, *split)) == 0
+        weights[name] = load_file(out / "model.safetensors")
+    before = load_file(Path(student) / "model.safetensors")
+    for key, value in weights["8x1"].items():
+        if key in before and not torch.equal(before[key], value):
+            torch.testing.assert_close(weights["4x2"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert any(not torch.equal(before[k], weights["8x1"][k]) for k in before)
+
+
+def test_resuming_in_the_same_folder_keeps_one_metrics_line_per_step(model_pair, text_dataset,
+                                                                      tmp_path):  # fmt: skip
+    teacher, student = model_pair("gpt2")
+    out = tmp_path / "run"
+    argv = train_args(teacher, student, text_dataset, out, "--epochs", "2", "--save_every", "1",
+                      "--batch_size", "16")  # fmt: skip
+    assert main(argv) == 0
+    first = (out / "metrics.jsonl").read_text()
+    checkpoint = sorted((out / "checkpoints").glob("step-*"))[0]
+    assert main([*argv, "--resume_from_checkpoint", str(checkpoint)]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in first.splitlines()] == list(range(1, 9))

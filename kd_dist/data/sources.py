@@ -52,7 +52,13 @@ def _load_file(path: Path, split: str) -> DatasetDict:
         raise ConfigError(
             f"--dataset {path}: unsupported file type {path.suffix!r}. {ACCEPTED_FORMS}"
         )
-    return load_dataset(builder, data_files={split: str(path)})
+    try:
+        return load_dataset(builder, data_files={split: str(path)})
+    except Exception as error:  # datasets raises many types for unreadable or empty files
+        raise ConfigError(
+            f"--dataset {path}: could not read it as {builder} ({type(error).__name__}: {error}). "
+            "Check that the file is not empty and is valid " + builder + "."
+        ) from None
 
 
 def _load_folder(path: Path, split: str) -> DatasetDict:

@@ -18,9 +18,9 @@ from datasets import Dataset, Features, List, Value
 
 from kd_dist.config import TrainConfig
 from kd_dist.data.formats import FormatSpec, render
+from kd_dist.losses import IGNORE_INDEX
 
 # Label value ignored by the cross-entropy and distillation losses.
-IGNORE_INDEX = -100
 
 OK, EMPTY, NO_LABELS = "ok", "empty", "no_labels"
 STATUS, TRUNCATED = "_status", "_truncated"
@@ -160,6 +160,8 @@ def tokenize_split(
     split: Dataset, spec: FormatSpec, tokenizer: Any, cfg: TrainConfig, name: str
 ) -> tuple[Dataset, dict[str, int]]:
     """Tokenize one split, drop the unusable examples, and count what happened."""
+    if len(split) == 0:
+        return split, {"examples": 0, "truncated": 0, "dropped_empty": 0, "dropped_no_labels": 0}
     encoded = split.map(
         encode_batch,
         batched=True,
