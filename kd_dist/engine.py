@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+from transformers.integrations import unset_hf_deepspeed_config
 
 from kd_dist.config import ConfigError, TrainConfig
 
@@ -26,12 +27,17 @@ def check_precision_supported(cfg: TrainConfig) -> None:
 def _build_accelerator(cfg: TrainConfig) -> Accelerator:
     check_precision_supported(cfg)
     handlers = []
-    launched_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if launched_distributed and not torch.cuda.is_available():
-        # Without an explicit gloo backend, accelerate on a CUDA-less host reports one process per
-        # rank while the launcher started several, so data would silently not be sharded.
+    distributed_on_cpu = (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    )
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if distributed_on_cpu:
+        # Without an explicit gloo backend (DeepSpeed) or cpu=True (DDP), accelerate on a
+        # CUDA-less host runs every launched process as if it were alone: data is not sharded
+        # and gradients are not averaged, silently.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
+        cpu=distributed_on_cpu and not deepspeed,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         # A seedable sampler makes each epoch's order a function of (seed, epoch): a resumed run
@@ -55,6 +61,40 @@ def accelerator_session(cfg: TrainConfig) -> Iterator[Accelerator]:
         accelerator.end_training()
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+@contextlib.contextmanager
+def zero3_partitioned_loading(accelerator: Accelerator, role: str) -> Iterator[None]:
+    """Whether ``from_pretrained`` partitions the model it loads (ZeRO-3's zero.Init).
+
+    accelerate registers a ZeRO-3 config with transformers for the whole run, and transformers
+    then partitions *every* model it loads. Only the student is handed to DeepSpeed, so only it
+    may be partitioned on load (when the config's zero3_init_flag asks for it); the teacher,
+    replicated on each rank, must load whole.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or not plugin.hf_ds_config.is_zero3():
+        yield
+        return
+    partition = role == "student" and plugin.is_zero3_init_enabled()
+    if partition:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def fill_deepspeed_config(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """Fill the DeepSpeed JSON's "auto" values accelerate leaves to the script.
+
+    accelerate fills batch size, accumulation and precision; clipping would default to 1.0.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad_norm
 
 
 def place_teacher(accelerator: Accelerator, teacher: torch.nn.Module) -> torch.nn.Module:

@@ -46,10 +46,14 @@ IGNORE_INDEX = -100
 Objective = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
-# fp32 [C x V] temporaries alive at once while a chunk is processed (logits of both models,
-# their log-probabilities and probabilities, the gradient, one scratch): sizes the automatic chunk.
-_LIVE_CHUNK_TEMPORARIES = 8
 DEFAULT_CHUNK_MEMORY_MB = 256.0
+# [C x V] values the loss holds per chunk entry, which sizes the automatic chunk. On a CPU: the
+# two models' logits (the gradient overwrites the student's), with the elementwise math run on
+# cache-sized blocks of rows; elsewhere the math runs on whole chunks and its fp32 temporaries
+# add about four values per entry.
+_VALUES_PER_ENTRY = {"cpu": 2, "other": 6}
+# Rows the elementwise math takes at once on a CPU: its handful of passes then stay in cache.
+_CPU_BLOCK_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -237,10 +241,19 @@ def _chunk_kernel(compiled: bool):
     return run
 
 
-def auto_chunk_rows(vocab_size: int, memory_budget_mb: float = DEFAULT_CHUNK_MEMORY_MB) -> int:
-    """Rows per chunk so that the chunk's fp32 [C x V] temporaries fit in the budget."""
-    bytes_per_row = vocab_size * 4 * _LIVE_CHUNK_TEMPORARIES
-    return max(1, int(memory_budget_mb * 2**20) // bytes_per_row)
+def auto_chunk_rows(
+    vocab_size: int, memory_budget_mb: float = DEFAULT_CHUNK_MEMORY_MB, device_type: str = "cpu"
+) -> int:
+    """Rows per chunk so that the chunk's [C x V] values (at 4 bytes) fit in the budget."""
+    values = _VALUES_PER_ENTRY["cpu" if device_type == "cpu" else "other"]
+    return max(1, int(memory_budget_mb * 2**20) // (vocab_size * 4 * values))
+
+
+def _block_rows(chunk_rows: int, vocab_size: int, device: torch.device) -> int:
+    """Rows the elementwise kernel takes at once: cache-sized on a CPU, the chunk elsewhere."""
+    if device.type != "cpu":
+        return chunk_rows
+    return max(1, min(chunk_rows, _CPU_BLOCK_BYTES // (vocab_size * 4)))
 
 
 @dataclass
@@ -259,8 +272,9 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
         kernel = _chunk_kernel(compiled)
         grad_student = torch.empty_like(student, dtype=gradient_dtype(student.dtype))
         totals = torch.zeros(3, dtype=torch.float32, device=student.device)
-        for start in range(0, student.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
+        block_rows = _block_rows(chunk_rows, student.shape[-1], student.device)
+        for start in range(0, student.shape[0], block_rows):
+            rows = slice(start, start + block_rows)
             *sums, grad_student[rows] = kernel(student[rows], teacher[rows], labels[rows], spec)
             totals += torch.stack(sums)
         ctx.save_for_backward(grad_student)
@@ -304,23 +318,34 @@ class _FusedLinearLoss(torch.autograd.Function):
         )
         totals = torch.zeros(3, dtype=torch.float32, device=student_hidden.device)
         # Each chunk's logits go to buffers made once: fresh [C x V] tensors per chunk cost
-        # page faults on CPU and allocator churn on GPU.
+        # page faults on CPU and allocator churn on GPU. The gradient overwrites the student's
+        # logits block by block unless it needs another dtype (fp16 inputs).
+        vocab_size = student_weight.shape[0]
         buffer_rows = min(chunk_rows, student_hidden.shape[0])
-        student_buffer = student_hidden.new_empty(buffer_rows, student_weight.shape[0])
-        teacher_buffer = teacher_hidden.new_empty(buffer_rows, teacher_weight.shape[0])
+        student_buffer = student_hidden.new_empty(buffer_rows, vocab_size)
+        teacher_buffer = teacher_hidden.new_empty(buffer_rows, vocab_size)
+        grad_buffer = (
+            student_buffer
+            if grad_dtype == student_buffer.dtype
+            else student_buffer.new_empty(buffer_rows, vocab_size, dtype=grad_dtype)
+        )
+        block_rows = _block_rows(chunk_rows, vocab_size, student_hidden.device)
         for start in range(0, student_hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            hidden = student_hidden[rows]
+            hidden, chunk_labels = student_hidden[rows], labels[rows]
             count = hidden.shape[0]
             student_logits = _project(student_buffer[:count], hidden, student_weight, student_bias)
             teacher_logits = _project(
                 teacher_buffer[:count], teacher_hidden[rows], teacher_weight, teacher_bias
             )
-            *sums, grad_logits = kernel(
-                student_logits, teacher_logits, labels[rows], spec, student_transform,
-                teacher_transform,
-            )  # fmt: skip
-            totals += torch.stack(sums)
+            grad_logits = grad_buffer[:count]
+            for block_start in range(0, count, block_rows):
+                block = slice(block_start, block_start + block_rows)
+                *sums, grad_logits[block] = kernel(
+                    student_logits[block], teacher_logits[block], chunk_labels[block], spec,
+                    student_transform, teacher_transform,
+                )  # fmt: skip
+                totals += torch.stack(sums)
             torch.mm(grad_logits, weight_for_grad, out=grad_hidden[rows])  # [C, Hs]
             _accumulate_product(grad_weight, grad_logits.t(), hidden.to(grad_dtype))  # [V, Hs]
             if grad_bias is not None:

@@ -6,6 +6,8 @@ mismatch is reported in seconds rather than after loading a 70B teacher.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -114,20 +116,28 @@ class ModelPair:
     student: PreTrainedModel
 
 
-def load_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> ModelPair:
+def load_models(
+    cfg: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    loading: Callable[[str], AbstractContextManager] = lambda role: nullcontext(),
+) -> ModelPair:
     """Teacher (frozen, eval, in the run's precision) and student (fp32 master weights, train).
 
-    Call ``check_models`` first: it catches mismatches before any weights load.
+    Call ``check_models`` first: it catches mismatches before any weights load. ``loading(role)``
+    is entered around each ``from_pretrained`` ("teacher", "student"), e.g. to decide whether
+    DeepSpeed ZeRO-3 partitions the model as it loads.
     """
     auto = AutoModelForSeq2SeqLM if cfg.task_type == "seq2seq" else AutoModelForCausalLM
     # The teacher only runs forward, so it is stored in the run's precision to halve its memory;
     # the student keeps fp32 weights and mixed precision autocasts its forward.
-    teacher = auto.from_pretrained(
-        cfg.teacher_model, dtype=_precision_dtype(cfg), trust_remote_code=cfg.trust_remote_code
-    )
-    student = auto.from_pretrained(
-        cfg.student_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
+    with loading("teacher"):
+        teacher = auto.from_pretrained(
+            cfg.teacher_model, dtype=_precision_dtype(cfg), trust_remote_code=cfg.trust_remote_code
+        )
+    with loading("student"):
+        student = auto.from_pretrained(
+            cfg.student_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        )
     teacher.eval()
     teacher.requires_grad_(False)
     student.train()
@@ -225,7 +235,9 @@ def forward_hidden(
         captured.append(args[0])
         return (args[0][..., :0, :], *args[1:])
 
-    handle = projection.register_forward_pre_hook(take_input)
+    # Prepended, to see the input before other pre-hooks do: ZeRO-3 wraps a module's inputs in a
+    # backward hook of that module, which must not fire for a projection that never ran.
+    handle = projection.register_forward_pre_hook(take_input, prepend=True)
     try:
         _forward(model, batch, task_type, config)
     finally:

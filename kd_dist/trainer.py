@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from deepspeed.runtime.zero import GatheredParameters
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -36,7 +37,12 @@ from kd_dist.checkpoint import (
 )
 from kd_dist.config import TrainConfig
 from kd_dist.data import build_datasets, make_collator
-from kd_dist.engine import accelerator_session, place_teacher
+from kd_dist.engine import (
+    accelerator_session,
+    fill_deepspeed_config,
+    place_teacher,
+    zero3_partitioned_loading,
+)
 from kd_dist.evaluation import evaluate
 from kd_dist.losses import (
     LossOutput,
@@ -115,30 +121,36 @@ def micro_batch_context(accelerator: Accelerator, model: torch.nn.Module, last: 
         yield
 
 
-def make_batch_loss(
+def use_fused_loss(cfg: TrainConfig, student: PreTrainedModel, teacher: PreTrainedModel) -> bool:
+    """The fused path needs both models' output projections (``output_head``); a model family
+    it does not know falls back to the logits path, with a warning."""
+    if cfg.fused_loss and (output_head(student) is None or output_head(teacher) is None):
+        logger.warning(
+            "The fused loss does not know %s/%s; computing the loss from full logits instead.",
+            student.config.model_type,
+            teacher.config.model_type,
+        )
+        return False
+    return cfg.fused_loss
+
+
+def make_micro_step(
     cfg: TrainConfig,
     accelerator: Accelerator,
     student: torch.nn.Module,
     teacher: PreTrainedModel,
     vocab_size: int,
     chunk_rows: int,
+    fused: bool,
 ) -> Callable[..., LossOutput]:
-    """The micro-batch loss: both forwards, then the fused loss (or the logits loss).
-
-    The fused path needs each model's output projection (``output_head``); a model family it
-    does not know falls back to the logits path, with a warning.
-    """
+    """One micro-batch: both forwards, the fused loss (or the logits loss), the backward."""
     causal = cfg.task_type == "causal"
     spec = cfg.loss_spec
     student_module = accelerator.unwrap_model(student)
-    fused = cfg.fused_loss
-    if fused and (output_head(student_module) is None or output_head(teacher) is None):
-        logger.warning(
-            "The fused loss does not know %s/%s; computing the loss from full logits instead.",
-            student_module.config.model_type,
-            teacher.config.model_type,
-        )
-        fused = False
+    # Under ZeRO-3 the fused loss uses the student's sharded output weight outside any module's
+    # forward: it is gathered once for the loss *and* its backward, so that autograd hands ZeRO
+    # the full gradient to reduce (GatheredParameters is a no-op without ZeRO-3).
+    output_weights = list(student_module.get_output_embeddings().parameters()) if fused else []
 
     def outputs(model, module, batch):  # [B, L, hidden] when fused, else [B, L, vocab]
         if fused:
@@ -146,15 +158,7 @@ def make_batch_loss(
             return forward_hidden(model, projection, batch, cfg.task_type, module.config)
         return forward_logits(model, batch, cfg.task_type, module.config)
 
-    def batch_loss(batch: dict[str, torch.Tensor], num_tokens: torch.Tensor) -> LossOutput:
-        student_out = outputs(student, student_module, batch)
-        teacher_module = teacher
-        if cfg.alpha < 1.0:
-            with torch.no_grad(), accelerator.autocast():
-                teacher_out = outputs(teacher, teacher, batch)
-        else:  # pure cross-entropy: the teacher's distribution has zero weight, skip its forward
-            teacher_out, teacher_module = student_out.detach(), student_module
-        s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
+    def loss(s, t, labels, teacher_module, num_tokens) -> LossOutput:
         if fused:
             return fused_distillation_loss(
                 s, output_head(student_module), t, output_head(teacher_module), labels, spec,
@@ -166,7 +170,23 @@ def make_batch_loss(
             chunk_rows=chunk_rows, compiled=cfg.compile_loss,
         )  # fmt: skip
 
-    return batch_loss
+    def micro_step(
+        batch: dict[str, torch.Tensor], num_tokens: torch.Tensor, backward_scale: float
+    ) -> LossOutput:
+        student_out = outputs(student, student_module, batch)
+        teacher_module = teacher
+        if cfg.alpha < 1.0:
+            with torch.no_grad(), accelerator.autocast():
+                teacher_out = outputs(teacher, teacher, batch)
+        else:  # pure cross-entropy: the teacher's distribution has zero weight, skip its forward
+            teacher_out, teacher_module = student_out.detach(), student_module
+        s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
+        with GatheredParameters(output_weights):
+            out = loss(s, t, labels, teacher_module, num_tokens)
+            accelerator.backward(out.loss * backward_scale)
+        return out
+
+    return micro_step
 
 
 class MetricsLog:
@@ -221,13 +241,27 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
     accelerator.wait_for_everyone()  # every rank has checked output_dir before anything is written
     if accelerator.is_main_process:
         prepare_output_dir(cfg, resuming=checkpoint is not None)
-    models = load_models(cfg, tokenizer)
+    models = load_models(
+        cfg, tokenizer, loading=lambda role: zero3_partitioned_loading(accelerator, role)
+    )
     teacher, student = models.teacher, models.student
     vocab_size = len(tokenizer)
-    chunk_rows = cfg.vocab_chunk_size or auto_chunk_rows(vocab_size, cfg.loss_chunk_memory_mb)
+    chunk_rows = cfg.vocab_chunk_size or auto_chunk_rows(
+        vocab_size, cfg.loss_chunk_memory_mb, accelerator.device.type
+    )
     if accelerator.is_main_process:
         cfg.save(cfg.output_dir)
         logger.info("Data format %s, %s; example:\n%s", data.format, data.stats, data.example)
+        logger.info(
+            "%d process(es) (%s), precision %s, micro-batch %d x accumulation %d x processes = %d "
+            "sequences per optimizer step",
+            accelerator.num_processes,
+            accelerator.distributed_type,
+            cfg.mixed_precision,
+            cfg.batch_size,
+            cfg.gradient_accumulation_steps,
+            cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
+        )
 
     collate = make_collator(tokenizer, cfg.task_type)
     train_loader = DataLoader(
@@ -235,9 +269,11 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
     )
     total_steps = planned_steps(cfg, len(train_loader))
     optimizer = build_optimizer(cfg, student)
+    fill_deepspeed_config(accelerator, cfg)
     student, optimizer, train_loader = accelerator.prepare(student, optimizer, train_loader)
     teacher = place_teacher(accelerator, teacher)
-    batch_loss = make_batch_loss(cfg, accelerator, student, teacher, vocab_size, chunk_rows)
+    fused = use_fused_loss(cfg, accelerator.unwrap_model(student), teacher)
+    micro_step = make_micro_step(cfg, accelerator, student, teacher, vocab_size, chunk_rows, fused)
 
     state = TrainerState()
     if checkpoint is not None:
@@ -271,19 +307,19 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
             # accelerate divides each backward by the accumulation steps and DDP/ZeRO average
             # over ranks; this undoes both so the step's gradient is sum(loss) / step_tokens.
             backward_scale = cfg.gradient_accumulation_steps * accelerator.num_processes
-            step_sums = torch.zeros(2, device=accelerator.device)
-            for index, batch in enumerate(window):
-                with micro_batch_context(accelerator, student, last=index == len(window) - 1):
-                    out = batch_loss(batch, num_tokens=step_tokens)
-                    accelerator.backward(out.loss * backward_scale)
-                step_sums += torch.stack([out.kd_sum, out.ce_sum])
-
-            grad_norm = None
-            if cfg.clip_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.clip_grad_norm)
+            # Set before the backward passes: DeepSpeed steps inside the window's last one.
             learning_rate = learning_rate_at(state.global_step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
+            step_sums = torch.zeros(2, device=accelerator.device)
+            for index, batch in enumerate(window):
+                with micro_batch_context(accelerator, student, last=index == len(window) - 1):
+                    out = micro_step(batch, step_tokens, backward_scale)
+                step_sums += torch.stack([out.kd_sum, out.ce_sum])
+
+            grad_norm = None
+            if cfg.clip_grad_norm > 0:  # under DeepSpeed: clipped in its step, norm reported
+                grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.update(1)

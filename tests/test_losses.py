@@ -269,9 +269,10 @@ def test_vocabulary_smaller_than_the_tokenizer_is_refused():
 
 
 def test_automatic_chunk_fits_the_memory_budget():
-    rows = auto_chunk_rows(vocab_size=128_256, memory_budget_mb=256)
-    assert rows * 128_256 * 4 * 8 <= 256 * 2**20 < (rows + 1) * 128_256 * 4 * 8
-    assert auto_chunk_rows(vocab_size=10**9, memory_budget_mb=1) == 1
+    for device_type, values in (("cpu", 2), ("cuda", 6)):
+        rows = auto_chunk_rows(128_256, memory_budget_mb=256, device_type=device_type)
+        assert rows * 128_256 * 4 * values <= 256 * 2**20 < (rows + 1) * 128_256 * 4 * values
+    assert auto_chunk_rows(10**9, memory_budget_mb=1) == 1
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
