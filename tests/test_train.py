@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+import kd_dist.models
 from kd_dist.cli import main
 from kd_dist.tiny import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES
 
@@ -213,3 +215,15 @@ def test_resuming_in_the_same_folder_keeps_one_metrics_line_per_step(model_pair,
     assert main([*argv, "--resume_from_checkpoint", str(checkpoint)]) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [json.loads(line)["step"] for line in first.splitlines()] == list(range(1, 9))
+
+
+def test_a_model_the_fused_loss_does_not_know_trains_on_logits_with_a_warning(
+    model_pair, text_dataset, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.delitem(kd_dist.models.FUSED_HEAD_RULES, "llama")
+    teacher, student = model_pair("llama")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="kd_dist"):
+        assert main(train_args(teacher, student, text_dataset, out, "--max_steps", "2")) == 0
+    assert "fused loss does not know llama/llama" in caplog.text
+    assert (out / "model.safetensors").is_file()
