@@ -56,11 +56,9 @@ def main() -> None:
 
     def kd_step() -> None:
         with autocast:
-            hidden = forward_hidden(student, student.lm_head, batch, "causal", student.config)
+            hidden = forward_hidden(student, student, batch, "causal")
             with torch.no_grad():
-                teacher_hidden = forward_hidden(
-                    teacher, teacher.lm_head, batch, "causal", teacher.config
-                )
+                teacher_hidden = forward_hidden(teacher, teacher, batch, "causal")
         rows = valid_rows(hidden, teacher_hidden, batch["labels"], causal=True)
         loss = fused_distillation_loss(
             rows[0], output_head(student), rows[1], output_head(teacher), rows[2], spec,

@@ -63,8 +63,18 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, state: TrainerSt
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_atomically(root / LATEST_POINTER, path.name + "\n")
+        if cfg.save_total_limit is not None:
+            prune_checkpoints(root, keep=cfg.save_total_limit)
     accelerator.wait_for_everyone()
     return path
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
+    latest = (root / LATEST_POINTER).read_text().strip()
+    checkpoints = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != latest)
+    for old in checkpoints[: max(0, len(checkpoints) - (keep - 1))]:
+        shutil.rmtree(old)
 
 
 def resolve_checkpoint(cfg: TrainConfig) -> Path:

@@ -130,6 +130,12 @@ class TrainConfig:
     save_every: int = field(
         default=1, metadata=_help("Save a resumable checkpoint every N epochs (0 disables).")
     )
+    save_steps: int = field(
+        default=0, metadata=_help("Also save a resumable checkpoint every N steps (0 disables).")
+    )
+    save_total_limit: int | None = field(
+        default=None, metadata=_help("Keep only the newest N checkpoints (default: all).")
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata=_help(
@@ -258,6 +264,10 @@ class TrainConfig:
             problems.append("--logging_steps must be at least 1.")
         if self.save_every < 0:
             problems.append("--save_every must be >= 0 (0 disables epoch checkpoints).")
+        if self.save_steps < 0:
+            problems.append("--save_steps must be >= 0 (0 disables step checkpoints).")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            problems.append("--save_total_limit must be at least 1 (omit it to keep all).")
         if self.fp16 and self.bf16:
             problems.append("--fp16 and --bf16 are exclusive: choose one.")
         if problems:

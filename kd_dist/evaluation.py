@@ -57,8 +57,8 @@ def evaluate(
     causal = task_type == "causal"
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
-        student_logits = forward_logits(student, batch, task_type, student.config)
-        teacher_logits = forward_logits(teacher, batch, task_type, teacher.config)
+        student_logits = forward_logits(student, student, batch, task_type)
+        teacher_logits = forward_logits(teacher, teacher, batch, task_type)
         s, t, labels = valid_rows(student_logits, teacher_logits, batch["labels"], causal)
         s, t = s[:, :vocab_size], t[:, :vocab_size]
         for start in range(0, labels.shape[0], chunk_size):

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -142,9 +141,11 @@ def divergence_and_grad(
     mixture, which is what bounds its speed once compiled.
     """
     objective, beta, skew = spec.objective, spec.jsd_beta, spec.skew_alpha
-    if objective == "jsd" and beta == 0.0:
+    # The endpoints are the plain KLs; computing them as mixtures would divide by zero where a
+    # probability underflows.
+    if (objective == "jsd" and beta == 0.0) or (objective == "skew_forward_kl" and skew == 0.0):
         objective = "forward_kl"
-    elif objective == "jsd" and beta == 1.0:
+    elif (objective == "jsd" and beta == 1.0) or (objective == "skew_reverse_kl" and skew == 0.0):
         objective = "reverse_kl"
 
     if objective == "forward_kl":
@@ -197,7 +198,9 @@ def chunk_loss_and_grad(
             (q, log_q) if temperature == 1.0 else softmax_and_log_softmax(student_logits)
         )
         ce_sum = -log_probs.gather(-1, labels[:, None]).sum()
-        grad = grad + spec.alpha * (probs - F.one_hot(labels, student_logits.shape[-1]))
+        grad = (grad + spec.alpha * probs).scatter_add(
+            -1, labels[:, None], torch.full_like(probs[:, :1], -spec.alpha)
+        )  # - alpha at each row's label: the one-hot part, without a [C x V] one-hot tensor
     if derivative is not None:
         grad = grad * derivative
     weighted = (1.0 - spec.alpha) * kd_sum + spec.alpha * ce_sum
@@ -229,8 +232,12 @@ def _chunk_kernel(compiled: bool):
         _COMPILED["kernel"] = torch.compile(chunk_loss_and_grad)
 
     def run(*args):
+        if _COMPILED.get("failed"):
+            return chunk_loss_and_grad(*args)
         try:
             return _COMPILED["kernel"](*args)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as error:  # compilation problems surface at the first call
             warnings.warn(
                 f"torch.compile of the loss failed, running it eagerly: {error}", stacklevel=2
@@ -284,7 +291,8 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_totals):
         (grad_student,) = ctx.saved_tensors
-        return grad_student * grad_loss.to(grad_student.dtype), None, None, None, None, None
+        grad = (grad_student.float() * grad_loss.float()).to(grad_student.dtype)
+        return grad, None, None, None, None, None
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -361,7 +369,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         scale = grad_loss.float()
         grad_bias = None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype)
         return (
-            grad_hidden * scale.to(grad_hidden.dtype),
+            (grad_hidden.float() * scale).to(grad_hidden.dtype),
             (grad_weight * scale).to(ctx.weight_dtype),
             grad_bias,
             *(None,) * 9,
@@ -463,7 +471,8 @@ def fused_distillation_loss(
     valid rows (the inputs of each model's output projection). The gradient reaches the student's
     hidden states, output weight and bias through autograd as usual, so tied embeddings and
     sharded (ZeRO) parameters receive it like any other gradient. Each head's weight and bias are
-    cast to its hidden states' dtype, as autocast would. ``chunk_rows`` as in
+    cast to its hidden states' dtype (pass bf16 hidden states to compute in bf16, as autocast
+    would). ``chunk_rows`` as in
     ``distillation_loss``.
     """
     _check_vocab("the student's output layer", student_head.weight.shape[0], vocab_size)

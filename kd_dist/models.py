@@ -106,7 +106,8 @@ def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         check_vocab_covers_tokenizer(config, role, tokenizer)
 
 
-def _precision_dtype(cfg: TrainConfig) -> torch.dtype:
+def precision_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype mixed precision computes in (fp32 without it)."""
     return torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else torch.float32
 
 
@@ -132,7 +133,7 @@ def load_models(
     # the student keeps fp32 weights and mixed precision autocasts its forward.
     with loading("teacher"):
         teacher = auto.from_pretrained(
-            cfg.teacher_model, dtype=_precision_dtype(cfg), trust_remote_code=cfg.trust_remote_code
+            cfg.teacher_model, dtype=precision_dtype(cfg), trust_remote_code=cfg.trust_remote_code
         )
     with loading("student"):
         student = auto.from_pretrained(
@@ -218,45 +219,54 @@ def output_head(model: PreTrainedModel) -> OutputHead | None:
 
 def forward_hidden(
     model: torch.nn.Module,
-    projection: torch.nn.Module,
+    module: PreTrainedModel,
     batch: dict[str, torch.Tensor],
     task_type: str,
-    config: PretrainedConfig,
 ) -> torch.Tensor:
     """The final hidden states the output projection would see: [B, L, H] (or [B, T, H]).
 
-    A pre-hook on ``projection`` takes its input and hands it an empty sequence instead, so the
-    model runs unchanged (same code path, same hooks, DDP/ZeRO wrappers included) but never
-    projects to the vocabulary.
+    ``model`` is what to call (possibly DDP/DeepSpeed-wrapped), ``module`` the model inside. A
+    pre-hook on its output projection takes the projection's input and hands it an empty
+    sequence instead, so the model runs unchanged (same code path, same hooks, wrappers
+    included) but never projects to the vocabulary.
     """
     captured: list[torch.Tensor] = []
 
-    def take_input(_module, args):
+    def take_input(_projection, args):
         captured.append(args[0])
         return (args[0][..., :0, :], *args[1:])
 
     # Prepended, to see the input before other pre-hooks do: ZeRO-3 wraps a module's inputs in a
     # backward hook of that module, which must not fire for a projection that never ran.
+    projection = module.get_output_embeddings()
     handle = projection.register_forward_pre_hook(take_input, prepend=True)
     try:
-        _forward(model, batch, task_type, config)
+        _forward(model, module, batch, task_type)
     finally:
         handle.remove()
     return captured[0]
 
 
 def forward_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], task_type: str, config: PretrainedConfig
+    model: torch.nn.Module, module: PreTrainedModel, batch: dict[str, torch.Tensor], task_type: str
 ) -> torch.Tensor:
     """The model's logits for a collated batch: [B, L, V] (causal) or [B, T, V] (seq2seq).
 
     Labels are not passed to the model, so it does not compute its own full-vocabulary loss.
     """
-    return _forward(model, batch, task_type, config).logits
+    return _forward(model, module, batch, task_type).logits
 
 
-def _forward(model, batch, task_type, config):
+def _forward(model, module, batch, task_type):
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if task_type == "seq2seq":
-        inputs["decoder_input_ids"] = decoder_inputs_from_labels(batch["labels"], config)
+        inputs["decoder_input_ids"] = decoder_inputs(module, batch["labels"])
     return model(**inputs, use_cache=False)
+
+
+def decoder_inputs(module: PreTrainedModel, labels: torch.Tensor) -> torch.Tensor:
+    """seq2seq decoder inputs, built the model's own way where it has one (mBART, for one,
+    starts the decoder with the target's language id rather than a fixed start token)."""
+    if hasattr(module, "prepare_decoder_input_ids_from_labels"):
+        return module.prepare_decoder_input_ids_from_labels(labels=labels)
+    return decoder_inputs_from_labels(labels, module.config)

@@ -59,6 +59,7 @@ from kd_dist.models import (
     load_models,
     load_tokenizer,
     output_head,
+    precision_dtype,
 )
 
 logger = logging.getLogger("kd_dist")
@@ -151,12 +152,12 @@ def make_micro_step(
     # forward: it is gathered once for the loss *and* its backward, so that autograd hands ZeRO
     # the full gradient to reduce (GatheredParameters is a no-op without ZeRO-3).
     output_weights = list(student_module.get_output_embeddings().parameters()) if fused else []
+    compute_dtype = precision_dtype(cfg)
 
     def outputs(model, module, batch):  # [B, L, hidden] when fused, else [B, L, vocab]
         if fused:
-            projection = module.get_output_embeddings()
-            return forward_hidden(model, projection, batch, cfg.task_type, module.config)
-        return forward_logits(model, batch, cfg.task_type, module.config)
+            return forward_hidden(model, module, batch, cfg.task_type)
+        return forward_logits(model, module, batch, cfg.task_type)
 
     def loss(s, t, labels, teacher_module, num_tokens) -> LossOutput:
         if fused:
@@ -181,6 +182,10 @@ def make_micro_step(
         else:  # pure cross-entropy: the teacher's distribution has zero weight, skip its forward
             teacher_out, teacher_module = student_out.detach(), student_module
         s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
+        if fused:
+            # The student's final norm leaves fp32 hidden states even under autocast; the
+            # projection's matrix products should run in the mixed precision, as lm_head would.
+            s = s.to(compute_dtype)
         with GatheredParameters(output_weights):
             out = loss(s, t, labels, teacher_module, num_tokens)
             accelerator.backward(out.loss * backward_scale)
@@ -264,8 +269,14 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
         )
 
     collate = make_collator(tokenizer, cfg.task_type)
+    # The loader draws its seeds from its own generator, not the global RNG that dropout uses:
+    # a resumed run starts an epoch's iterator mid-epoch, and must not shift dropout's stream.
     train_loader = DataLoader(
-        data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate
+        data.train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     total_steps = planned_steps(cfg, len(train_loader))
     optimizer = build_optimizer(cfg, student)
@@ -293,8 +304,10 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
 
     # --- the loop ---------------------------------------------------------------------------
     while state.global_step < total_steps:
-        train_loader.set_epoch(state.epoch)
-        batches = iter(accelerator.skip_first_batches(train_loader, state.batches_done))
+        # Each epoch's order is a function of (seed, epoch); a resumed epoch skips what was seen.
+        epoch_loader = accelerator.skip_first_batches(train_loader, state.batches_done)
+        epoch_loader.set_epoch(state.epoch)
+        batches = iter(epoch_loader)
         for window in accumulation_windows(batches, cfg.gradient_accumulation_steps):
             if state.global_step >= total_steps:  # --max_steps reached mid-epoch
                 break
@@ -336,10 +349,13 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
                     ce_loss=ce, lr=learning_rate,
                     grad_norm=None if grad_norm is None else float(grad_norm),
                 )  # fmt: skip
+            if cfg.save_steps and state.global_step % cfg.save_steps == 0:
+                save_checkpoint(accelerator, cfg, state)
         else:  # the epoch ran to its end
             state.epoch += 1
             state.batches_done = 0
-            if cfg.save_every and state.epoch % cfg.save_every == 0:
+            saved_this_step = cfg.save_steps and state.global_step % cfg.save_steps == 0
+            if cfg.save_every and state.epoch % cfg.save_every == 0 and not saved_this_step:
                 save_checkpoint(accelerator, cfg, state)
     progress.close()
 

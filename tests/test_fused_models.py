@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from kd_dist.losses import LossSpec, distillation_loss, fused_distillation_loss, valid_rows
-from kd_dist.models import forward_hidden, forward_logits, output_head
+from kd_dist.models import (
+    FUSED_HEAD_RULES,
+    decoder_inputs,
+    forward_hidden,
+    forward_logits,
+    output_head,
+)
 from kd_dist.tiny import SEQ2SEQ_FAMILIES, build_model
 
 # family -> config overrides that exercise its head's specifics
@@ -49,8 +56,8 @@ def test_fused_path_equals_the_logits_path(family, tokenizer):
     vocab = len(tokenizer)
 
     with torch.no_grad():
-        teacher_logits = forward_logits(teacher, batch, task, teacher.config)
-    student_logits = forward_logits(student, batch, task, teacher.config)
+        teacher_logits = forward_logits(teacher, teacher, batch, task)
+    student_logits = forward_logits(student, student, batch, task)
     rows = valid_rows(student_logits, teacher_logits, batch["labels"], causal=not seq2seq)
     plain = distillation_loss(*rows, spec, vocab_size=vocab)
     plain_grads = torch.autograd.grad(plain.loss, params, allow_unused=True)
@@ -58,12 +65,8 @@ def test_fused_path_equals_the_logits_path(family, tokenizer):
     student_head, teacher_head = output_head(student), output_head(teacher)
     assert student_head is not None and teacher_head is not None
     with torch.no_grad():
-        teacher_hidden = forward_hidden(
-            teacher, teacher.get_output_embeddings(), batch, task, teacher.config
-        )
-    student_hidden = forward_hidden(
-        student, student.get_output_embeddings(), batch, task, teacher.config
-    )
+        teacher_hidden = forward_hidden(teacher, teacher, batch, task)
+    student_hidden = forward_hidden(student, student, batch, task)
     s_rows, t_rows, labels = valid_rows(
         student_hidden, teacher_hidden, batch["labels"], causal=not seq2seq
     )
@@ -85,3 +88,77 @@ def test_unknown_model_family_has_no_fused_head(tokenizer):
     model = build_model("llama", tokenizer, "tiny")
     model.config.model_type = "some_new_model"
     assert output_head(model) is None
+
+
+# A tiny config of every model type the fused loss claims to know.
+_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64)  # fmt: skip
+_T5 = dict(d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2,
+           decoder_start_token_id=0)  # fmt: skip
+_BART = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+             max_position_embeddings=64, decoder_start_token_id=2)  # fmt: skip
+EVERY_KNOWN_TYPE = {
+    "gpt2": dict(n_embd=32, n_layer=1, n_head=2, n_positions=64),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, max_position_embeddings=64),
+    "opt": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
+                word_embed_proj_dim=16, max_position_embeddings=64),  # project_out
+    "llama": _DECODER, "mistral": _DECODER, "qwen2": _DECODER, "qwen3": _DECODER,
+    "gemma": _DECODER,
+    "mixtral": dict(_DECODER, num_local_experts=2, num_experts_per_tok=1),
+    "qwen2_moe": dict(_DECODER, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=16),
+    "qwen3_moe": dict(_DECODER, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16),
+    "phi": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=64),  # lm_head bias
+    "phi3": dict(_DECODER, pad_token_id=0),
+    "falcon": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
+    "gemma2": dict(_DECODER, final_logit_softcapping=3.0),
+    "gemma3_text": dict(_DECODER, final_logit_softcapping=3.0),
+    "cohere": dict(_DECODER, logit_scale=0.37),
+    "cohere2": dict(_DECODER, logit_scale=0.37),
+    "granite": dict(_DECODER, logits_scaling=7.0),
+    "t5": _T5, "mt5": _T5, "umt5": _T5,
+    "bart": _BART, "mbart": _BART,  # final_logits_bias
+}  # fmt: skip
+
+
+def test_every_known_model_type_is_covered():
+    assert set(EVERY_KNOWN_TYPE) == set(FUSED_HEAD_RULES)
+
+
+@pytest.mark.parametrize("model_type", sorted(EVERY_KNOWN_TYPE))
+def test_output_head_reproduces_the_model_logits(model_type):
+    """hidden @ W.T + bias, then the family's transform, equals the model's own logits."""
+    torch.manual_seed(0)
+    overrides = {"pad_token_id": 1, **EVERY_KNOWN_TYPE[model_type]}
+    config = AutoConfig.for_model(model_type, vocab_size=101, **overrides)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_config(config).eval()
+    with torch.no_grad():  # make zero-initialised biases matter
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.normal_()
+        if getattr(model.get_output_embeddings(), "bias", None) is not None:
+            model.get_output_embeddings().bias.normal_()
+    ids = torch.randint(3, 101, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    task = "seq2seq" if config.is_encoder_decoder else "causal"
+    head = output_head(model)
+    with torch.no_grad():
+        expected = forward_logits(model, model, batch, task)
+        hidden = forward_hidden(model, model, batch, task)
+        logits = hidden @ head.weight.t() + (0 if head.bias is None else head.bias)
+        logits, _ = head.transform.apply(logits)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mbart_decoder_starts_with_the_language_id(tokenizer):
+    """mBART shifts its labels its own way (the last token, a language id, leads)."""
+    from transformers.models.mbart.modeling_mbart import shift_tokens_right
+
+    config = AutoConfig.for_model("mbart", vocab_size=101, pad_token_id=1, **_BART)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    labels = torch.tensor([[5, 6, 7, 2, 50], [8, 9, 2, 50, -100]])
+    expected = shift_tokens_right(labels.masked_fill(labels == -100, 1), 1)
+    torch.testing.assert_close(decoder_inputs(model, labels), expected)

@@ -324,6 +324,9 @@ def test_fp16_gradients_are_not_flushed_before_the_loss_scale_applies():
 
 @pytest.mark.parametrize(("objective", "extra"), CASES)
 def test_compiled_kernel_equals_eager(objective, extra):
+    # Every spec compiles its own graph: start afresh so dynamo's recompile limit (8) never
+    # silently turns a case into eager-vs-eager.
+    torch._dynamo.reset()
     spec = LossSpec(objective, temperature=2.0, alpha=0.3, **extra)
     s_hidden, s_head, t_hidden, t_head, labels = random_problem(rows=21, seed=7)
     s_head.transform = LogitTransform(softcap=4.0)
@@ -335,3 +338,36 @@ def test_compiled_kernel_equals_eager(objective, extra):
         results.append((out.loss, *grads))
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["skew_forward_kl", "skew_reverse_kl"])
+def test_skew_zero_is_the_plain_kl_even_where_probabilities_underflow(objective):
+    plain = {"skew_forward_kl": "forward_kl", "skew_reverse_kl": "reverse_kl"}[objective]
+    student = torch.tensor([[0.0, 1.0, -200.0, 2.0]], requires_grad=True)
+    teacher = torch.tensor([[0.5, -150.0, 1.0, 2.0]])
+    labels = torch.tensor([0])
+    skewed = distillation_loss(student, teacher, labels, LossSpec(objective, skew_alpha=0.0))
+    expected = distillation_loss(student, teacher, labels, LossSpec(plain))
+    (grad,) = torch.autograd.grad(skewed.loss, student)
+    (expected_grad,) = torch.autograd.grad(expected.loss, student)
+    torch.testing.assert_close(skewed.loss, expected.loss)
+    torch.testing.assert_close(grad, expected_grad)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_cache_sized_blocks_inside_a_chunk_give_the_same_result(objective, monkeypatch):
+    """On a CPU the elementwise math runs on blocks of rows smaller than the chunk."""
+    spec = LossSpec(objective, temperature=2.0, alpha=0.3)
+    s_hidden, s_head, t_hidden, t_head, labels = random_problem(rows=23, seed=8)
+    s_head.transform = LogitTransform(softcap=4.0)
+
+    def run():
+        out = fused_distillation_loss(s_hidden, s_head, t_hidden, t_head, labels, spec,
+                                      vocab_size=53, chunk_rows=10)  # fmt: skip
+        return out.loss, *torch.autograd.grad(out.loss, (s_hidden, s_head.weight, s_head.bias))
+
+    whole = run()
+    monkeypatch.setattr("kd_dist.losses._CPU_BLOCK_BYTES", 3 * 53 * 4)  # blocks of 3 rows
+    for blocked, expected in zip(run(), whole, strict=True):
+        torch.testing.assert_close(blocked, expected, rtol=1e-6, atol=1e-7)

@@ -227,3 +227,27 @@ def test_a_model_the_fused_loss_does_not_know_trains_on_logits_with_a_warning(
         assert main(train_args(teacher, student, text_dataset, out, "--max_steps", "2")) == 0
     assert "fused loss does not know llama/llama" in caplog.text
     assert (out / "model.safetensors").is_file()
+
+
+def test_mid_epoch_checkpoints_resume_exactly_and_old_ones_are_pruned(model_pair, text_dataset,
+                                                                       tmp_path):  # fmt: skip
+    """--save_steps saves inside an epoch; resuming there skips the batches already seen and
+    replays the rest in the same order, so the run ends on the same weights."""
+    teacher, student = model_pair("gpt2")  # dropout: the RNG state must be restored too
+    common = ("--epochs", "2", "--save_every", "0", "--save_steps", "3", "--batch_size", "8",
+              "--save_total_limit", "2", "--seed", "5")  # fmt: skip
+    straight = tmp_path / "straight"
+    assert main(train_args(teacher, student, text_dataset, straight, *common)) == 0
+    # 8 batches per epoch, 16 steps: saved at 3, 6, ..., 15; only the newest two are kept.
+    kept = sorted(p.name for p in (straight / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000012", "step-00000015"]
+    assert (straight / "checkpoints" / "latest").read_text().strip() == "step-00000015"
+
+    resumed = tmp_path / "resumed"
+    checkpoint = straight / "checkpoints" / "step-00000012"  # step 12 = batch 4 of epoch 2
+    argv = train_args(teacher, student, text_dataset, resumed, *common,
+                      "--resume_from_checkpoint", str(checkpoint))  # fmt: skip
+    assert main(argv) == 0
+    expected, actual = (load_file(d / "model.safetensors") for d in (straight, resumed))
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
