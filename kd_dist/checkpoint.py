@@ -53,9 +53,14 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, state: TrainerState) -> Path:
-    """Every rank writes its part; ``latest`` moves only after all ranks have finished."""
+    """Every rank writes its part; ``latest`` moves only after all ranks have finished.
+
+    A step already saved (say by --save_steps, then by preemption) is not written twice.
+    """
     root = Path(cfg.output_dir) / CHECKPOINTS_DIR
     path = root / f"step-{state.global_step:08d}"
+    if (path / TRAINER_STATE_FILE).is_file():
+        return path
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         (path / TRAINER_STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
@@ -77,12 +82,15 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
-def resolve_checkpoint(cfg: TrainConfig) -> Path:
-    """The folder named by ``--resume_from_checkpoint`` ('latest' means output_dir's newest)."""
+def resolve_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The folder named by ``--resume_from_checkpoint``: 'latest' is output_dir's newest, 'auto'
+    the same or None when there is none yet."""
     spec = cfg.resume_from_checkpoint
     assert spec is not None
-    if spec == "latest":
+    if spec in ("latest", "auto"):
         pointer = Path(cfg.output_dir) / CHECKPOINTS_DIR / LATEST_POINTER
+        if not pointer.is_file() and spec == "auto":
+            return None
         if not pointer.is_file():
             raise ConfigError(
                 f"--resume_from_checkpoint latest: {pointer} does not exist, so {cfg.output_dir} "

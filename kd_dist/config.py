@@ -145,7 +145,10 @@ class TrainConfig:
     )
     resume_from_checkpoint: str | None = field(
         default=None,
-        metadata=_help("Checkpoint folder to continue from, or 'latest' in output_dir."),
+        metadata=_help(
+            "Checkpoint folder to continue from; 'latest': output_dir's newest; 'auto': the "
+            "newest if there is one, else start fresh (for requeued jobs)."
+        ),
     )
 
     # --- distillation loss ------------------------------------------------------------------

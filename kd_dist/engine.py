@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -95,6 +97,44 @@ def fill_deepspeed_config(accelerator: Accelerator, cfg: TrainConfig) -> None:
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
         plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad_norm
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", which the SLURM scripts requeue on
+
+
+class TrainingPreempted(Exception):
+    """The run saved a complete checkpoint and stopped because it was asked to."""
+
+
+class PreemptionWatch:
+    """Remembers SIGTERM / SIGUSR1 (SLURM's early warning) until the next step boundary.
+
+    A signal can reach one rank or all of them at different moments; ``agreed`` makes every rank
+    take the same decision at the same step, so they all save and stop together.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> PreemptionWatch:
+        if threading.current_thread() is threading.main_thread():  # signals need the main thread
+            for sig in PREEMPTION_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._remember)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _remember(self, signum: int, _frame: object) -> None:
+        self.received = signum
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any rank received a signal (a collective: every rank must call it)."""
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum") > 0)
 
 
 def place_teacher(accelerator: Accelerator, teacher: torch.nn.Module) -> torch.nn.Module:

@@ -38,6 +38,8 @@ from kd_dist.checkpoint import (
 from kd_dist.config import TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.engine import (
+    PreemptionWatch,
+    TrainingPreempted,
     accelerator_session,
     fill_deepspeed_config,
     place_teacher,
@@ -230,11 +232,13 @@ def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 def train(cfg: TrainConfig) -> TrainResult:
     """Distil ``cfg.teacher_model`` into ``cfg.student_model``; the student lands in output_dir."""
     cfg.validate()
-    with accelerator_session(cfg) as accelerator:
-        return run_training(cfg, accelerator)
+    with accelerator_session(cfg) as accelerator, PreemptionWatch() as preemption:
+        return run_training(cfg, accelerator, preemption)
 
 
-def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
+def run_training(
+    cfg: TrainConfig, accelerator: Accelerator, preemption: PreemptionWatch
+) -> TrainResult:
     set_seed(cfg.seed)
     causal = cfg.task_type == "causal"
 
@@ -351,6 +355,12 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator) -> TrainResult:
                 )  # fmt: skip
             if cfg.save_steps and state.global_step % cfg.save_steps == 0:
                 save_checkpoint(accelerator, cfg, state)
+            if preemption.agreed(accelerator):
+                path = save_checkpoint(accelerator, cfg, state)
+                raise TrainingPreempted(
+                    f"stopped at step {state.global_step} on request; saved {path}. Run the same "
+                    "command with --resume_from_checkpoint latest (or auto) to continue."
+                )
         else:  # the epoch ran to its end
             state.epoch += 1
             state.batches_done = 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,39 @@ def test_mid_epoch_checkpoints_resume_exactly_and_old_ones_are_pruned(model_pair
     expected, actual = (load_file(d / "model.safetensors") for d in (straight, resumed))
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_preempted_run_saves_exits_75_and_the_same_command_resumes_exactly(
+    model_pair, text_dataset, tmp_path
+):
+    """SIGTERM (or SLURM's early SIGUSR1) mid-run: the step finishes, a checkpoint is saved, the
+    process exits with 75; rerunning the same command with --resume_from_checkpoint auto ends
+    on exactly the weights of a run that was never interrupted."""
+    teacher, student = model_pair("gpt2")
+    common = ("--epochs", "12", "--batch_size", "4", "--save_every", "0", "--seed", "9",
+              "--resume_from_checkpoint", "auto")  # fmt: skip
+    out = tmp_path / "preempted"
+    argv = [sys.executable, "-m", "kd_dist", *train_args(teacher, student, text_dataset, out,
+                                                         *common)]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, "no training steps seen"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 75, stderr[-3000:]
+    assert "stopped at step" in stderr
+    stopped_at = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert 3 <= stopped_at < 192
+
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = tmp_path / "straight"
+    assert main(train_args(teacher, student, text_dataset, straight, *common)) == 0
+    expected, actual = (load_file(d / "model.safetensors") for d in (straight, out))
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 193))
