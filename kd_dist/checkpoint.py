@@ -139,12 +139,17 @@ def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> None:
     if not os.access(output_dir, os.W_OK):
         raise ConfigError(f"--output_dir {output_dir} is not writable: choose another folder.")
     if cfg.overwrite_output_dir and not resuming:
-        for name in RUN_RECORDS:
-            record = output_dir / name
-            if record.is_dir():
-                shutil.rmtree(record)
-            elif record.exists():
-                record.unlink()
+        remove_entries(output_dir, RUN_RECORDS)
+
+
+def remove_entries(folder: Path, names: tuple[str, ...]) -> None:
+    """Delete the named files or folders in ``folder`` (and nothing else) where they exist."""
+    for name in names:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def drop_metrics_after(output_dir: str, step: int) -> None:

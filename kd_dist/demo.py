@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
+from kd_dist.checkpoint import remove_entries
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.tiny import build_model, build_tokenizer, save_pair
 from kd_dist.trainer import train
@@ -83,12 +83,8 @@ def prepare_demo_dir(root: Path) -> None:
             f"--output_dir {root} holds files the demo did not write ({', '.join(foreign[:5])}): "
             "choose an empty or new folder."
         )
-    for name in DEMO_OUTPUTS:
-        path = root / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    if root.exists():
+        remove_entries(root, DEMO_OUTPUTS)
     root.mkdir(parents=True, exist_ok=True)
 
 
