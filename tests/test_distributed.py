@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from kd_dist.cli import main
 
@@ -32,18 +33,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def zero3_config(tmp_path: Path) -> Path:
-    """The shipped ZeRO-3 config, with every parameter partitioned (tiny models otherwise stay
-    whole under the default persistence threshold, and the test would prove nothing)."""
-    ds = json.loads((REPO / "accelerate_configs" / "ds_zero3.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
-    shipped = (REPO / "accelerate_configs" / "deepspeed_zero3.yaml").read_text()
-    config = tmp_path / "zero3.yaml"
-    config.write_text(
-        shipped.replace("accelerate_configs/ds_zero3.json", str(tmp_path / "ds.json"))
-    )
+def deepspeed_config(tmp_path: Path, stage: int) -> Path:
+    """The shipped ZeRO-2/3 config; for ZeRO-3 with every parameter partitioned (tiny models
+    otherwise stay whole under the default persistence threshold, and the test would prove
+    nothing)."""
+    ds = json.loads((REPO / "accelerate_configs" / f"ds_zero{stage}.json").read_text())
+    if stage == 3:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    json_path = tmp_path / f"ds{stage}.json"
+    json_path.write_text(json.dumps(ds))
+    shipped = (REPO / "accelerate_configs" / f"deepspeed_zero{stage}.yaml").read_text()
+    config = tmp_path / f"zero{stage}.yaml"
+    config.write_text(shipped.replace(f"accelerate_configs/ds_zero{stage}.json", str(json_path)))
     return config
+
+
+def accelerate_launch(config: Path) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes",
+            "2", "--main_process_port", str(free_port())]  # fmt: skip
 
 
 def launch(command: list[str], argv: list[str], log: Path) -> str:
@@ -65,7 +72,7 @@ def relative_difference(actual: dict, expected: dict, start: dict) -> float:
 
 
 @pytest.mark.distributed
-def test_two_processes_zero3_and_ddp_take_the_single_process_step(model_pair, text_dataset,
+def test_two_processes_zero3_zero2_and_ddp_take_the_single_process_step(model_pair, text_dataset,
                                                                    tmp_path):  # fmt: skip
     teacher, student = model_pair("llama")  # no dropout: the split changes nothing else
     common = ["--teacher_model", teacher, "--student_model", student, "--dataset",
@@ -77,9 +84,8 @@ def test_two_processes_zero3_and_ddp_take_the_single_process_step(model_pair, te
     start = load_file(Path(student) / "model.safetensors")
 
     launchers = {
-        "zero3": ([str(BIN / "accelerate"), "launch", "--config_file", str(zero3_config(tmp_path)),
-                   "--num_processes", "2", "--main_process_port", str(free_port())],
-                  "DistributedType.DEEPSPEED"),
+        "zero3": (accelerate_launch(deepspeed_config(tmp_path, 3)), "DistributedType.DEEPSPEED"),
+        "zero2": (accelerate_launch(deepspeed_config(tmp_path, 2)), "DistributedType.DEEPSPEED"),
         "ddp": ([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port",
                  str(free_port())], "DistributedType.MULTI_CPU"),
     }  # fmt: skip
@@ -96,3 +102,41 @@ def test_two_processes_zero3_and_ddp_take_the_single_process_step(model_pair, te
         ]
         single = json.loads((tmp_path / "single" / "metrics.jsonl").read_text())["loss"]
         assert losses == pytest.approx([single], rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_zero3_resume_with_two_processes_reproduces_the_uninterrupted_run(
+    model_pair, text_dataset, tmp_path
+):
+    """8 steps straight vs 4 steps, resume, 4 steps: 2 ranks, ZeRO-3 shards, a model with
+    dropout (every rank's RNG restored), a mid-epoch data position: the same losses and weights.
+    The ZeRO-3 export gathers the shards into one safetensors student that loads."""
+    teacher, student = model_pair("gpt2")
+    common = ["--teacher_model", teacher, "--student_model", student, "--dataset",
+              str(text_dataset), "--max_length", "32", "--batch_size", "2",
+              "--gradient_accumulation_steps", "2", "--max_steps", "8", "--save_every", "0",
+              "--save_steps", "4", "--logging_steps", "1", "--seed", "4"]  # fmt: skip
+    config = deepspeed_config(tmp_path, 3)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(accelerate_launch(config), [*common, "--output_dir", str(straight)],
+           tmp_path / "straight.log")  # fmt: skip
+    checkpoint = straight / "checkpoints" / "step-00000004"
+    launch(accelerate_launch(config),
+           [*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)],
+           tmp_path / "resumed.log")  # fmt: skip
+
+    def losses(run: Path) -> dict[int, float]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+    assert sorted(losses(resumed)) == [5, 6, 7, 8]
+    assert losses(resumed) == pytest.approx({s: losses(straight)[s] for s in (5, 6, 7, 8)},
+                                            rel=1e-6)  # fmt: skip
+    expected, actual = (load_file(run / "model.safetensors") for run in (straight, resumed))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+    reloaded = AutoModelForCausalLM.from_pretrained(straight)
+    for name, tensor in reloaded.state_dict().items():
+        if name in expected:
+            torch.testing.assert_close(tensor, expected[name])
