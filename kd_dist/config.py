@@ -23,6 +23,7 @@ TaskType = Literal["causal", "seq2seq"]
 OptimizerName = Literal["adamw", "sgd", "adafactor"]
 SchedulerName = Literal["linear", "cosine", "constant"]
 DatasetFormat = Literal["auto", "text", "instruction", "seq2seq"]
+TeacherPlacement = Literal["auto", "replicate", "zero3"]
 
 CONFIG_FILE_NAME = "kd_config.json"
 
@@ -47,6 +48,14 @@ class TrainConfig:
     task_type: TaskType = field(
         default="causal",
         metadata=_help("causal (GPT-2, OPT, Llama, Qwen...) or seq2seq (T5, BART)."),
+    )
+    teacher_placement: TeacherPlacement = field(
+        default="auto",
+        metadata=_help(
+            "replicate: a full frozen teacher on every process; zero3: the teacher sharded by its "
+            "own DeepSpeed ZeRO-3 inference engine (needs a DeepSpeed launch); auto: zero3 under "
+            "DeepSpeed when the teacher would take over half the free GPU memory, else replicate."
+        ),
     )
     trust_remote_code: bool = field(
         default=False, metadata=_help("Allow model code from the hub (off unless you ask).")
@@ -221,6 +230,7 @@ class TrainConfig:
             ("lr_scheduler", SchedulerName),
             ("dataset_format", DatasetFormat),
             ("loss", Objective),
+            ("teacher_placement", TeacherPlacement),
         ):
             allowed = get_args(kind)
             if getattr(self, name) not in allowed:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import os
 import signal
 import threading
@@ -11,10 +13,14 @@ from collections.abc import Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, InitProcessGroupKwargs
 from transformers.integrations import unset_hf_deepspeed_config
 
 from kd_dist.config import ConfigError, TrainConfig
+
+logger = logging.getLogger("kd_dist")
+
+STUDENT, TEACHER = "student", "teacher"  # DeepSpeed plugin names
 
 
 def check_precision_supported(cfg: TrainConfig) -> None:
@@ -32,7 +38,13 @@ def _build_accelerator(cfg: TrainConfig) -> Accelerator:
     distributed_on_cpu = (
         int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     )
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed = deepspeed_launch()
+    if cfg.teacher_placement == "zero3" and not deepspeed:
+        raise ConfigError(
+            "--teacher_placement zero3 shards the teacher with DeepSpeed: launch with "
+            "`accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml ...`, or use "
+            "--teacher_placement replicate."
+        )
     if distributed_on_cpu:
         # Without an explicit gloo backend (DeepSpeed) or cpu=True (DDP), accelerate on a
         # CUDA-less host runs every launched process as if it were alone: data is not sharded
@@ -46,7 +58,31 @@ def _build_accelerator(cfg: TrainConfig) -> Accelerator:
         # replays exactly the order the interrupted one would have seen.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=handlers,
+        deepspeed_plugins=_deepspeed_plugins(cfg) if deepspeed else None,
     )
+
+
+def deepspeed_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
+    """The launch's DeepSpeed config for the student and, unless the teacher is replicated, a
+    ZeRO-3 inference config derived from it for the teacher (no optimizer, no accumulation)."""
+    student = DeepSpeedPlugin()  # from the config file `accelerate launch` was given
+    if cfg.teacher_placement == "replicate":
+        return {STUDENT: student}
+    teacher_config = {
+        key: value
+        for key, value in copy.deepcopy(student.deepspeed_config).items()
+        if key not in ("optimizer", "scheduler", "train_batch_size", "gradient_clipping")
+    }
+    zero = teacher_config.setdefault("zero_optimization", {})
+    zero["stage"] = 3
+    zero.pop("offload_optimizer", None)
+    teacher_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    teacher_config["gradient_accumulation_steps"] = 1
+    return {STUDENT: student, TEACHER: DeepSpeedPlugin(hf_ds_config=teacher_config)}
 
 
 @contextlib.contextmanager
@@ -137,6 +173,43 @@ class PreemptionWatch:
         return bool(accelerator.reduce(flag, reduction="sum") > 0)
 
 
-def place_teacher(accelerator: Accelerator, teacher: torch.nn.Module) -> torch.nn.Module:
-    """A replicated, frozen copy of the teacher on this rank's device, in inference mode."""
-    return teacher.to(accelerator.device)
+def choose_teacher_placement(
+    cfg: TrainConfig, accelerator: Accelerator, teacher: torch.nn.Module
+) -> tuple[str, str]:
+    """(placement, why) for ``--teacher_placement`` (resolving ``auto``)."""
+    if cfg.teacher_placement != "auto":
+        return cfg.teacher_placement, "asked for"
+    plugins = accelerator.state.deepspeed_plugins or {}
+    if TEACHER not in plugins:
+        return "replicate", "no DeepSpeed launch to shard it with"
+    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    if not torch.cuda.is_available():
+        return "replicate", "no GPU memory to save"
+    free_bytes, _ = torch.cuda.mem_get_info()
+    if teacher_bytes > free_bytes / 2:
+        return "zero3", f"{teacher_bytes / 2**30:.1f} GiB > half of {free_bytes / 2**30:.1f} free"
+    return "replicate", f"{teacher_bytes / 2**30:.1f} GiB fits beside the student"
+
+
+def place_teacher(
+    cfg: TrainConfig, accelerator: Accelerator, teacher: torch.nn.Module
+) -> torch.nn.Module:
+    """The frozen teacher, in inference mode: replicated on this rank's device, or sharded by its
+    own ZeRO-3 engine. Call after the student is prepared: accelerate's DeepSpeed backward and
+    step go to the first engine it prepared, which must be the student's."""
+    placement, why = choose_teacher_placement(cfg, accelerator, teacher)
+    logger.info("Teacher placement: %s (%s)", placement, why)
+    if placement == "replicate":
+        return teacher.to(accelerator.device)
+    accelerator.state.select_deepspeed_plugin(TEACHER)
+    engine = accelerator.prepare(teacher)
+    accelerator.state.select_deepspeed_plugin(STUDENT)
+    # Checkpoints hold the student only: the teacher never changes, and accelerate would
+    # otherwise try to save an optimizer-less engine. (accelerate keeps no public way to say so.)
+    accelerator._models.remove(engine)
+    held = sum(getattr(p, "ds_tensor", p).numel() for p in engine.module.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    logger.info("Teacher sharded: this process holds %d of its %d parameters", held, total)
+    # Calling the module (not the engine) still gathers each layer's shards: ZeRO-3's hooks
+    # live on the module's layers.
+    return engine.module.eval()

@@ -150,10 +150,11 @@ def make_micro_step(
     causal = cfg.task_type == "causal"
     spec = cfg.loss_spec
     student_module = accelerator.unwrap_model(student)
-    # Under ZeRO-3 the fused loss uses the student's sharded output weight outside any module's
-    # forward: it is gathered once for the loss *and* its backward, so that autograd hands ZeRO
-    # the full gradient to reduce (GatheredParameters is a no-op without ZeRO-3).
-    output_weights = list(student_module.get_output_embeddings().parameters()) if fused else []
+    # Under ZeRO-3 the fused loss uses the models' sharded output weights outside any module's
+    # forward: they are gathered once for the loss *and* its backward, so that autograd hands
+    # ZeRO the student's full gradient to reduce (GatheredParameters is a no-op without ZeRO-3).
+    projections = (student_module.get_output_embeddings(), teacher.get_output_embeddings())
+    output_weights = [p for m in projections for p in m.parameters()] if fused else []
     compute_dtype = precision_dtype(cfg)
 
     def outputs(model, module, batch):  # [B, L, hidden] when fused, else [B, L, vocab]
@@ -286,7 +287,7 @@ def run_training(
     optimizer = build_optimizer(cfg, student)
     fill_deepspeed_config(accelerator, cfg)
     student, optimizer, train_loader = accelerator.prepare(student, optimizer, train_loader)
-    teacher = place_teacher(accelerator, teacher)
+    teacher = place_teacher(cfg, accelerator, teacher)
     fused = use_fused_loss(cfg, accelerator.unwrap_model(student), teacher)
     micro_step = make_micro_step(cfg, accelerator, student, teacher, vocab_size, chunk_rows, fused)
 

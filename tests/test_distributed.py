@@ -91,7 +91,9 @@ def test_two_processes_zero3_zero2_and_ddp_take_the_single_process_step(model_pa
     }  # fmt: skip
     for name, (command, kind) in launchers.items():
         out = tmp_path / name
-        output = launch(command, [*common, "--batch_size", "4", "--output_dir", str(out)],
+        # 2 processes x batch 2 x accumulation 2 = the single process's batch of 8
+        split = ["--batch_size", "2", "--gradient_accumulation_steps", "2"]
+        output = launch(command, [*common, *split, "--output_dir", str(out)],
                         tmp_path / f"{name}.log")  # fmt: skip
         assert re.search(rf"2 process\(es\) \({re.escape(kind)}\)", output), name
         assert relative_difference(load_file(out / "model.safetensors"), expected, start) < 1e-3
@@ -140,3 +142,35 @@ def test_zero3_resume_with_two_processes_reproduces_the_uninterrupted_run(
     for name, tensor in reloaded.state_dict().items():
         if name in expected:
             torch.testing.assert_close(tensor, expected[name])
+
+
+@pytest.mark.distributed
+def test_replicated_and_zero3_sharded_teacher_give_the_same_loss(model_pair, text_dataset,
+                                                                 tmp_path):  # fmt: skip
+    teacher, student = model_pair("llama")
+    common = ["--teacher_model", teacher, "--student_model", student, "--dataset",
+              str(text_dataset), *ONE_SGD_STEP, "--batch_size", "4",
+              "--save_steps", "1"]  # fmt: skip
+    config = deepspeed_config(tmp_path, 3)
+    runs = {}
+    for placement in ("replicate", "zero3"):
+        out = tmp_path / placement
+        output = launch(accelerate_launch(config),
+                        [*common, "--output_dir", str(out), "--teacher_placement", placement],
+                        tmp_path / f"{placement}.log")  # fmt: skip
+        assert f"Teacher placement: {placement}" in output
+        runs[placement] = out
+    held, total = map(int, re.search(r"holds (\d+) of its (\d+) parameters",
+                                     (tmp_path / "zero3.log").read_text()).groups())  # fmt: skip
+    assert 0 < held < total  # really sharded
+    losses = {
+        name: [(r["loss"], r["kd_loss"], r["ce_loss"]) for r in map(json.loads, lines)]
+        for name, lines in ((n, (o / "metrics.jsonl").read_text().splitlines())
+                            for n, o in runs.items())
+    }  # fmt: skip
+    assert losses["zero3"] == losses["replicate"]
+    # The teacher is never checkpointed: only the student's state is saved.
+    assert (runs["zero3"] / "checkpoints" / "latest").is_file()
+    expected, actual = (load_file(out / "model.safetensors") for out in runs.values())
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
