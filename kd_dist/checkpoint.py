@@ -53,14 +53,9 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, state: TrainerState) -> Path:
-    """Every rank writes its part; ``latest`` moves only after all ranks have finished.
-
-    A step already saved (say by --save_steps, then by preemption) is not written twice.
-    """
+    """Every rank writes its part; ``latest`` moves only after all ranks have finished."""
     root = Path(cfg.output_dir) / CHECKPOINTS_DIR
     path = root / f"step-{state.global_step:08d}"
-    if (path / TRAINER_STATE_FILE).is_file():
-        return path
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         (path / TRAINER_STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")

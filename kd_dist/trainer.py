@@ -306,6 +306,7 @@ def run_training(
     )
     metrics = MetricsLog(Path(cfg.output_dir) / METRICS_FILE, progress, accelerator)
     last_loss = None
+    saved_at = state.global_step if checkpoint is not None else -1  # never save a step twice
 
     # --- the loop ---------------------------------------------------------------------------
     while state.global_step < total_steps:
@@ -356,18 +357,22 @@ def run_training(
                 )  # fmt: skip
             if cfg.save_steps and state.global_step % cfg.save_steps == 0:
                 save_checkpoint(accelerator, cfg, state)
+                saved_at = state.global_step
             if preemption.agreed(accelerator):
-                path = save_checkpoint(accelerator, cfg, state)
+                if saved_at != state.global_step:
+                    save_checkpoint(accelerator, cfg, state)
                 raise TrainingPreempted(
-                    f"stopped at step {state.global_step} on request; saved {path}. Run the same "
-                    "command with --resume_from_checkpoint latest (or auto) to continue."
+                    f"stopped at step {state.global_step} on request, after saving a checkpoint. "
+                    "Run the same command with --resume_from_checkpoint latest (or auto) to "
+                    "continue."
                 )
         else:  # the epoch ran to its end
             state.epoch += 1
             state.batches_done = 0
-            saved_this_step = cfg.save_steps and state.global_step % cfg.save_steps == 0
-            if cfg.save_every and state.epoch % cfg.save_every == 0 and not saved_this_step:
+            epoch_save_due = cfg.save_every and state.epoch % cfg.save_every == 0
+            if epoch_save_due and saved_at != state.global_step:
                 save_checkpoint(accelerator, cfg, state)
+                saved_at = state.global_step
     progress.close()
 
     # --- evaluation and export --------------------------------------------------------------
