@@ -82,6 +82,11 @@ def test_two_processes_zero3_zero2_and_ddp_take_the_single_process_step(model_pa
     )
     expected = load_file(tmp_path / "single" / "model.safetensors")
     start = load_file(Path(student) / "model.safetensors")
+    # What two ranks reading the *same* half of the batch would produce instead.
+    half = tmp_path / "half"
+    assert main(["train", *common, "--batch_size", "4", "--output_dir", str(half)]) == 0
+    same_data = load_file(half / "model.safetensors")
+    assert relative_difference(same_data, expected, start) > 1e-2
 
     launchers = {
         "zero3": (accelerate_launch(deepspeed_config(tmp_path, 3)), "DistributedType.DEEPSPEED"),
@@ -96,6 +101,7 @@ def test_two_processes_zero3_zero2_and_ddp_take_the_single_process_step(model_pa
         output = launch(command, [*common, *split, "--output_dir", str(out)],
                         tmp_path / f"{name}.log")  # fmt: skip
         assert re.search(rf"2 process\(es\) \({re.escape(kind)}\)", output), name
+        # Equal to one process on the whole batch: the ranks saw its two different halves.
         assert relative_difference(load_file(out / "model.safetensors"), expected, start) < 1e-3
         losses = [
             json.loads(line)["loss"]
