@@ -23,7 +23,7 @@ TaskType = Literal["causal", "seq2seq"]
 OptimizerName = Literal["adamw", "sgd", "adafactor"]
 SchedulerName = Literal["linear", "cosine", "constant"]
 DatasetFormat = Literal["auto", "text", "instruction", "seq2seq"]
-TeacherPlacement = Literal["auto", "replicate", "zero3"]
+TeacherPlacement = Literal["auto", "replicate", "zero3", "zero3_offload"]
 
 CONFIG_FILE_NAME = "kd_config.json"
 
@@ -53,8 +53,9 @@ class TrainConfig:
         default="auto",
         metadata=_help(
             "replicate: a full frozen teacher on every process; zero3: the teacher sharded by its "
-            "own DeepSpeed ZeRO-3 inference engine (needs a DeepSpeed launch); auto: zero3 under "
-            "DeepSpeed when the teacher would take over half the free GPU memory, else replicate."
+            "own DeepSpeed ZeRO-3 inference engine (needs a DeepSpeed launch); zero3_offload: the "
+            "same with its shards in CPU memory; auto: zero3 under DeepSpeed when the teacher "
+            "would take over half the free GPU memory, else replicate."
         ),
     )
     trust_remote_code: bool = field(

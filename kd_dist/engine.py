@@ -39,11 +39,11 @@ def _build_accelerator(cfg: TrainConfig) -> Accelerator:
         int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     )
     deepspeed = deepspeed_launch()
-    if cfg.teacher_placement == "zero3" and not deepspeed:
+    if cfg.teacher_placement.startswith("zero3") and not deepspeed:
         raise ConfigError(
-            "--teacher_placement zero3 shards the teacher with DeepSpeed: launch with "
-            "`accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml ...`, or use "
-            "--teacher_placement replicate."
+            f"--teacher_placement {cfg.teacher_placement} shards the teacher with DeepSpeed: "
+            "launch with `accelerate launch --config_file "
+            "accelerate_configs/deepspeed_zero3.yaml ...`, or use --teacher_placement replicate."
         )
     if distributed_on_cpu:
         # Without an explicit gloo backend (DeepSpeed) or cpu=True (DDP), accelerate on a
@@ -80,6 +80,8 @@ def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
     zero = teacher_config.setdefault("zero_optimization", {})
     zero["stage"] = 3
     zero.pop("offload_optimizer", None)
+    if cfg.teacher_placement == "zero3_offload":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     teacher_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     teacher_config["gradient_accumulation_steps"] = 1
     return {STUDENT: student, TEACHER: DeepSpeedPlugin(hf_ds_config=teacher_config)}

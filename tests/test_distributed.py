@@ -151,7 +151,7 @@ def test_zero3_resume_with_two_processes_reproduces_the_uninterrupted_run(
 
 
 @pytest.mark.distributed
-def test_replicated_and_zero3_sharded_teacher_give_the_same_loss(model_pair, text_dataset,
+def test_replicated_sharded_and_offloaded_teacher_give_the_same_loss(model_pair, text_dataset,
                                                                  tmp_path):  # fmt: skip
     teacher, student = model_pair("llama")
     common = ["--teacher_model", teacher, "--student_model", student, "--dataset",
@@ -159,7 +159,7 @@ def test_replicated_and_zero3_sharded_teacher_give_the_same_loss(model_pair, tex
               "--save_steps", "1"]  # fmt: skip
     config = deepspeed_config(tmp_path, 3)
     runs = {}
-    for placement in ("replicate", "zero3"):
+    for placement in ("replicate", "zero3", "zero3_offload"):
         out = tmp_path / placement
         output = launch(accelerate_launch(config),
                         [*common, "--output_dir", str(out), "--teacher_placement", placement],
@@ -174,9 +174,10 @@ def test_replicated_and_zero3_sharded_teacher_give_the_same_loss(model_pair, tex
         for name, lines in ((n, (o / "metrics.jsonl").read_text().splitlines())
                             for n, o in runs.items())
     }  # fmt: skip
-    assert losses["zero3"] == losses["replicate"]
+    assert losses["zero3"] == losses["replicate"] == losses["zero3_offload"]
     # The teacher is never checkpointed: only the student's state is saved.
     assert (runs["zero3"] / "checkpoints" / "latest").is_file()
-    expected, actual = (load_file(out / "model.safetensors") for out in runs.values())
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+    expected, *others = (load_file(out / "model.safetensors") for out in runs.values())
+    for actual in others:
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
