@@ -273,7 +273,7 @@ def run_training(
             cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
         )
 
-    collate = make_collator(tokenizer, cfg.task_type)
+    collate = make_collator(tokenizer)
     # The loader draws its seeds from its own generator, not the global RNG that dropout uses:
     # a resumed run starts an epoch's iterator mid-epoch, and must not shift dropout's stream.
     train_loader = DataLoader(

@@ -584,7 +584,7 @@ def test_hub_name_not_in_cache(tok):
 
 # --- collator -------------------------------------------------------------------------------------
 def test_collator_pads_causal_batches(tok):
-    collate = make_collator(tok, "causal")
+    collate = make_collator(tok)
     batch = collate(
         [
             {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
@@ -599,7 +599,7 @@ def test_collator_pads_causal_batches(tok):
 
 
 def test_collator_pads_seq2seq_source_and_labels_separately(tok):
-    collate = make_collator(tok, "seq2seq")
+    collate = make_collator(tok)
     batch = collate(
         [
             {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [9]},
@@ -614,7 +614,7 @@ def test_collator_pads_seq2seq_source_and_labels_separately(tok):
 
 def test_collator_on_built_dataset(tok, tmp_path):
     data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)), tok)
-    batch = make_collator(tok, "causal")([data.train[i] for i in range(4)])
+    batch = make_collator(tok)([data.train[i] for i in range(4)])
     lengths = [len(data.train[i]["input_ids"]) for i in range(4)]
     assert batch["input_ids"].shape == (4, max(lengths))
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths
@@ -622,4 +622,4 @@ def test_collator_on_built_dataset(tok, tmp_path):
 
 def test_collator_needs_a_pad_token():
     with pytest.raises(ValueError, match="no pad token"):
-        make_collator(build_tokenizer(["abc"], with_pad=False), "causal")
+        make_collator(build_tokenizer(["abc"], with_pad=False))

@@ -88,14 +88,17 @@ def logits_of(hidden, head: OutputHead, vocab: int) -> torch.Tensor:
     return logits[:, :vocab]
 
 
-def float64_copy(student_hidden, student_head):
-    hidden = student_hidden.detach().double().requires_grad_(True)
-    head = OutputHead(
-        student_head.weight.detach().double().requires_grad_(True),
-        student_head.bias.detach().double().requires_grad_(True),
-        student_head.transform,
-    )
-    return hidden, head
+def fused_reference(s_hidden, s_head, t_hidden, t_head, labels, spec, vocab, num_tokens):
+    """The float64 loss of a fused problem from its definition, and its student leaves
+    (hidden, weight, bias) to differentiate it by."""
+    hidden = s_hidden.detach().double().requires_grad_(True)
+    weight = s_head.weight.detach().double().requires_grad_(True)
+    bias = s_head.bias.detach().double().requires_grad_(True)
+    student_logits = logits_of(hidden, OutputHead(weight, bias, s_head.transform), vocab)
+    teacher64 = OutputHead(t_head.weight.double(), t_head.bias.double(), t_head.transform)
+    teacher_logits = logits_of(t_hidden.double(), teacher64, vocab)
+    loss = reference_loss(student_logits, teacher_logits, labels, spec, num_tokens)
+    return loss, (hidden, weight, bias)
 
 
 def fresh_seed() -> int:
@@ -141,11 +144,8 @@ def test_fused_matches_float64_reference(objective, extra, transform):
     )  # fmt: skip
     grads = torch.autograd.grad(out.loss, (s_hidden, s_head.weight, s_head.bias))
 
-    hidden64, head64 = float64_copy(s_hidden, s_head)
-    teacher_logits = logits_of(t_hidden.double(), OutputHead(
-        t_head.weight.double(), t_head.bias.double(), t_head.transform), vocab)  # fmt: skip
-    expected = reference_loss(logits_of(hidden64, head64, vocab), teacher_logits, labels, spec, 25)
-    expected_grads = torch.autograd.grad(expected, (hidden64, head64.weight, head64.bias))
+    expected, leaves = fused_reference(s_hidden, s_head, t_hidden, t_head, labels, spec, vocab, 25)
+    expected_grads = torch.autograd.grad(expected, leaves)
 
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
     for name, actual, wanted in zip(("hidden", "weight", "bias"), grads, expected_grads,
@@ -210,13 +210,8 @@ def test_bf16_inputs_stay_close_to_the_float64_reference(objective):
     assert out.loss.dtype == torch.float32
     assert [g.dtype for g in grads] == [torch.bfloat16, torch.bfloat16]
 
-    hidden64, head64 = float64_copy(s_hidden, s_head)
-    teacher64 = OutputHead(t_head.weight.double(), t_head.bias.double())
-    expected = reference_loss(
-        logits_of(hidden64, head64, vocab), logits_of(t_hidden.double(), teacher64, vocab),
-        labels, spec, 64,
-    )  # fmt: skip
-    expected_grads = torch.autograd.grad(expected, (hidden64, head64.weight))
+    expected, leaves = fused_reference(s_hidden, s_head, t_hidden, t_head, labels, spec, vocab, 64)
+    expected_grads = torch.autograd.grad(expected, leaves[:2])
 
     # The autocast-style baseline: bf16 logits, then the definition in float64 with autograd.
     baseline = reference_loss(
@@ -309,13 +304,8 @@ def test_fp16_gradients_are_not_flushed_before_the_loss_scale_applies():
     out = fused_distillation_loss(s_hidden, s_head, t_hidden, t_head, labels, spec,
                                   vocab_size=vocab)  # fmt: skip
     (grad_weight,) = torch.autograd.grad(out.loss * 2.0**16, s_head.weight)
-    hidden64, head64 = float64_copy(s_hidden, s_head)
-    teacher64 = OutputHead(t_head.weight.double(), t_head.bias.double())
-    expected = reference_loss(
-        logits_of(hidden64, head64, vocab), logits_of(t_hidden.double(), teacher64, vocab),
-        labels, spec, 32,
-    )  # fmt: skip
-    (expected_weight,) = torch.autograd.grad(expected * 2.0**16, head64.weight)
+    expected, leaves = fused_reference(s_hidden, s_head, t_hidden, t_head, labels, spec, vocab, 32)
+    (expected_weight,) = torch.autograd.grad(expected * 2.0**16, leaves[1])
     real = expected_weight[:vocab].abs() > 2.0**-14  # representable once scaled
     flushed = (grad_weight[:vocab][real] == 0).float().mean()
     assert flushed < 0.01

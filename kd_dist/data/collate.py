@@ -14,8 +14,6 @@ import torch
 
 from kd_dist.data.tokenization import IGNORE_INDEX
 
-TASK_TYPES = ("causal", "seq2seq")
-
 Collator = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
@@ -28,11 +26,10 @@ def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
-def make_collator(tokenizer: Any, task_type: str) -> Collator:
+def make_collator(tokenizer: Any) -> Collator:
     """A collate_fn padding ``input_ids`` with the pad token, ``attention_mask`` with 0 and
-    ``labels`` with IGNORE_INDEX (so padding is never trained on)."""
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    ``labels`` with IGNORE_INDEX (so padding is never trained on). Causal and seq2seq batches
+    pad alike: each field to its own longest row."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one before building the collator")
     pad_values = {
