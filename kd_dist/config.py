@@ -22,7 +22,7 @@ from kd_dist.losses import DEFAULT_CHUNK_MEMORY_MB, LossSpec, Objective
 TaskType = Literal["causal", "seq2seq"]
 OptimizerName = Literal["adamw", "sgd", "adafactor"]
 SchedulerName = Literal["linear", "cosine", "constant"]
-DatasetFormat = Literal["auto", "text", "instruction", "seq2seq"]
+DatasetFormat = Literal["auto", "text", "instruction", "chat", "seq2seq"]
 TeacherPlacement = Literal["auto", "replicate", "zero3", "zero3_offload"]
 
 CONFIG_FILE_NAME = "kd_config.json"
@@ -66,8 +66,8 @@ class TrainConfig:
     dataset: str = field(
         default="",
         metadata=_help(
-            "Hub dataset name (from the local cache), a save_to_disk folder, or a "
-            "json/jsonl/csv/parquet/txt file."
+            "A json/jsonl/csv/parquet/txt file, a quoted glob of them, a folder of them, a "
+            "save_to_disk folder, or a hub dataset name (from the local cache)."
         ),
     )
     dataset_config: str | None = field(
@@ -86,6 +86,10 @@ class TrainConfig:
         default="auto", metadata=_help("Override the format detected from the columns.")
     )
     text_column: str | None = field(default=None, metadata=_help("Column holding plain text."))
+    messages_column: str | None = field(
+        default=None,
+        metadata=_help("Column holding chat conversations ({role, content} or {from, value})."),
+    )
     prompt_column: str | None = field(
         default=None, metadata=_help("Column holding the prompt/instruction/source.")
     )
@@ -97,7 +101,17 @@ class TrainConfig:
         default=None, metadata=_help("seq2seq: maximum target tokens (default: max_length).")
     )
     train_on_prompt: bool = field(
-        default=False, metadata=_help("Include prompt tokens in the loss (masked by default).")
+        default=False,
+        metadata=_help(
+            "Include prompt tokens (chat: every turn, not only the assistant's) in the loss."
+        ),
+    )
+    packing: bool = field(
+        default=False,
+        metadata=_help(
+            "Text data: join the documents (eos between) and cut them into --max_length blocks "
+            "instead of truncating each one."
+        ),
     )
     max_train_samples: int | None = field(
         default=None, metadata=_help("Use at most this many training examples.")
@@ -282,6 +296,11 @@ class TrainConfig:
             problems.append("--save_steps must be >= 0 (0 disables step checkpoints).")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append("--save_total_limit must be at least 1 (omit it to keep all).")
+        if self.packing and self.task_type == "seq2seq":
+            problems.append(
+                "--packing joins plain-text documents for a causal model; seq2seq examples are "
+                "(source, target) pairs and can't be packed: drop --packing."
+            )
         if self.fp16 and self.bf16:
             problems.append("--fp16 and --bf16 are exclusive: choose one.")
         if problems:

@@ -261,7 +261,11 @@ def run_training(
     )
     if accelerator.is_main_process:
         cfg.save(cfg.output_dir)
-        logger.info("Data format %s, %s; example:\n%s", data.format, data.stats, data.example)
+        logger.info(
+            "%s\nFirst training example, [masked: ...] not trained on:\n%s",
+            data.summary(),
+            data.example,
+        )
         logger.info(
             "%d process(es) (%s), precision %s, micro-batch %d x accumulation %d x processes = %d "
             "sequences per optimizer step",

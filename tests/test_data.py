@@ -12,10 +12,12 @@ import huggingface_hub.constants
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from datasets.packaged_modules.json.json import Json
 from tokenizers import processors
 
 from kd_dist.config import ConfigError, TrainConfig
-from kd_dist.data import IGNORE_INDEX, DataSplits, build_datasets, make_collator, sources
+from kd_dist.data import IGNORE_INDEX, DataSplits, build_datasets, make_collator
+from kd_dist.data.chat import PLAIN_CHAT_TEMPLATE
 from kd_dist.data.formats import FORMATS, detect_format, render, resolve_format
 from kd_dist.tiny import build_tokenizer
 
@@ -106,6 +108,73 @@ TASK_CASES = [
     if task == "causal" or case[4] is not None
 ]
 
+# --- chat table: (case id, raw row, the tokenizer's own template or None for the plain one,
+# causal pieces as (text, trained), seq2seq (source, target)). The rendered text is spelled out.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TWO_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a color"},
+    {"role": "assistant", "content": "blue"},
+    {"role": "user", "content": "Another"},
+    {"role": "assistant", "content": "red"},
+]
+CHAT_CASES = [
+    (
+        "messages",
+        {"messages": TWO_TURNS, "prompt": "Name a color"},  # ultrachat_200k also has `prompt`
+        None,
+        [
+            ("<|system|>\nBe brief.\n<|user|>\nName a color\n<|assistant|>\n", False),
+            ("blue</s>", True),
+            ("\n<|user|>\nAnother\n<|assistant|>\n", False),
+            ("red</s>", True),
+        ],
+        (
+            "<|system|>\nBe brief.\n<|user|>\nName a color\n<|assistant|>\nblue</s>\n"
+            "<|user|>\nAnother\n<|assistant|>\n",
+            "red",
+        ),
+    ),
+    (
+        "sharegpt",
+        {
+            "conversations": [
+                {"from": "human", "value": "Say hi"},
+                {"from": "gpt", "value": "hi"},
+                {"from": "human", "value": "thanks"},  # after the last answer: not rendered
+            ]
+        },
+        None,
+        [("<|user|>\nSay hi\n<|assistant|>\n", False), ("hi</s>", True)],
+        ("<|user|>\nSay hi\n<|assistant|>\n", "hi"),
+    ),
+    (
+        "messages_own_template",
+        {"messages": TWO_TURNS[1:3]},
+        CHATML,
+        [
+            ("<|im_start|>user\nName a color<|im_end|>\n<|im_start|>assistant\n", False),
+            ("blue<|im_end|>\n", True),
+        ],
+        ("<|im_start|>user\nName a color<|im_end|>\n<|im_start|>assistant\n", "blue"),
+    ),
+    (
+        "opening_assistant_turn_is_context",
+        {"messages": [{"role": "assistant", "content": "Hello!"}, *TWO_TURNS[1:3]]},
+        None,
+        [
+            ("<|assistant|>\nHello!</s>\n<|user|>\nName a color\n<|assistant|>\n", False),
+            ("blue</s>", True),
+        ],
+        ("<|assistant|>\nHello!</s>\n<|user|>\nName a color\n<|assistant|>\n", "blue"),
+    ),
+]
+CHAT_IDS = [case[0] for case in CHAT_CASES]
+
+
 DOLLY_ROWS = [
     {"instruction": f"Question number {i}", "context": "", "response": f"answer {i}"}
     for i in range(12)
@@ -114,6 +183,7 @@ DOLLY_ROWS = [
 
 def corpus() -> list[str]:
     texts = [json.dumps(case[1]) for case in FORMAT_CASES] + [json.dumps(r) for r in DOLLY_ROWS]
+    texts += [text for case in CHAT_CASES for text, _ in case[3]]
     return texts + ["### Instruction:\n### Input:\n### Response:\n"] * 3
 
 
@@ -193,7 +263,7 @@ def test_structured_columns_win_over_a_text_column():
 
 
 def test_every_format_row_has_a_test_case():
-    assert {spec.name for spec in FORMATS} <= set(CASE_IDS)
+    assert {spec.name for spec in FORMATS} <= set(CASE_IDS) | set(CHAT_IDS)
 
 
 def test_blank_required_field_renders_to_none():
@@ -349,6 +419,145 @@ def test_main_process_first_wraps_loading(tok, tmp_path):
     assert entered == [True]
 
 
+# --- chat: rendering and assistant-only masks ----------------------------------------------------
+def chat_tokenizer(tokenizer, template: str | None):
+    """A copy (building the data gives a template-less tokenizer the plain template)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.mark.parametrize("case", CHAT_CASES, ids=CHAT_IDS)
+def test_chat_causal_rendering_and_mask(case, bos_tok, tmp_path):
+    _, row, template, pieces, _ = case
+    tokenizer = chat_tokenizer(bos_tok, template)  # Llama-like: adds a bos itself
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", [row])), tokenizer)
+    assert (data.format, data.layout) == ("chat", detect_format(list(row)).name)
+    assert data.chat_template == ("tokenizer" if template else "plain")
+    # The plain template is tokenized like a prompt (with the bos); a tokenizer's own template
+    # writes its special tokens itself, so nothing is added.
+    expected_ids, expected_labels = [], []
+    for index, (text, trained) in enumerate(pieces):
+        piece = ids(tokenizer, text, special=index == 0 and template is None)
+        expected_ids += piece
+        expected_labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    example = data.train[0]
+    assert example["input_ids"] == expected_ids
+    assert example["labels"] == expected_labels
+    answers = "".join(text for text, trained in pieces if trained)
+    assert tokenizer.decode(split_labels(example)[1]) == answers
+    assert tokenizer.chat_template == (template or PLAIN_CHAT_TEMPLATE)
+
+
+@pytest.mark.parametrize("case", CHAT_CASES, ids=CHAT_IDS)
+def test_chat_seq2seq_source_and_target(case, eos_tok, tmp_path):
+    _, row, template, _, (source, target) = case
+    tokenizer = chat_tokenizer(eos_tok, template)  # T5-like: appends </s>
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    example = build_datasets(config(path, task_type="seq2seq"), tokenizer).train[0]
+    assert example["input_ids"] == ids(tokenizer, source, special=True)
+    assert example["labels"] == ids(tokenizer, target, special=True)
+
+
+def test_chat_example_string_marks_every_prompt_turn(tok, tmp_path):
+    tokenizer = chat_tokenizer(tok, None)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
+    example = build_datasets(config(path), tokenizer).example
+    assert example == (
+        "[masked: <|system|>\nBe brief.\n<|user|>\nName a color\n<|assistant|>\n]blue</s>"
+        "[masked: \n<|user|>\nAnother\n<|assistant|>\n]red</s>"
+    )
+
+
+def test_chat_train_on_prompt_trains_every_turn(tok, tmp_path):
+    tokenizer = chat_tokenizer(tok, None)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
+    example = build_datasets(config(path, train_on_prompt=True), tokenizer).train[0]
+    assert example["labels"] == example["input_ids"]
+    assert tokenizer.decode(example["input_ids"]).endswith("Another\n<|assistant|>\nred</s>")
+
+
+def test_chat_without_an_answer_is_dropped_and_counted(tok, tmp_path):
+    rows = [
+        {"messages": TWO_TURNS},
+        {"messages": TWO_TURNS[:2]},  # no assistant turn
+        {"messages": [*TWO_TURNS[1:2], {"role": "assistant", "content": "  "}]},  # blank answer
+    ]
+    data = build_datasets(
+        config(write_jsonl(tmp_path / "d.jsonl", rows)), chat_tokenizer(tok, None)
+    )
+    assert data.stats["train_examples"] == 1 and data.stats["dropped_empty"] == 2
+
+
+def test_messages_column_flag(tok, tmp_path):
+    rows = [{"dialog": TWO_TURNS, "id": 3}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = build_datasets(config(path, messages_column="dialog"), chat_tokenizer(tok, None))
+    assert (data.format, data.layout) == ("chat", "custom_chat")
+    assert tok.decode(split_labels(data.train[0])[1]) == "blue</s>red</s>"
+
+
+def test_chat_with_an_unknown_role(tok, tmp_path):
+    rows = [{"messages": TWO_TURNS}, {"messages": [{"role": "narrator", "content": "x"}]}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(
+        ConfigError, match=r"train row 1: unknown chat role 'narrator'.*Known roles"
+    ):
+        build_datasets(config(path), chat_tokenizer(tok, None))
+
+
+def test_chat_cell_that_is_not_a_list(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": "user: hi"}])
+    with pytest.raises(ConfigError, match=r"train row 0: the conversation cell holds str"):
+        build_datasets(config(path), chat_tokenizer(tok, None))
+
+
+def test_chat_template_that_rewrites_earlier_turns(tok, tmp_path):
+    # Renders the number of messages first, so a longer conversation changes the start.
+    template = "{{ messages | length }}\n" + CHATML
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
+    with pytest.raises(ConfigError, match=r"train row 0: .*turn by turn.*--train_on_prompt"):
+        build_datasets(config(path), chat_tokenizer(tok, template))
+    # ...and --train_on_prompt, which needs no turn boundaries, trains on it.
+    data = build_datasets(config(path, train_on_prompt=True), chat_tokenizer(tok, template))
+    assert tok.decode(data.train[0]["input_ids"]).startswith("5\n<|im_start|>system")
+
+
+# --- packing ------------------------------------------------------------------------------------
+def test_packing_joins_documents_into_full_blocks(tok, tmp_path):
+    texts = [f"the cat number {i} sat on the mat" for i in range(10)] + [""]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    data = build_datasets(config(path, packing=True, max_length=16), tok)
+    stream = [i for t in texts if t for i in [*ids(tok, t, special=True), tok.eos_token_id]]
+    blocks = data.train["input_ids"]
+    assert [i for block in blocks for i in block] == stream  # nothing lost, nothing cut
+    assert all(len(block) == 16 for block in blocks[:-1]) and 2 <= len(blocks[-1]) <= 16
+    assert data.train["labels"] == blocks  # plain text: every token trained
+    assert data.stats["packed_documents"] == 10 and data.stats["dropped_empty"] == 1
+    assert data.stats["train_examples"] == len(blocks) == -(-len(stream) // 16)
+    assert "packed from 10 documents" in data.summary()
+
+
+def test_packing_needs_plain_text(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+    with pytest.raises(ConfigError, match=r"--packing applies to plain-text data.*instruction"):
+        build_datasets(config(path, packing=True), tok)
+    with pytest.raises(ConfigError, match=r"--packing joins plain-text documents"):
+        config(path, packing=True, task_type="seq2seq").validate()
+
+
+# --- caching and determinism --------------------------------------------------------------------
+def test_tokenization_is_cached_and_deterministic(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+    first = build_datasets(config(path), tok)
+    cache = Path(first.train.cache_files[0]["filename"])
+    written = cache.stat().st_mtime_ns
+    second = build_datasets(config(path), tok)
+    assert second.train.cache_files == first.train.cache_files  # the map result was reused
+    assert cache.stat().st_mtime_ns == written
+    assert second.train.to_list() == first.train.to_list()
+
+
 # --- explicit format flags ---------------------------------------------------------------------
 def test_text_column_flag(tok, tmp_path):
     rows = [{"body": "the cat sat", "id": 1}]
@@ -391,7 +600,7 @@ def test_one_named_column_without_a_layout_asks_for_the_other():
 
 
 def test_text_and_pair_columns_conflict():
-    with pytest.raises(ConfigError, match=r"set one or the other"):
+    with pytest.raises(ConfigError, match=r"describe different formats: set only one"):
         resolve_format(["q", "a"], config("x", text_column="q", response_column="a"))
 
 
@@ -495,17 +704,51 @@ def test_sample_caps_take_the_first_examples(tok, tmp_path):
     assert tok.decode(split_labels(data.train[2])[1]) == "answer 2</s>"
 
 
-def test_hub_name_is_loaded_with_its_config(tok, monkeypatch):
-    calls = []
-
-    def fake_load_dataset(name, config_name):
-        calls.append((name, config_name))
-        return DatasetDict(train=Dataset.from_list(DOLLY_ROWS))
-
-    monkeypatch.setattr(sources, "load_dataset", fake_load_dataset)
-    data = build_datasets(config("org/some_dataset", dataset_config="en"), tok)
-    assert calls == [("org/some_dataset", "en")]
+def test_glob_of_files(tok, tmp_path):
+    write_jsonl(tmp_path / "part-0.jsonl", DOLLY_ROWS[:5])
+    write_jsonl(tmp_path / "part-1.jsonl", DOLLY_ROWS[5:])
+    write_jsonl(tmp_path / "other.jsonl", [{"foo": "not matched"}])
+    data = build_datasets(config(f"{tmp_path}/part-*.jsonl"), tok)
     assert data.stats["train_examples"] == len(DOLLY_ROWS)
+    assert tok.decode(split_labels(data.train[7])[1]) == "answer 7</s>"  # files in sorted order
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def test_folder_of_files_takes_split_names_from_file_names(suffix, tok, tmp_path):
+    writer = {"jsonl": write_jsonl, "csv": write_csv, "parquet": write_parquet}[suffix]
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    (tmp_path / "repo" / "README.md").write_text("# a dataset card\n")
+    writer(tmp_path / "repo" / "data" / f"train.{suffix}", DOLLY_ROWS[:9])
+    writer(tmp_path / "repo" / "data" / f"validation.{suffix}", DOLLY_ROWS[9:])
+    data = build_datasets(config(tmp_path / "repo"), tok)
+    assert (data.stats["train_examples"], data.stats["eval_examples"]) == (9, 3)
+
+
+def test_folder_of_txt_files(tok, tmp_path):
+    (tmp_path / "a.txt").write_text("the cat sat\n\n")
+    (tmp_path / "b.txt").write_text("a dog ran\n")
+    data = build_datasets(config(tmp_path), tok)
+    assert data.format == "text" and data.stats["train_examples"] == 2
+
+
+def cache_hub_dataset(tmp_path: Path, name: str, config_name: str, **splits: list[dict]) -> None:
+    """Leave ``name`` in the datasets cache the way a hub download does (the test is offline)."""
+    files = {s: str(write_jsonl(tmp_path / f"{s}.jsonl", rows)) for s, rows in splits.items()}
+    Json(
+        data_files=files,
+        dataset_name=name,
+        config_name=config_name,
+        config_id=config_name,
+        hash="0123abcd",  # a hub download sits under its commit hash
+    ).download_and_prepare()
+
+
+def test_hub_dataset_from_the_local_cache_offline(tok, tmp_path):
+    cache_hub_dataset(tmp_path, "tiny_dolly", "en", train=DOLLY_ROWS[:8], test=DOLLY_ROWS[8:])
+    data = build_datasets(config("tiny_dolly", dataset_config="en"), tok)
+    assert (data.stats["train_examples"], data.stats["eval_examples"]) == (8, 4)
+    with pytest.raises(ConfigError, match=r"tiny_dolly \(configuration 'fr'\).*local cache"):
+        build_datasets(config("tiny_dolly", dataset_config="fr"), tok)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -563,14 +806,27 @@ def test_nonexistent_local_path(tok, tmp_path):
 def test_unsupported_file_type(tok, tmp_path):
     path = tmp_path / "d.tsv"
     path.write_text("a\tb\n")
-    with pytest.raises(ConfigError, match=r"unsupported file type '.tsv'"):
+    with pytest.raises(ConfigError, match=r"unsupported file type \.tsv\. --dataset accepts"):
         build_datasets(config(path), tok)
 
 
-def test_folder_that_is_not_a_saved_dataset(tok, tmp_path):
+def test_folder_without_data_files(tok, tmp_path):
     (tmp_path / "plain").mkdir()
-    with pytest.raises(ConfigError, match=r"not one written by save_to_disk"):
+    (tmp_path / "plain" / "README.md").write_text("# notes\n")
+    with pytest.raises(ConfigError, match=r"folder without json/jsonl/csv/parquet/txt files"):
         build_datasets(config(tmp_path / "plain"), tok)
+
+
+def test_folder_with_mixed_file_types(tok, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", DOLLY_ROWS)
+    write_csv(tmp_path / "more.csv", DOLLY_ROWS)
+    with pytest.raises(ConfigError, match=r"mixes file types \(csv, json\)"):
+        build_datasets(config(tmp_path), tok)
+
+
+def test_glob_matching_nothing(tok, tmp_path):
+    with pytest.raises(ConfigError, match=r"the pattern matches no file"):
+        build_datasets(config(f"{tmp_path}/*.jsonl"), tok)
 
 
 def test_hub_name_not_in_cache(tok):

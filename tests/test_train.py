@@ -96,6 +96,39 @@ def test_instruction_data_bf16_gradient_accumulation_and_every_optimizer(
         assert (out / "model.safetensors").is_file()
 
 
+def test_chat_data_trains_and_the_student_keeps_its_chat_template(
+    model_pair, sentences, tmp_path, caplog
+):
+    teacher, student = model_pair("qwen2")
+    rows = [
+        {"conversations": [{"from": "human", "value": s[:12]}, {"from": "gpt", "value": s}]}
+        for s in sentences[:16]
+    ]
+    dataset = tmp_path / "sharegpt.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="kd_dist"):
+        assert main(train_args(teacher, student, dataset, out, "--max_steps", "2")) == 0
+    assert "format chat (sharegpt, plain chat template)" in caplog.text
+    assert "[masked: <|user|>\n" in caplog.text  # the example shows the prompt masked
+    # The exported tokenizer carries the template the student was trained with.
+    reloaded = AutoTokenizer.from_pretrained(out)
+    prompt = reloaded.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<|user|>\nhi\n<|assistant|>\n"
+
+
+def test_packed_text_trains_on_full_blocks(model_pair, text_dataset, tmp_path, caplog):
+    teacher, student = model_pair("gpt2")
+    out = tmp_path / "run"
+    argv = train_args(teacher, student, text_dataset, out, "--packing", "--max_steps", "2")
+    with caplog.at_level(logging.INFO, logger="kd_dist"):
+        assert main(argv) == 0
+    assert "packed from 64 documents" in caplog.text
+    assert (out / "model.safetensors").is_file()
+
+
 def test_python_module_and_console_script_entry_points(model_pair, text_dataset, tmp_path):
     teacher, student = model_pair("gpt2")
     for index, command in enumerate(

@@ -2,7 +2,8 @@
 
 ``build_datasets`` is the one entry point the trainer needs; ``make_collator`` batches its output.
 The steps live in small modules: ``sources`` (load, pick splits), ``formats`` (detect the layout,
-render a row as prompt/response), ``tokenization`` (ids, label masks, filtering) and ``collate``.
+render a row as prompt/response), ``chat`` (conversations through a chat template),
+``tokenization`` (ids, label masks, filtering, packing) and ``collate``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 import datasets
 
 from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.data.chat import use_plain_template_if_missing
 from kd_dist.data.collate import make_collator
-from kd_dist.data.formats import FormatSpec, check_task_compatible, resolve_format
+from kd_dist.data.formats import CHAT, FormatSpec, check_compatible, resolve_format
 from kd_dist.data.sources import load_source, select_splits
 from kd_dist.data.tokenization import IGNORE_INDEX, render_example, tokenize_split
 
@@ -28,11 +30,35 @@ __all__ = ["IGNORE_INDEX", "DataSplits", "build_datasets", "make_collator"]
 class DataSplits:
     train: datasets.Dataset  # tokenized: input_ids, attention_mask, labels
     eval: datasets.Dataset | None  # tokenized, or None when there is no (non-empty) eval split
-    format: str  # "text" | "instruction" | "seq2seq"
-    # train_examples, eval_examples, truncated, dropped_empty, dropped_no_labels, and the same
-    # three counts for the eval split prefixed with "eval_"
+    format: str  # "text" | "instruction" | "chat" | "seq2seq"
+    layout: str  # the FORMATS row (e.g. "dolly", "sharegpt") or "custom_<kind>"
+    # train_examples, eval_examples, truncated, dropped_empty, dropped_no_labels (packed_documents
+    # with --packing), and the same counts for the eval split prefixed with "eval_"
     stats: dict[str, int]
     example: str  # one training example as text, prompt marked [masked: ...], for the log
+    # chat data: "tokenizer" (its own chat template) or "plain" (PLAIN_CHAT_TEMPLATE, given to
+    # the tokenizer, which is exported with it); None for other formats
+    chat_template: str | None = None
+
+    def summary(self) -> str:
+        """What was loaded and what was dropped or cut, for the start-up log."""
+        stats = self.stats
+        template = f", {self.chat_template} chat template" if self.chat_template else ""
+        parts = [f"format {self.format} ({self.layout}{template})"]
+        for prefix, name in (("", "train"), ("eval_", "eval")):
+            if name == "eval" and self.eval is None:
+                parts.append("no eval split")
+                continue
+            line = f"{name} {stats[name + '_examples']} examples"
+            if prefix + "packed_documents" in stats:
+                line += f" (packed from {stats[prefix + 'packed_documents']} documents)"
+            line += (
+                f"; {stats[prefix + 'truncated']} truncated at --max_length, "
+                f"{stats[prefix + 'dropped_empty']} empty dropped, "
+                f"{stats[prefix + 'dropped_no_labels']} with nothing to train on dropped"
+            )
+            parts.append(line)
+        return "Data: " + "\n  ".join(parts)
 
 
 def build_datasets(
@@ -48,7 +74,8 @@ def build_datasets(
     with main_process_first():
         raw_train, raw_eval = select_splits(load_source(cfg), cfg)
         spec = resolve_format(raw_train.column_names, cfg)
-        check_task_compatible(spec, cfg.task_type)
+        check_compatible(spec, cfg)
+        plain_chat_template = spec.kind == CHAT and use_plain_template_if_missing(tokenizer)
         train, train_stats = tokenize_split(raw_train, spec, tokenizer, cfg, "train")
         eval_, eval_stats = None, {}
         if raw_eval is not None:
@@ -68,8 +95,12 @@ def build_datasets(
         # An eval split that lost every example would only break the evaluation loop.
         eval=eval_ if eval_ is not None and len(eval_) > 0 else None,
         format=spec.kind,
+        layout=spec.name,
         stats=stats,
         example=render_example(tokenizer, train[0], cfg.task_type),
+        chat_template=("plain" if plain_chat_template else "tokenizer")
+        if spec.kind == CHAT
+        else None,
     )
 
 

@@ -1,13 +1,16 @@
 """Dataset formats: detect the layout from the column names and render a row as (prompt, response).
 
 Every supported layout is one row of ``FORMATS``. Adding a layout with the same roles (another pair
-of column names) is one new table row; a new kind (e.g. chat ``messages``) adds a kind to
-``KINDS`` and a branch to ``render``.
+of column names) is one new table row.
 
-Rendered examples are always a ``(prompt, response)`` pair of strings, for both task types:
+Text, instruction and seq2seq rows render to a ``(prompt, response)`` pair of strings, for both
+task types:
 
 * causal: the model reads ``prompt + response`` and is trained on the response only;
 * seq2seq: the prompt is the encoder source and the response the decoder target.
+
+Chat rows (a column of message lists) need the tokenizer's chat template, so they are rendered by
+``kd_dist.data.chat`` instead.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 
 from kd_dist.config import ConfigError, TrainConfig
 
-TEXT, INSTRUCTION, SEQ2SEQ = "text", "instruction", "seq2seq"
-KINDS = (TEXT, INSTRUCTION, SEQ2SEQ)
+TEXT, INSTRUCTION, CHAT, SEQ2SEQ = "text", "instruction", "chat", "seq2seq"
+KINDS = (TEXT, INSTRUCTION, CHAT, SEQ2SEQ)
 
 # The plain instruction template (Alpaca style, without the preamble). The Input block is left out
 # when the example has no context/input, so short instructions don't carry an empty section.
@@ -29,9 +32,12 @@ PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 # In a causal model a seq2seq pair becomes prompt = source + this separator, response = target.
 SEQ2SEQ_CAUSAL_SEPARATOR = "\n"
 
+# Flags that name the one column of a single-column layout, and the kind they imply.
+SINGLE_COLUMN_FLAGS = {"text_column": TEXT, "messages_column": CHAT}
+
 FLAGS_HINT = (
-    "Set --dataset_format (text, instruction or seq2seq) and name the columns with --text_column, "
-    "or --prompt_column and --response_column."
+    "Set --dataset_format (text, instruction, chat or seq2seq) and name the columns with "
+    "--text_column, --messages_column, or --prompt_column and --response_column."
 )
 
 
@@ -41,7 +47,8 @@ class FormatSpec:
 
     ``prompt`` holds the instruction (instruction kind) or the source (seq2seq kind); ``response``
     holds the response or the target; ``context`` is an optional extra input (Dolly's ``context``,
-    Alpaca's ``input``); ``text`` is the single column of plain-text data.
+    Alpaca's ``input``); ``text`` is the single column of plain-text data; ``messages`` is the
+    column of conversations in chat data.
     """
 
     name: str
@@ -50,6 +57,7 @@ class FormatSpec:
     prompt: str | None = None
     response: str | None = None
     context: str | None = None
+    messages: str | None = None
     # Instruction kind only: wrap the prompt in the instruction template. Off for prompt/completion
     # data, whose prompt column already holds the exact text the model should see.
     template: bool = True
@@ -57,15 +65,19 @@ class FormatSpec:
     @property
     def required(self) -> tuple[str, ...]:
         """Columns that must exist for this layout (``context`` is optional)."""
-        return tuple(c for c in (self.text, self.prompt, self.response) if c is not None)
+        columns = (self.text, self.messages, self.prompt, self.response)
+        return tuple(c for c in columns if c is not None)
 
 
-# Auto-detection takes the first row whose required columns all exist, so the order matters:
-# structured layouts come before plain text (a dataset with `instruction`/`output` and a
+# Auto-detection takes the first row whose required columns all exist, so the order matters: a
+# column of conversations is unambiguous and comes first (ultrachat_200k also has a `prompt`
+# column); structured layouts come before plain text (a dataset with `instruction`/`output` and a
 # pre-rendered `text` column should be masked by prompt), and Alpaca comes before the
 # `input`/`output` pair so that `input` is only read as a seq2seq source when there is no
 # `instruction` column.
 FORMATS: tuple[FormatSpec, ...] = (
+    FormatSpec("messages", CHAT, messages="messages"),
+    FormatSpec("sharegpt", CHAT, messages="conversations"),
     FormatSpec("dolly", INSTRUCTION, prompt="instruction", response="response", context="context"),
     FormatSpec("alpaca", INSTRUCTION, prompt="instruction", response="output", context="input"),
     FormatSpec(
@@ -95,18 +107,23 @@ def resolve_format(columns: Sequence[str], cfg: TrainConfig) -> FormatSpec:
     _check_named_columns(columns, cfg)
     kinds = KINDS if cfg.dataset_format == "auto" else (cfg.dataset_format,)
 
-    if cfg.text_column:
-        if cfg.prompt_column or cfg.response_column:
+    single_column = [
+        (flag, kind) for flag, kind in SINGLE_COLUMN_FLAGS.items() if getattr(cfg, flag)
+    ]
+    if len(single_column) + bool(cfg.prompt_column or cfg.response_column) > 1:
+        raise ConfigError(
+            "--text_column (plain text), --messages_column (chat) and --prompt_column/"
+            "--response_column (pairs) describe different formats: set only one of them."
+        )
+    if single_column:
+        flag, kind = single_column[0]
+        if kind not in kinds:
             raise ConfigError(
-                "--text_column (plain text) and --prompt_column/--response_column (pairs) "
-                "describe different formats: set one or the other."
+                f"--{flag} applies to {kind} data, not --dataset_format {cfg.dataset_format}; "
+                "use --prompt_column and --response_column for instruction or seq2seq pairs."
             )
-        if TEXT not in kinds:
-            raise ConfigError(
-                f"--text_column applies to plain-text data, not --dataset_format "
-                f"{cfg.dataset_format}; use --prompt_column and --response_column instead."
-            )
-        return FormatSpec("custom_text", TEXT, text=cfg.text_column)
+        role = "text" if kind == TEXT else "messages"
+        return FormatSpec(f"custom_{kind}", kind, **{role: getattr(cfg, flag)})
 
     detected = detect_format(columns, kinds)
     if cfg.prompt_column or cfg.response_column:
@@ -120,14 +137,14 @@ def _with_named_columns(
     detected: FormatSpec | None, kinds: Sequence[str], columns: Sequence[str], cfg: TrainConfig
 ) -> FormatSpec:
     """Override the prompt/response columns of the detected layout (or of a blank one)."""
-    if detected is None or detected.kind == TEXT:
-        # Nothing structured detected: the named columns define the layout. Without a format
+    if detected is None or detected.kind in SINGLE_COLUMN_FLAGS.values():
+        # No pair layout detected: the named columns define the layout. Without a format
         # flag, prompt/response columns are most likely instruction data.
         kind = INSTRUCTION if cfg.dataset_format == "auto" else kinds[0]
-        if kind == TEXT:
+        if kind in SINGLE_COLUMN_FLAGS.values():
             raise ConfigError(
                 "--prompt_column/--response_column need --dataset_format instruction or seq2seq; "
-                "plain-text data uses --text_column."
+                "plain-text data uses --text_column, chat data --messages_column."
             )
         detected = FormatSpec(f"custom_{kind}", kind)
     spec = replace(
@@ -146,7 +163,7 @@ def _with_named_columns(
 
 
 def _check_named_columns(columns: Sequence[str], cfg: TrainConfig) -> None:
-    for flag in ("text_column", "prompt_column", "response_column"):
+    for flag in (*SINGLE_COLUMN_FLAGS, "prompt_column", "response_column"):
         name = getattr(cfg, flag)
         if name and name not in columns:
             raise ConfigError(
@@ -164,14 +181,20 @@ def _unknown_format_message(columns: Sequence[str], cfg: TrainConfig) -> str:
     )
 
 
-def check_task_compatible(spec: FormatSpec, task_type: str) -> None:
-    """Plain text has no target, so it can't train an encoder-decoder model."""
-    if task_type == SEQ2SEQ and spec.kind == TEXT:
+def check_compatible(spec: FormatSpec, cfg: TrainConfig) -> None:
+    """Plain text has no target, so it can't train an encoder-decoder model; only plain text can
+    be packed (the other kinds carry a per-example label mask)."""
+    if cfg.task_type == SEQ2SEQ and spec.kind == TEXT:
         raise ConfigError(
             f"--task_type seq2seq needs (source, target) pairs, but the dataset is plain text "
-            f"(column {spec.text!r}): there is nothing to use as the target. Use instruction or "
-            "seq2seq data (e.g. source/target, document/summary, instruction/response columns), "
-            "or distil into a causal student with --task_type causal."
+            f"(column {spec.text!r}): there is nothing to use as the target. Use instruction, "
+            "chat or seq2seq data (e.g. source/target, document/summary, instruction/response "
+            "columns), or distil into a causal student with --task_type causal."
+        )
+    if cfg.packing and spec.kind != TEXT:
+        raise ConfigError(
+            f"--packing applies to plain-text data, but the dataset is {spec.kind} data "
+            f"({spec.name}), whose examples each carry their own prompt mask: drop --packing."
         )
 
 

@@ -1,12 +1,15 @@
 """Load the raw dataset named by ``--dataset`` and pick its train and eval splits.
 
 Every source is loaded as a ``DatasetDict`` so that split selection is the same for all of them;
-a source with a single unnamed split (one file, a ``Dataset.save_to_disk`` folder) becomes the
-``--dataset_split`` split.
+a source with a single unnamed split (one file, a glob, a ``Dataset.save_to_disk`` folder)
+becomes the ``--dataset_split`` split. A folder of data files gets its split names from the file
+names, as on the hub (``train.jsonl``, ``validation.jsonl``, ``data/test-00000.parquet``...).
 """
 
 from __future__ import annotations
 
+import glob
+from collections.abc import Iterable
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -26,50 +29,93 @@ FILE_BUILDERS = {
 # Splits used for evaluation when --eval_split is not given, in order of preference.
 AUTO_EVAL_SPLITS = ("validation", "test")
 
+FILE_TYPES = "/".join(suffix.lstrip(".") for suffix in FILE_BUILDERS)
 ACCEPTED_FORMS = (
-    "--dataset accepts a local " + "/".join(s.lstrip(".") for s in FILE_BUILDERS) + " file, "
-    "a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk, or the name of a "
-    "hub dataset that is already in the local Hugging Face cache."
+    f"--dataset accepts a local {FILE_TYPES} file, a glob of such files (quoted, e.g. "
+    "'data/*.jsonl'), a folder of such files, a folder written by Dataset.save_to_disk or "
+    "DatasetDict.save_to_disk, or the name of a hub dataset that is already in the local Hugging "
+    "Face cache (set HF_HUB_OFFLINE=1 on machines without network)."
 )
+
+# Files that `save_to_disk` writes: a folder holding one of them is a saved dataset.
+SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 
 
 def load_source(cfg: TrainConfig) -> DatasetDict:
-    """All splits of ``cfg.dataset``: a local file, a save_to_disk folder or a hub name."""
+    """All splits of ``cfg.dataset``: a file, a glob, a folder or a hub name."""
     path = Path(cfg.dataset).expanduser()
     if path.is_dir():
-        return _load_folder(path, cfg.dataset_split)
+        if any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+            return _load_saved(path, cfg.dataset_split)
+        return _load_data_folder(path, cfg.dataset_config)
     if path.is_file():
-        return _load_file(path, cfg.dataset_split)
+        return _load_files([path], cfg.dataset_split, str(path))
+    if glob.has_magic(cfg.dataset):
+        matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        files = [p for p in matches if p.is_file()]
+        if not files:
+            raise ConfigError(f"--dataset {cfg.dataset}: the pattern matches no file.")
+        return _load_files(files, cfg.dataset_split, cfg.dataset)
     if path.suffix.lower() in FILE_BUILDERS or cfg.dataset.startswith((".", "/", "~")):
         # Clearly meant as a local path: don't make the user wait for a hub lookup.
         raise ConfigError(f"--dataset {cfg.dataset}: no such file or folder. {ACCEPTED_FORMS}")
     return _load_hub(cfg.dataset, cfg.dataset_config)
 
 
-def _load_file(path: Path, split: str) -> DatasetDict:
-    builder = FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
+def _builder_for(files: Iterable[Path], what: str) -> str:
+    """The one ``datasets`` builder that reads all of ``files``."""
+    builders = {FILE_BUILDERS.get(f.suffix.lower()) for f in files}
+    if None in builders:
+        unsupported = sorted({f.suffix or f.name for f in files if f.suffix not in FILE_BUILDERS})
         raise ConfigError(
-            f"--dataset {path}: unsupported file type {path.suffix!r}. {ACCEPTED_FORMS}"
+            f"--dataset {what}: unsupported file type {', '.join(unsupported)}. {ACCEPTED_FORMS}"
         )
+    if len(builders) > 1:
+        raise ConfigError(
+            f"--dataset {what} mixes file types ({', '.join(sorted(map(str, builders)))}); "
+            "point it at files of one type."
+        )
+    return builders.pop()
+
+
+def _load_files(files: list[Path], split: str, what: str) -> DatasetDict:
+    builder = _builder_for(files, what)
     try:
-        return load_dataset(builder, data_files={split: str(path)})
+        return load_dataset(builder, data_files={split: [str(f) for f in files]})
     except Exception as error:  # datasets raises many types for unreadable or empty files
         raise ConfigError(
-            f"--dataset {path}: could not read it as {builder} ({type(error).__name__}: {error}). "
-            "Check that the file is not empty and is valid " + builder + "."
+            f"--dataset {what}: could not read it as {builder} ({type(error).__name__}: {error}). "
+            f"Check that the file is not empty and is valid {builder}."
         ) from None
 
 
-def _load_folder(path: Path, split: str) -> DatasetDict:
-    try:
-        loaded = load_from_disk(str(path))
-    except FileNotFoundError as error:
-        raise ConfigError(
-            f"--dataset {path} is a folder but not one written by save_to_disk ({error}). "
-            f"{ACCEPTED_FORMS}"
-        ) from error
+def _load_saved(path: Path, split: str) -> DatasetDict:
+    loaded = load_from_disk(str(path))
     return loaded if isinstance(loaded, DatasetDict) else DatasetDict({split: loaded})
+
+
+def _load_data_folder(path: Path, config_name: str | None) -> DatasetDict:
+    """A folder of data files (a cloned hub dataset repository, say), splits from file names."""
+    files = [
+        f
+        for f in path.rglob("*")
+        if f.is_file()
+        and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        and f.suffix.lower() in FILE_BUILDERS
+    ]
+    if not files:
+        raise ConfigError(
+            f"--dataset {path} is a folder without {FILE_TYPES} files and was not written by "
+            f"save_to_disk. {ACCEPTED_FORMS}"
+        )
+    _builder_for(files, str(path))  # refuse mixed types: `datasets` would silently pick one
+    try:
+        return load_dataset(str(path), config_name)
+    except Exception as error:
+        raise ConfigError(
+            f"--dataset {path}: could not read the folder's files ({type(error).__name__}: "
+            f"{error})."
+        ) from None
 
 
 def _load_hub(name: str, config_name: str | None) -> DatasetDict:

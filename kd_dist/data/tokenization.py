@@ -12,12 +12,19 @@ after the (possibly multi-process) ``datasets.map``.
 from __future__ import annotations
 
 from collections import Counter
+from itertools import chain
 from typing import Any
 
 from datasets import Dataset, Features, List, Value
 
 from kd_dist.config import TrainConfig
-from kd_dist.data.formats import FormatSpec, render
+from kd_dist.data.chat import (
+    PLAIN_CHAT_TEMPLATE,
+    chat_pair,
+    chat_segments,
+    normalise_conversation,
+)
+from kd_dist.data.formats import CHAT, FormatSpec, render
 from kd_dist.losses import IGNORE_INDEX
 
 # Label value ignored by the cross-entropy and distillation losses.
@@ -58,23 +65,24 @@ def _example(
 EMPTY_EXAMPLE = _example([], [], False, status=EMPTY)
 
 
+Segment = tuple[list[int], bool]  # (token ids, trained on)
+
+
 def causal_example(
-    prompt_ids: list[int],
-    response_ids: list[int],
-    eos_id: int | None,
-    max_length: int,
-    train_on_prompt: bool,
+    segments: list[Segment], max_length: int | None, train_on_prompt: bool
 ) -> dict[str, Any]:
-    """``prompt + response + eos``, labels masked over the prompt, cut to ``max_length``.
+    """The segments joined, labels masked where a segment is not trained on, cut to
+    ``max_length`` (None: not cut, for packing).
 
     Truncation keeps the start (the prompt and the beginning of the response); an example whose
-    response is cut away entirely has no trainable label and is dropped later.
+    trained part is cut away entirely has no trainable label and is dropped later.
     """
-    input_ids = prompt_ids + response_ids + ([eos_id] if eos_id is not None else [])
-    labels = list(input_ids)
-    if not train_on_prompt:
-        labels[: len(prompt_ids)] = [IGNORE_INDEX] * len(prompt_ids)
-    truncated = len(input_ids) > max_length
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, trained in segments:
+        input_ids += ids
+        labels += ids if trained or train_on_prompt else [IGNORE_INDEX] * len(ids)
+    truncated = max_length is not None and len(input_ids) > max_length
     return _example(input_ids[:max_length], labels[:max_length], truncated)
 
 
@@ -111,36 +119,78 @@ def tokenizer_adds_eos(tokenizer: Any) -> bool:
     return bool(ids) and ids[-1] == tokenizer.eos_token_id
 
 
+def render_causal(
+    row: dict[str, Any], spec: FormatSpec, tokenizer: Any, train_on_prompt: bool, where: str
+) -> list[tuple[str, bool]]:
+    """One row as ``(text, trained)`` pieces for a causal model; ``[]`` when it is empty."""
+    if spec.kind == CHAT:
+        messages = normalise_conversation(row[spec.messages], where)
+        return chat_segments(messages, tokenizer, where, train_on_prompt)
+    pair = render(row, spec, "causal")
+    return [(pair[0], False), (pair[1], True)] if pair else []
+
+
+def render_seq2seq(
+    row: dict[str, Any], spec: FormatSpec, tokenizer: Any, where: str
+) -> tuple[str, str] | None:
+    """One row as ``(source, target)`` for an encoder-decoder model, or None when empty."""
+    if spec.kind == CHAT:
+        return chat_pair(normalise_conversation(row[spec.messages], where), tokenizer)
+    return render(row, spec, "seq2seq")
+
+
+def _tokenize(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
+
+
 def encode_batch(
     batch: dict[str, list[Any]],
+    indices: list[int],
     *,
     spec: FormatSpec,
     task_type: str,
     tokenizer: Any,
-    max_length: int,
+    max_length: int | None,
     max_target_length: int,
     train_on_prompt: bool,
     append_eos: bool,
+    split_name: str,
 ) -> dict[str, list[Any]]:
     """The ``datasets.map`` function (batched, so the fast tokenizer works on whole batches)."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    pairs = [render(row, spec, task_type) for row in rows]
-    prompts = [pair[0] if pair else "" for pair in pairs]
-    responses = [pair[1] if pair else "" for pair in pairs]
+    wheres = [f"{split_name} row {index}" for index in indices]
     eos_id = tokenizer.eos_token_id
 
     if task_type == "causal":
-        # Prompt and response are tokenized separately so the mask boundary is exact; the
-        # prompt gets the tokenizer's special tokens (e.g. a leading bos), the response none.
-        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-        examples = [
-            causal_example(p, r, eos_id, max_length, train_on_prompt) if pair else EMPTY_EXAMPLE
-            for pair, p, r in zip(pairs, prompt_ids, response_ids, strict=True)
+        pieces = [
+            render_causal(row, spec, tokenizer, train_on_prompt, where)
+            for row, where in zip(rows, wheres, strict=True)
         ]
+        # Each piece is tokenized on its own so that the mask boundaries are exact. The first
+        # piece gets the tokenizer's special tokens (e.g. a leading bos), the others none; a
+        # tokenizer's own chat template writes its special tokens into the text itself.
+        first_special = spec.kind != CHAT or tokenizer.chat_template == PLAIN_CHAT_TEMPLATE
+        first_ids = iter(_tokenize(tokenizer, [p[0][0] for p in pieces if p], first_special))
+        other_ids = iter(_tokenize(tokenizer, [text for p in pieces for text, _ in p[1:]], False))
+        examples = []
+        for row_pieces in pieces:
+            if not row_pieces:
+                examples.append(EMPTY_EXAMPLE)
+                continue
+            ids = [next(first_ids), *(next(other_ids) for _ in row_pieces[1:])]
+            if spec.kind != CHAT and eos_id is not None:
+                # Text and instruction responses end with eos so that the student learns to
+                # stop; chat templates mark the end of each turn themselves.
+                ids[-1] = [*ids[-1], eos_id]
+            segments = [(i, trained) for i, (_, trained) in zip(ids, row_pieces, strict=True)]
+            examples.append(causal_example(segments, max_length, train_on_prompt))
     elif task_type == "seq2seq":
-        source_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        target_ids = tokenizer(responses, add_special_tokens=True)["input_ids"]
+        pairs = [
+            render_seq2seq(row, spec, tokenizer, w) for row, w in zip(rows, wheres, strict=True)
+        ]
+        source_ids = _tokenize(tokenizer, [p[0] if p else "" for p in pairs], True)
+        target_ids = _tokenize(tokenizer, [p[1] if p else "" for p in pairs], True)
+        assert max_length is not None  # packing is refused for seq2seq
         examples = [
             seq2seq_example(s, t, eos_id, append_eos, max_length, max_target_length)
             if pair
@@ -165,14 +215,17 @@ def tokenize_split(
     encoded = split.map(
         encode_batch,
         batched=True,
+        with_indices=True,
         fn_kwargs=dict(
             spec=spec,
             task_type=cfg.task_type,
             tokenizer=tokenizer,
-            max_length=cfg.max_length,
+            # Packed documents are cut into blocks afterwards, not truncated one by one.
+            max_length=None if cfg.packing else cfg.max_length,
             max_target_length=cfg.max_target_length or cfg.max_length,
             train_on_prompt=cfg.train_on_prompt,
             append_eos=not tokenizer_adds_eos(tokenizer),
+            split_name=name,
         ),
         remove_columns=split.column_names,
         features=FEATURES,
@@ -186,13 +239,45 @@ def tokenize_split(
         encoded = encoded.filter(
             _is_kept, input_columns=STATUS, num_proc=cfg.num_proc, desc=f"Filtering {name}"
         )
+    encoded = encoded.remove_columns([STATUS, TRUNCATED])
     stats = {
         "examples": len(encoded),
         "truncated": truncated,
         "dropped_empty": counts[EMPTY],
         "dropped_no_labels": counts[NO_LABELS],
     }
-    return encoded.remove_columns([STATUS, TRUNCATED]), stats
+    if cfg.packing:
+        stats["packed_documents"] = len(encoded)
+        encoded = encoded.map(
+            pack_batch,
+            batched=True,
+            batch_size=PACKING_BATCH,
+            fn_kwargs=dict(block_length=cfg.max_length),
+            remove_columns=encoded.column_names,
+            num_proc=cfg.num_proc,
+            desc=f"Packing {name}",
+        )
+        stats["examples"] = len(encoded)
+    return encoded, stats
+
+
+# Documents joined per packing call: each call's last block may be shorter than --max_length.
+PACKING_BATCH = 1000
+
+
+def pack_batch(batch: dict[str, list[list[int]]], block_length: int) -> dict[str, list[Any]]:
+    """Join the batch's examples (each already ends with eos) and cut them into blocks of
+    ``block_length`` tokens; a final block too short to predict anything (< 2 tokens) is dropped.
+    Attention runs across document boundaries inside a block, as in Hugging Face's run_clm."""
+    input_ids = list(chain.from_iterable(batch["input_ids"]))
+    labels = list(chain.from_iterable(batch["labels"]))
+    starts = [s for s in range(0, len(input_ids), block_length) if len(input_ids) - s >= 2]
+    blocks = [input_ids[s : s + block_length] for s in starts]
+    return {
+        "input_ids": blocks,
+        "attention_mask": [[1] * len(block) for block in blocks],
+        "labels": [labels[s : s + block_length] for s in starts],
+    }
 
 
 def render_example(tokenizer: Any, example: dict[str, Any], task_type: str) -> str:
