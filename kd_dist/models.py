@@ -6,6 +6,7 @@ mismatch is reported in seconds rather than after loading a 70B teacher.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from transformers import (
 
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.losses import IGNORE_INDEX, LogitTransform, OutputHead
+
+logger = logging.getLogger("kd_dist")
 
 
 def _load_config(name: str, role: str, cfg: TrainConfig) -> PretrainedConfig:
@@ -86,6 +89,11 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
             "the two models' distributions token by token, so both must use the same tokenizer: "
             "pick a student from the teacher's model family."
         )
+    if not student_tok.chat_template and teacher_tok.chat_template:
+        # An instruct teacher with a base student: chat data must be rendered the way the
+        # teacher was trained, and the exported student keeps that template.
+        logger.info("The student's tokenizer has no chat template: using the teacher's.")
+        student_tok.chat_template = teacher_tok.chat_template
     if student_tok.pad_token is None:
         # GPT-2, Llama and others ship without a pad token; padded positions are masked out of
         # the loss and the attention, so any existing token serves.

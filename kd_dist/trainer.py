@@ -248,6 +248,12 @@ def run_training(
     tokenizer = load_tokenizer(cfg)
     check_models(cfg, tokenizer)
     data = build_datasets(cfg, tokenizer, main_process_first=accelerator.main_process_first)
+    if accelerator.is_main_process:  # before the models load: mis-masked data shows at once
+        logger.info(
+            "%s\nFirst training example, [masked: ...] not trained on:\n%s",
+            data.summary(),
+            data.example,
+        )
     accelerator.wait_for_everyone()  # every rank has checked output_dir before anything is written
     if accelerator.is_main_process:
         prepare_output_dir(cfg, resuming=checkpoint is not None)
@@ -261,11 +267,6 @@ def run_training(
     )
     if accelerator.is_main_process:
         cfg.save(cfg.output_dir)
-        logger.info(
-            "%s\nFirst training example, [masked: ...] not trained on:\n%s",
-            data.summary(),
-            data.example,
-        )
         logger.info(
             "%d process(es) (%s), precision %s, micro-batch %d x accumulation %d x processes = %d "
             "sequences per optimizer step",

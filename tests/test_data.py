@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 from pathlib import Path
 
 import datasets
@@ -13,12 +14,14 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 from datasets.packaged_modules.json.json import Json
-from tokenizers import processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import IGNORE_INDEX, DataSplits, build_datasets, make_collator
-from kd_dist.data.chat import PLAIN_CHAT_TEMPLATE
+from kd_dist.data.chat import plain_chat_template
 from kd_dist.data.formats import FORMATS, detect_format, render, resolve_format
+from kd_dist.models import load_tokenizer
 from kd_dist.tiny import build_tokenizer
 
 # --- format table: one row per supported layout ---------------------------------------------
@@ -430,15 +433,20 @@ def chat_tokenizer(tokenizer, template: str | None):
 @pytest.mark.parametrize("case", CHAT_CASES, ids=CHAT_IDS)
 def test_chat_causal_rendering_and_mask(case, bos_tok, tmp_path):
     _, row, template, pieces, _ = case
-    tokenizer = chat_tokenizer(bos_tok, template)  # Llama-like: adds a bos itself
+    tokenizer = chat_tokenizer(bos_tok, template)  # Llama-like: adds a bos to plain text
     data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", [row])), tokenizer)
     assert (data.format, data.layout) == ("chat", detect_format(list(row)).name)
     assert data.chat_template == ("tokenizer" if template else "plain")
-    # The plain template is tokenized like a prompt (with the bos); a tokenizer's own template
-    # writes its special tokens itself, so nothing is added.
+    # The plain template writes the bos for a tokenizer that adds one to plain text; rendered
+    # chat is tokenized without special tokens, as apply_chat_template does.
+    assert tokenizer.chat_template == (template or plain_chat_template(with_bos=True))
+    if template is None:
+        pieces = [("<s>" + pieces[0][0], False), *pieces[1:]]
+    # Every piece boundary here is at a newline or a special token, so tokenizing the pieces
+    # one by one gives the same ids as the whole text: an independent oracle for the mask.
     expected_ids, expected_labels = [], []
-    for index, (text, trained) in enumerate(pieces):
-        piece = ids(tokenizer, text, special=index == 0 and template is None)
+    for text, trained in pieces:
+        piece = ids(tokenizer, text, special=False)
         expected_ids += piece
         expected_labels += piece if trained else [IGNORE_INDEX] * len(piece)
     example = data.train[0]
@@ -446,7 +454,6 @@ def test_chat_causal_rendering_and_mask(case, bos_tok, tmp_path):
     assert example["labels"] == expected_labels
     answers = "".join(text for text, trained in pieces if trained)
     assert tokenizer.decode(split_labels(example)[1]) == answers
-    assert tokenizer.chat_template == (template or PLAIN_CHAT_TEMPLATE)
 
 
 @pytest.mark.parametrize("case", CHAT_CASES, ids=CHAT_IDS)
@@ -501,14 +508,14 @@ def test_chat_with_an_unknown_role(tok, tmp_path):
     rows = [{"messages": TWO_TURNS}, {"messages": [{"role": "narrator", "content": "x"}]}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(
-        ConfigError, match=r"train row 1: unknown chat role 'narrator'.*Known roles"
+        ConfigError, match=r"train example 1: unknown chat role 'narrator'.*Known roles"
     ):
         build_datasets(config(path), chat_tokenizer(tok, None))
 
 
 def test_chat_cell_that_is_not_a_list(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": "user: hi"}])
-    with pytest.raises(ConfigError, match=r"train row 0: the conversation cell holds str"):
+    with pytest.raises(ConfigError, match=r"train example 0: the conversation cell holds str"):
         build_datasets(config(path), chat_tokenizer(tok, None))
 
 
@@ -516,11 +523,156 @@ def test_chat_template_that_rewrites_earlier_turns(tok, tmp_path):
     # Renders the number of messages first, so a longer conversation changes the start.
     template = "{{ messages | length }}\n" + CHATML
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
-    with pytest.raises(ConfigError, match=r"train row 0: .*turn by turn.*--train_on_prompt"):
+    with pytest.raises(
+        ConfigError, match=r"train example 0: .*generation prompt.*--train_on_prompt"
+    ):
         build_datasets(config(path), chat_tokenizer(tok, template))
     # ...and --train_on_prompt, which needs no turn boundaries, trains on it.
     data = build_datasets(config(path, train_on_prompt=True), chat_tokenizer(tok, template))
     assert tok.decode(data.train[0]["input_ids"]).startswith("5\n<|im_start|>system")
+
+
+def test_chat_template_that_rewrites_earlier_turns_gives_one_example_per_answer(tok, tmp_path):
+    # Like Qwen3: the last answer gets an (empty) thinking block, earlier answers don't, so a
+    # two-answer conversation does not start with its own first turn.
+    template = CHATML.replace(
+        "{{ m['content'] }}",
+        "{% if loop.last and m['role'] == 'assistant' %}<think></think>{% endif %}"
+        "{{ m['content'] }}",
+    )
+    tokenizer = chat_tokenizer(tok, template)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
+    data = build_datasets(config(path), tokenizer)
+    assert data.stats["train_examples"] == 2  # one per answer, each with its own history
+    first, second = (tokenizer.decode(split_labels(e)[1]) for e in data.train)
+    assert (first, second) == ("<think></think>blue<|im_end|>\n", "<think></think>red<|im_end|>\n")
+    assert tokenizer.decode(data.train[1]["input_ids"]).count("<|im_start|>assistant") == 2
+
+
+def test_chat_template_that_breaks_even_single_turns(tok, tmp_path):
+    # The generation prompt differs from the start of a rendered answer: nothing to mask by.
+    template = CHATML.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>bot\n{% endif %}")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
+    with pytest.raises(
+        ConfigError, match=r"train example 0: .*generation prompt.*--train_on_prompt"
+    ):
+        build_datasets(config(path), chat_tokenizer(tok, template))
+
+
+def test_chat_template_errors_name_the_example(tok, tmp_path):
+    template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}" + CHATML
+    )
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
+    with pytest.raises(
+        ConfigError,
+        match=r"train example 0: the chat template refused the conversation "
+        r"\(system -> user -> assistant -> user -> assistant\): System role not supported",
+    ):
+        build_datasets(config(path), chat_tokenizer(tok, template))
+
+
+def test_chat_turns_that_are_not_trained(tok, tmp_path):
+    messages = [
+        {"role": "user", "content": "Name a color"},
+        {"role": "assistant", "content": "blue", "weight": 0},  # OpenAI: excluded
+        {"role": "user", "content": "Another"},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "pick"}]},  # no text
+        {"role": "tool", "content": "red"},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "r"}, {"type": "text", "text": "ed"}],
+        },
+    ]
+    rows = [{"messages": messages}, {"messages": None}]
+    data = build_datasets(
+        config(write_jsonl(tmp_path / "d.jsonl", rows)), chat_tokenizer(tok, None)
+    )
+    assert data.stats["train_examples"] == 1 and data.stats["dropped_empty"] == 1
+    assert tok.decode(split_labels(data.train[0])[1]) == "red</s>"
+
+
+def test_chat_image_content_is_refused(tok, tmp_path):
+    parts = [{"type": "image_url", "image_url": "x.png"}]
+    messages = [{"role": "user", "content": parts}, {"role": "assistant", "content": "a cat"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    with pytest.raises(ConfigError, match=r"content parts of type image_url"):
+        build_datasets(config(path), chat_tokenizer(tok, None))
+
+
+@pytest.mark.parametrize("completion", ["blue", [{"role": "assistant", "content": "blue"}]])
+def test_trl_conversational_prompt_completion(completion, tok, tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "Name a color"}], "completion": completion}]
+    data = build_datasets(
+        config(write_jsonl(tmp_path / "d.jsonl", rows)), chat_tokenizer(tok, None)
+    )
+    assert (data.format, data.layout) == ("chat", "prompt_completion_conversational")
+    assert data.example == "[masked: <|user|>\nName a color\n<|assistant|>\n]blue</s>"
+
+
+def test_student_without_a_chat_template_takes_the_teacher_s(tok, tmp_path):
+    chat_tokenizer(tok, CHATML).save_pretrained(tmp_path / "teacher")
+    chat_tokenizer(tok, None).save_pretrained(tmp_path / "student")
+    cfg = TrainConfig(
+        teacher_model=str(tmp_path / "teacher"),
+        student_model=str(tmp_path / "student"),
+        dataset="x",
+    )
+    assert load_tokenizer(cfg).chat_template == CHATML
+
+
+# --- tokenizers that add their own tokens, and token boundaries ------------------------------
+@pytest.fixture(scope="module")
+def sentencepiece_tok():
+    """Llama-2/Mistral-like: a Metaspace tokenizer that puts "▁" before the text and a bos."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    metaspace = dict(replacement="▁", prepend_scheme="first", split=False)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(**metaspace)
+    backend.decoder = decoders.Metaspace(**metaspace)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False
+    )
+    backend.train_from_iterator(corpus(), trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>",
+    )  # fmt: skip
+
+
+def test_sentencepiece_response_gets_no_spurious_word_start(sentencepiece_tok, tmp_path):
+    row = {"instruction": "Name a color", "context": "", "response": "blue"}
+    example = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", [row])), sentencepiece_tok)
+    prompt = "### Instruction:\nName a color\n\n### Response:\n"
+    whole = ids(sentencepiece_tok, prompt + "blue", special=True)
+    example = example.train[0]
+    # The ids are those of the text read as a whole (tokenizing the response alone would put
+    # a "▁" before "blue"), plus eos; the bos and the prompt are masked.
+    assert example["input_ids"] == [*whole, sentencepiece_tok.eos_token_id]
+    trained = split_labels(example)[1]
+    assert sentencepiece_tok.convert_ids_to_tokens(trained)[-1] == "</s>"
+    assert sentencepiece_tok.decode(trained) == "blue</s>"
+
+
+def test_a_token_straddling_prompt_and_response_is_trained(tok, tmp_path):
+    # "Answer: " + "Paris": byte-level BPE reads " Paris" as one token that starts in the prompt.
+    row = {"prompt": "Answer: ", "completion": "Paris"}
+    example = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", [row])), tok).train[0]
+    assert example["input_ids"] == [*ids(tok, "Answer: Paris", special=True), tok.eos_token_id]
+    assert tok.decode(split_labels(example)[1]).strip() == "Paris</s>"
+
+
+def test_causal_data_with_an_eos_adding_tokenizer(eos_tok, tmp_path):
+    row = {"question": "How many legs has a cat?", "answer": "four"}
+    example = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", [row])), eos_tok).train[0]
+    prompt = "### Instruction:\nHow many legs has a cat?\n\n### Response:\n"
+    # One eos, at the end (the tokenizer's own), trained; none after the prompt.
+    assert example["input_ids"] == ids(eos_tok, prompt + "four", special=True)
+    assert example["input_ids"].count(eos_tok.eos_token_id) == 1
+    assert eos_tok.decode(split_labels(example)[1]) == "four</s>"
 
 
 # --- packing ------------------------------------------------------------------------------------
@@ -747,8 +899,40 @@ def test_hub_dataset_from_the_local_cache_offline(tok, tmp_path):
     cache_hub_dataset(tmp_path, "tiny_dolly", "en", train=DOLLY_ROWS[:8], test=DOLLY_ROWS[8:])
     data = build_datasets(config("tiny_dolly", dataset_config="en"), tok)
     assert (data.stats["train_examples"], data.stats["eval_examples"]) == (8, 4)
-    with pytest.raises(ConfigError, match=r"tiny_dolly \(configuration 'fr'\).*local cache"):
+    with pytest.raises(ConfigError, match=r"in the local cache, but can't be loaded with conf"):
         build_datasets(config("tiny_dolly", dataset_config="fr"), tok)
+
+
+def test_suffixed_training_split_finds_its_eval_split(tok, tmp_path):
+    # ultrachat_200k: train_sft / test_sft (and train_gen / test_gen)
+    path = dict_folder(
+        tmp_path, train_sft=DOLLY_ROWS[:8], test_sft=DOLLY_ROWS[8:11], test_gen=DOLLY_ROWS[11:]
+    )
+    data = build_datasets(config(path, dataset_split="train_sft"), tok)
+    assert (data.stats["train_examples"], data.stats["eval_examples"]) == (8, 3)
+
+
+def test_glob_over_split_named_files_warns(tok, tmp_path, caplog):
+    write_jsonl(tmp_path / "train.jsonl", DOLLY_ROWS[:9])
+    write_jsonl(tmp_path / "validation.jsonl", DOLLY_ROWS[9:])
+    with caplog.at_level(logging.WARNING, logger="kd_dist"):
+        data = build_datasets(config(f"{tmp_path}/*.jsonl"), tok)
+    assert data.stats["train_examples"] == 12
+    assert "matches validation.jsonl, named like an evaluation split" in caplog.text
+
+
+def test_packed_txt_file_is_one_document(tok, tmp_path):
+    (tmp_path / "d.txt").write_text("the cat sat.\nthe dog ran.\n")
+    lines = build_datasets(config(tmp_path / "d.txt"), tok)
+    assert lines.stats["train_examples"] == 2
+    packed = build_datasets(config(tmp_path / "d.txt", packing=True, max_length=64), tok)
+    assert tok.decode(packed.train[0]["input_ids"]) == "the cat sat.\nthe dog ran.\n</s>"
+
+
+def test_broken_save_to_disk_folder(tok, tmp_path):
+    (tmp_path / "state.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"looks like a save_to_disk folder.*can't be loaded"):
+        build_datasets(config(tmp_path), tok)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -782,7 +966,9 @@ def test_missing_eval_split_lists_splits(tok, tmp_path):
 
 def test_empty_after_filtering(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": ""}, {"text": "   "}])
-    with pytest.raises(ConfigError, match=r"No training examples left.*2 had an empty text"):
+    with pytest.raises(
+        ConfigError, match=r"No training examples left.*2 were empty \(blank text\)"
+    ):
         build_datasets(config(path), tok)
 
 

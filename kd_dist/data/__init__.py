@@ -17,11 +17,21 @@ from typing import Any
 import datasets
 
 from kd_dist.config import ConfigError, TrainConfig
-from kd_dist.data.chat import use_plain_template_if_missing
 from kd_dist.data.collate import make_collator
-from kd_dist.data.formats import CHAT, FormatSpec, check_compatible, resolve_format
+from kd_dist.data.formats import (
+    CHAT,
+    FormatSpec,
+    as_conversational,
+    check_compatible,
+    resolve_format,
+)
 from kd_dist.data.sources import load_source, select_splits
-from kd_dist.data.tokenization import IGNORE_INDEX, render_example, tokenize_split
+from kd_dist.data.tokenization import (
+    IGNORE_INDEX,
+    ensure_chat_template,
+    render_example,
+    tokenize_split,
+)
 
 __all__ = ["IGNORE_INDEX", "DataSplits", "build_datasets", "make_collator"]
 
@@ -36,8 +46,8 @@ class DataSplits:
     # with --packing), and the same counts for the eval split prefixed with "eval_"
     stats: dict[str, int]
     example: str  # one training example as text, prompt marked [masked: ...], for the log
-    # chat data: "tokenizer" (its own chat template) or "plain" (PLAIN_CHAT_TEMPLATE, given to
-    # the tokenizer, which is exported with it); None for other formats
+    # chat data: "tokenizer" (its own chat template, or the teacher's) or "plain" (the plain
+    # template, given to the tokenizer, which is exported with it); None for other formats
     chat_template: str | None = None
 
     def summary(self) -> str:
@@ -73,9 +83,11 @@ def build_datasets(
     """
     with main_process_first():
         raw_train, raw_eval = select_splits(load_source(cfg), cfg)
-        spec = resolve_format(raw_train.column_names, cfg)
+        spec = as_conversational(resolve_format(raw_train.column_names, cfg), raw_train.features)
         check_compatible(spec, cfg)
-        plain_chat_template = spec.kind == CHAT and use_plain_template_if_missing(tokenizer)
+        chat_template = (
+            ensure_chat_template(tokenizer, cfg.task_type) if spec.kind == CHAT else None
+        )
         train, train_stats = tokenize_split(raw_train, spec, tokenizer, cfg, "train")
         eval_, eval_stats = None, {}
         if raw_eval is not None:
@@ -98,9 +110,7 @@ def build_datasets(
         layout=spec.name,
         stats=stats,
         example=render_example(tokenizer, train[0], cfg.task_type),
-        chat_template=("plain" if plain_chat_template else "tokenizer")
-        if spec.kind == CHAT
-        else None,
+        chat_template=chat_template,
     )
 
 
@@ -120,7 +130,8 @@ def _empty_train_message(
         return f"The training split {cfg.dataset_split!r} of {cfg.dataset} has no examples."
     return (
         f"No training examples left: of the {loaded} examples loaded from {cfg.dataset}, "
-        f"{stats['dropped_empty']} had an empty {'/'.join(spec.required)} and "
+        f"{stats['dropped_empty']} were empty (blank {'/'.join(spec.required)}"
+        f"{', or no assistant answer' if spec.kind == CHAT else ''}) and "
         f"{stats['dropped_no_labels']} had no token left to train on (the prompt fills "
         f"--max_length {cfg.max_length}; raise it or shorten the prompts)."
     )

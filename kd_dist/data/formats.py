@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import datasets
+
 from kd_dist.config import ConfigError, TrainConfig
 
 TEXT, INSTRUCTION, CHAT, SEQ2SEQ = "text", "instruction", "chat", "seq2seq"
@@ -179,6 +181,17 @@ def _unknown_format_message(columns: Sequence[str], cfg: TrainConfig) -> str:
         f"Could not find {what} dataset layout in columns: {', '.join(columns)}. "
         f"Known layouts ({known}). {FLAGS_HINT}"
     )
+
+
+def as_conversational(spec: FormatSpec, features: datasets.Features) -> FormatSpec:
+    """A prompt/response layout whose prompt column holds lists of messages is chat data (TRL's
+    conversational prompt/completion): render it with the chat template, not as text."""
+    if spec.kind == CHAT or spec.prompt is None:
+        return spec
+    list_types = (datasets.List, datasets.LargeList, datasets.Sequence)
+    if not isinstance(features.get(spec.prompt), list_types):
+        return spec
+    return replace(spec, name=f"{spec.name}_conversational", kind=CHAT, context=None)
 
 
 def check_compatible(spec: FormatSpec, cfg: TrainConfig) -> None:

@@ -9,12 +9,15 @@ names, as on the hub (``train.jsonl``, ``validation.jsonl``, ``data/test-00000.p
 from __future__ import annotations
 
 import glob
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from kd_dist.config import ConfigError, TrainConfig
+
+logger = logging.getLogger("kd_dist")
 
 # File suffix -> the `datasets` builder that reads it. The text builder yields one row per line
 # in a `text` column (blank lines are dropped later with the other empty examples).
@@ -26,8 +29,11 @@ FILE_BUILDERS = {
     ".txt": "text",
 }
 
-# Splits used for evaluation when --eval_split is not given, in order of preference.
+# Splits used for evaluation when --eval_split is not given, in order of preference. A training
+# split with a suffix looks for the same suffix first (ultrachat_200k: train_sft -> test_sft).
 AUTO_EVAL_SPLITS = ("validation", "test")
+# File names that look like a split: a glob matching them probably meant several splits.
+SPLIT_LIKE_NAMES = ("validation", "valid", "val", "dev", "test", "eval")
 
 FILE_TYPES = "/".join(suffix.lstrip(".") for suffix in FILE_BUILDERS)
 ACCEPTED_FORMS = (
@@ -44,18 +50,30 @@ SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 def load_source(cfg: TrainConfig) -> DatasetDict:
     """All splits of ``cfg.dataset``: a file, a glob, a folder or a hub name."""
     path = Path(cfg.dataset).expanduser()
+    # A .txt file is one example per line; packed, it is one document (its lines are not
+    # separated by eos).
+    text_options = {"sample_by": "document" if cfg.packing else "line"}
     if path.is_dir():
         if any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
             return _load_saved(path, cfg.dataset_split)
-        return _load_data_folder(path, cfg.dataset_config)
+        return _load_data_folder(path, cfg.dataset_config, text_options)
     if path.is_file():
-        return _load_files([path], cfg.dataset_split, str(path))
+        return _load_files([path], cfg.dataset_split, str(path), text_options)
     if glob.has_magic(cfg.dataset):
         matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
         files = [p for p in matches if p.is_file()]
         if not files:
             raise ConfigError(f"--dataset {cfg.dataset}: the pattern matches no file.")
-        return _load_files(files, cfg.dataset_split, cfg.dataset)
+        split_like = [f.name for f in files if f.stem.lower().startswith(SPLIT_LIKE_NAMES)]
+        if split_like:
+            logger.warning(
+                "--dataset %s matches %s, named like an evaluation split, but a glob is one "
+                "split (%s): point --dataset at the folder to take split names from file names.",
+                cfg.dataset,
+                ", ".join(split_like),
+                cfg.dataset_split,
+            )
+        return _load_files(files, cfg.dataset_split, cfg.dataset, text_options)
     if path.suffix.lower() in FILE_BUILDERS or cfg.dataset.startswith((".", "/", "~")):
         # Clearly meant as a local path: don't make the user wait for a hub lookup.
         raise ConfigError(f"--dataset {cfg.dataset}: no such file or folder. {ACCEPTED_FORMS}")
@@ -78,10 +96,13 @@ def _builder_for(files: Iterable[Path], what: str) -> str:
     return builders.pop()
 
 
-def _load_files(files: list[Path], split: str, what: str) -> DatasetDict:
+def _load_files(
+    files: list[Path], split: str, what: str, text_options: dict[str, str]
+) -> DatasetDict:
     builder = _builder_for(files, what)
+    options = text_options if builder == "text" else {}
     try:
-        return load_dataset(builder, data_files={split: [str(f) for f in files]})
+        return load_dataset(builder, data_files={split: [str(f) for f in files]}, **options)
     except Exception as error:  # datasets raises many types for unreadable or empty files
         raise ConfigError(
             f"--dataset {what}: could not read it as {builder} ({type(error).__name__}: {error}). "
@@ -90,27 +111,37 @@ def _load_files(files: list[Path], split: str, what: str) -> DatasetDict:
 
 
 def _load_saved(path: Path, split: str) -> DatasetDict:
-    loaded = load_from_disk(str(path))
+    try:
+        loaded = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(
+            f"--dataset {path} looks like a save_to_disk folder (it holds "
+            f"{' or '.join(SAVED_DATASET_MARKERS)}) but can't be loaded as one "
+            f"({type(error).__name__}: {error})."
+        ) from None
     return loaded if isinstance(loaded, DatasetDict) else DatasetDict({split: loaded})
 
 
-def _load_data_folder(path: Path, config_name: str | None) -> DatasetDict:
+def _load_data_folder(
+    path: Path, config_name: str | None, text_options: dict[str, str]
+) -> DatasetDict:
     """A folder of data files (a cloned hub dataset repository, say), splits from file names."""
     files = [
         f
         for f in path.rglob("*")
         if f.is_file()
         and not any(part.startswith(".") for part in f.relative_to(path).parts)
-        and f.suffix.lower() in FILE_BUILDERS
+        and f.suffix in FILE_BUILDERS  # exact case, as `datasets` matches them
     ]
     if not files:
         raise ConfigError(
             f"--dataset {path} is a folder without {FILE_TYPES} files and was not written by "
             f"save_to_disk. {ACCEPTED_FORMS}"
         )
-    _builder_for(files, str(path))  # refuse mixed types: `datasets` would silently pick one
+    # Refuse mixed types: `datasets` would silently read only the most common one.
+    options = text_options if _builder_for(files, str(path)) == "text" else {}
     try:
-        return load_dataset(str(path), config_name)
+        return load_dataset(str(path), config_name, **options)
     except Exception as error:
         raise ConfigError(
             f"--dataset {path}: could not read the folder's files ({type(error).__name__}: "
@@ -121,13 +152,16 @@ def _load_data_folder(path: Path, config_name: str | None) -> DatasetDict:
 def _load_hub(name: str, config_name: str | None) -> DatasetDict:
     try:
         loaded = load_dataset(name, config_name)
-    except (OSError, ValueError) as error:
-        # OSError covers "not found" and "can't reach the hub" (offline); ValueError covers an
-        # unknown configuration name.
-        config = f" (configuration {config_name!r})" if config_name else ""
+    except OSError as error:  # not found, or the hub can't be reached (offline)
         raise ConfigError(
-            f"--dataset {name}{config}: not a local file or folder, and not found as a hub "
-            f"dataset in the local cache ({type(error).__name__}: {error}). {ACCEPTED_FORMS}"
+            f"--dataset {name}: not a local file or folder, and not found as a hub dataset in "
+            f"the local cache ({type(error).__name__}: {error}). {ACCEPTED_FORMS}"
+        ) from error
+    except ValueError as error:  # found, but not with this configuration
+        config = f"configuration {config_name!r}" if config_name else "no --dataset_config"
+        raise ConfigError(
+            f"--dataset {name} is in the local cache, but can't be loaded with {config}: "
+            f"{error}. Set --dataset_config to one of the cached configurations."
         ) from error
     if not isinstance(loaded, DatasetDict):
         raise ConfigError(f"--dataset {name}: expected a dataset with splits, got {type(loaded)}.")
@@ -153,7 +187,9 @@ def select_splits(splits: DatasetDict, cfg: TrainConfig) -> tuple[Dataset, Datas
     if cfg.eval_split:
         eval_ = _split(splits, cfg.eval_split, "--eval_split")
     else:
-        auto = [s for s in AUTO_EVAL_SPLITS if s in splits and s != cfg.dataset_split]
+        suffix = cfg.dataset_split.removeprefix("train")
+        names = [s + suffix for s in AUTO_EVAL_SPLITS] + list(AUTO_EVAL_SPLITS)
+        auto = [s for s in names if s in splits and s != cfg.dataset_split]
         if auto:
             eval_ = splits[auto[0]]
         elif cfg.eval_ratio > 0:

@@ -1,12 +1,18 @@
-"""Turn rendered (prompt, response) pairs into token ids and labels.
+"""Turn rendered examples into token ids and labels.
 
 (The module is not called ``tokenize`` so that it can never shadow the standard-library module.)
 
-Causal examples are ``prompt + response + eos`` with the prompt positions of ``labels`` set to
-``IGNORE_INDEX``; seq2seq examples keep the source as ``input_ids`` and the target as ``labels``.
-Labels are not shifted: the loss does that. Every example also carries a status (kept, empty, no
-trainable label) and a truncation flag so that the dropped and truncated examples can be counted
-after the (possibly multi-process) ``datasets.map``.
+A causal example is rendered as ``(text, trained)`` pieces (prompt then response; or a chat
+conversation's turns), joined and tokenized once, as the model will read it; a token is trained
+on when its characters overlap a trained piece, so a token that straddles the boundary (" Paris"
+after "Answer:") is never lost from the response. Special tokens the tokenizer adds itself (a
+leading bos) are masked. Text and instruction examples end with a trained eos so that the student
+learns to stop; chat templates write their own end-of-turn markers.
+
+Seq2seq examples keep the source as ``input_ids`` and the target as ``labels``. Labels are not
+shifted: the loss does that. Every example also carries a status (kept, empty, no trainable
+label) and a truncation flag so that the dropped and truncated examples can be counted after the
+(possibly multi-process) ``datasets.map``.
 """
 
 from __future__ import annotations
@@ -17,17 +23,17 @@ from typing import Any
 
 from datasets import Dataset, Features, List, Value
 
-from kd_dist.config import TrainConfig
+from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data.chat import (
-    PLAIN_CHAT_TEMPLATE,
+    Pieces,
+    chat_examples,
     chat_pair,
-    chat_segments,
+    conversation_from_pair,
     normalise_conversation,
+    plain_chat_template,
 )
 from kd_dist.data.formats import CHAT, FormatSpec, render
 from kd_dist.losses import IGNORE_INDEX
-
-# Label value ignored by the cross-entropy and distillation losses.
 
 OK, EMPTY, NO_LABELS = "ok", "empty", "no_labels"
 STATUS, TRUNCATED = "_status", "_truncated"
@@ -45,17 +51,13 @@ FEATURES = Features(
 
 
 def _example(
-    input_ids: list[int],
-    labels: list[int],
-    truncated: bool,
-    status: str | None = None,
-    attention_mask: list[int] | None = None,
+    input_ids: list[int], labels: list[int], truncated: bool, status: str | None = None
 ) -> dict[str, Any]:
     if status is None:
         status = OK if any(label != IGNORE_INDEX for label in labels) else NO_LABELS
     return {
         "input_ids": input_ids,
-        "attention_mask": attention_mask if attention_mask is not None else [1] * len(input_ids),
+        "attention_mask": [1] * len(input_ids),
         "labels": labels,
         STATUS: status,
         TRUNCATED: truncated,
@@ -65,25 +67,52 @@ def _example(
 EMPTY_EXAMPLE = _example([], [], False, status=EMPTY)
 
 
-Segment = tuple[list[int], bool]  # (token ids, trained on)
+def _adds_token(tokenizer: Any, token_id: int | None, position: int) -> bool:
+    if token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[position] == token_id
 
 
-def causal_example(
-    segments: list[Segment], max_length: int | None, train_on_prompt: bool
-) -> dict[str, Any]:
-    """The segments joined, labels masked where a segment is not trained on, cut to
-    ``max_length`` (None: not cut, for packing).
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer(text)`` starts with bos by itself (Llama) or not (GPT-2, T5)."""
+    return _adds_token(tokenizer, tokenizer.bos_token_id, 0)
 
-    Truncation keeps the start (the prompt and the beginning of the response); an example whose
-    trained part is cut away entirely has no trainable label and is dropped later.
+
+def tokenizer_adds_eos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer(text)`` already ends with eos (T5, BART) or eos must be appended."""
+    return _adds_token(tokenizer, tokenizer.eos_token_id, -1)
+
+
+def ensure_chat_template(tokenizer: Any, task_type: str) -> str:
+    """Give ``tokenizer`` the plain chat template unless it has one; say which is used.
+
+    A causal example is tokenized without special tokens when a template renders it (the template
+    writes them), so the plain template starts with bos for tokenizers that add one to text.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for ids, trained in segments:
-        input_ids += ids
-        labels += ids if trained or train_on_prompt else [IGNORE_INDEX] * len(ids)
-    truncated = max_length is not None and len(input_ids) > max_length
-    return _example(input_ids[:max_length], labels[:max_length], truncated)
+    if tokenizer.chat_template:
+        return "tokenizer"
+    with_bos = task_type == "causal" and tokenizer_adds_bos(tokenizer)
+    tokenizer.chat_template = plain_chat_template(with_bos)
+    return "plain"
+
+
+def trained_labels(
+    input_ids: list[int], offsets: list[tuple[int, int]], pieces: Pieces, train_on_prompt: bool
+) -> list[int]:
+    """``input_ids`` with every token masked unless its characters overlap a trained piece."""
+    spans, start = [], 0
+    for text, trained in pieces:
+        if trained or train_on_prompt:
+            spans.append((start, start + len(text)))
+        start += len(text)
+    return [
+        token
+        if end > begin
+        and any(begin < span_end and end > span_start for span_start, span_end in spans)
+        else IGNORE_INDEX
+        for token, (begin, end) in zip(input_ids, offsets, strict=True)
+    ]
 
 
 def truncate(ids: list[int], limit: int, eos_id: int | None) -> tuple[list[int], bool]:
@@ -111,23 +140,22 @@ def seq2seq_example(
     return _example(source_ids, target_ids, source_cut or target_cut)
 
 
-def tokenizer_adds_eos(tokenizer: Any) -> bool:
-    """Whether ``tokenizer(text)`` already ends with eos (T5, BART) or eos must be appended."""
-    if tokenizer.eos_token_id is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[-1] == tokenizer.eos_token_id
+def conversation(row: dict[str, Any], spec: FormatSpec, where: str) -> list[dict[str, Any]]:
+    """A chat row's messages: its conversation column, or a conversational prompt/completion."""
+    if spec.messages is not None:
+        return normalise_conversation(row[spec.messages], where)
+    return conversation_from_pair(row[spec.prompt], row[spec.response], where)
 
 
 def render_causal(
     row: dict[str, Any], spec: FormatSpec, tokenizer: Any, train_on_prompt: bool, where: str
-) -> list[tuple[str, bool]]:
-    """One row as ``(text, trained)`` pieces for a causal model; ``[]`` when it is empty."""
+) -> list[Pieces]:
+    """One row as examples of ``(text, trained)`` pieces for a causal model (one example, except
+    chat rows whose template re-renders earlier turns: one per answer); ``[]`` when empty."""
     if spec.kind == CHAT:
-        messages = normalise_conversation(row[spec.messages], where)
-        return chat_segments(messages, tokenizer, where, train_on_prompt)
+        return chat_examples(conversation(row, spec, where), tokenizer, where, train_on_prompt)
     pair = render(row, spec, "causal")
-    return [(pair[0], False), (pair[1], True)] if pair else []
+    return [[(pair[0], False), (pair[1], True)]] if pair else []
 
 
 def render_seq2seq(
@@ -135,12 +163,44 @@ def render_seq2seq(
 ) -> tuple[str, str] | None:
     """One row as ``(source, target)`` for an encoder-decoder model, or None when empty."""
     if spec.kind == CHAT:
-        return chat_pair(normalise_conversation(row[spec.messages], where), tokenizer)
+        return chat_pair(conversation(row, spec, where), tokenizer, where)
     return render(row, spec, "seq2seq")
 
 
 def _tokenize(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
+
+
+def encode_causal(
+    examples: list[Pieces],
+    *,
+    chat: bool,
+    tokenizer: Any,
+    max_length: int | None,
+    train_on_prompt: bool,
+    eos_id: int | None,
+    adds_eos: bool,
+) -> list[dict[str, Any]]:
+    """Tokenize rendered causal examples, label them, and cut them to ``max_length`` (None: not
+    cut, for packing)."""
+    if not examples:
+        return []
+    texts = ["".join(text for text, _ in pieces) for pieces in examples]
+    # A chat template writes the special tokens into the text itself.
+    encoded = tokenizer(texts, add_special_tokens=not chat, return_offsets_mapping=True)
+    out = []
+    for pieces, input_ids, offsets in zip(
+        examples, encoded["input_ids"], encoded["offset_mapping"], strict=True
+    ):
+        labels = trained_labels(input_ids, offsets, pieces, train_on_prompt)
+        if not chat and eos_id is not None:
+            if adds_eos:  # the tokenizer's own eos ends the text: the stop signal is trained
+                labels[-1] = eos_id
+            else:
+                input_ids, labels = [*input_ids, eos_id], [*labels, eos_id]
+        truncated = max_length is not None and len(input_ids) > max_length
+        out.append(_example(input_ids[:max_length], labels[:max_length], truncated))
+    return out
 
 
 def encode_batch(
@@ -153,37 +213,37 @@ def encode_batch(
     max_length: int | None,
     max_target_length: int,
     train_on_prompt: bool,
-    append_eos: bool,
     split_name: str,
 ) -> dict[str, list[Any]]:
-    """The ``datasets.map`` function (batched, so the fast tokenizer works on whole batches)."""
+    """The ``datasets.map`` function (batched, so the fast tokenizer works on whole batches).
+
+    A row gives one example, except chat rows split per answer; an empty row gives one empty
+    example so that it is counted."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    wheres = [f"{split_name} row {index}" for index in indices]
+    wheres = [f"{split_name} example {index}" for index in indices]
     eos_id = tokenizer.eos_token_id
 
     if task_type == "causal":
-        pieces = [
+        per_row = [
             render_causal(row, spec, tokenizer, train_on_prompt, where)
             for row, where in zip(rows, wheres, strict=True)
         ]
-        # Each piece is tokenized on its own so that the mask boundaries are exact. The first
-        # piece gets the tokenizer's special tokens (e.g. a leading bos), the others none; a
-        # tokenizer's own chat template writes its special tokens into the text itself.
-        first_special = spec.kind != CHAT or tokenizer.chat_template == PLAIN_CHAT_TEMPLATE
-        first_ids = iter(_tokenize(tokenizer, [p[0][0] for p in pieces if p], first_special))
-        other_ids = iter(_tokenize(tokenizer, [text for p in pieces for text, _ in p[1:]], False))
-        examples = []
-        for row_pieces in pieces:
-            if not row_pieces:
-                examples.append(EMPTY_EXAMPLE)
-                continue
-            ids = [next(first_ids), *(next(other_ids) for _ in row_pieces[1:])]
-            if spec.kind != CHAT and eos_id is not None:
-                # Text and instruction responses end with eos so that the student learns to
-                # stop; chat templates mark the end of each turn themselves.
-                ids[-1] = [*ids[-1], eos_id]
-            segments = [(i, trained) for i, (_, trained) in zip(ids, row_pieces, strict=True)]
-            examples.append(causal_example(segments, max_length, train_on_prompt))
+        encoded = iter(
+            encode_causal(
+                [pieces for row_examples in per_row for pieces in row_examples],
+                chat=spec.kind == CHAT,
+                tokenizer=tokenizer,
+                max_length=max_length,
+                train_on_prompt=train_on_prompt,
+                eos_id=eos_id,
+                adds_eos=tokenizer_adds_eos(tokenizer),
+            )
+        )
+        examples = [
+            next(encoded) if row_examples else EMPTY_EXAMPLE
+            for row_examples in per_row
+            for _ in row_examples or [None]
+        ]
     elif task_type == "seq2seq":
         pairs = [
             render_seq2seq(row, spec, tokenizer, w) for row, w in zip(rows, wheres, strict=True)
@@ -191,6 +251,7 @@ def encode_batch(
         source_ids = _tokenize(tokenizer, [p[0] if p else "" for p in pairs], True)
         target_ids = _tokenize(tokenizer, [p[1] if p else "" for p in pairs], True)
         assert max_length is not None  # packing is refused for seq2seq
+        append_eos = not tokenizer_adds_eos(tokenizer)
         examples = [
             seq2seq_example(s, t, eos_id, append_eos, max_length, max_target_length)
             if pair
@@ -210,8 +271,12 @@ def tokenize_split(
     split: Dataset, spec: FormatSpec, tokenizer: Any, cfg: TrainConfig, name: str
 ) -> tuple[Dataset, dict[str, int]]:
     """Tokenize one split, drop the unusable examples, and count what happened."""
-    if len(split) == 0:
-        return split, {"examples": 0, "truncated": 0, "dropped_empty": 0, "dropped_no_labels": 0}
+    if cfg.task_type == "causal" and not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            f"The tokenizer of {cfg.student_model} is a slow (Python) tokenizer; kd_dist needs a "
+            "fast one, whose character offsets place the loss mask. Save the model with its "
+            "tokenizer.json (AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained)."
+        )
     encoded = split.map(
         encode_batch,
         batched=True,
@@ -224,7 +289,6 @@ def tokenize_split(
             max_length=None if cfg.packing else cfg.max_length,
             max_target_length=cfg.max_target_length or cfg.max_length,
             train_on_prompt=cfg.train_on_prompt,
-            append_eos=not tokenizer_adds_eos(tokenizer),
             split_name=name,
         ),
         remove_columns=split.column_names,
