@@ -449,6 +449,8 @@ def export_student(
         manifest = {
             "global_step": state.global_step,
             "data_fingerprint": state.data_fingerprint,
+            "skipped_nonfinite": state.skipped_nonfinite,
+            "overflow_steps": state.overflow_steps,
             "versions": package_versions(),
             "config": cfg.to_dict(),
             "files": files,

@@ -12,7 +12,9 @@ the 1-based optimizer step, RANK the global rank; no rank means every rank). Nam
 - ``hang``: stop responding after STEP (Python's signal handlers off, as in a process stuck in
   native code);
 - ``nan_teacher``: fill the teacher's output with NaN in STEP;
-- ``mask_labels``: mask every label of this rank's first micro-batch of STEP.
+- ``mask_labels``: mask every label of this rank's first micro-batch of STEP;
+- ``overflow``: multiply STEP's backward by 1e30, so fp16 gradients overflow (the loss stays
+  finite).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def _due(name: str, step: int) -> bool:
 
 
 def wants(name: str, step: int) -> bool:
-    """Whether the data fault ``name`` (``nan_teacher``, ``mask_labels``) is due at ``step``."""
+    """Whether the data fault ``name`` (``nan_teacher``, ``mask_labels``, ``overflow``) is due at
+    ``step``."""
     return _due(name, step)
 
 

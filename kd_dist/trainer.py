@@ -222,7 +222,8 @@ def make_micro_step(
             # zero one (0 * log 0 = 0), so it would only surface later, in the gradient.
             bad_ranks = nonfinite_ranks(accelerator, out.loss, t)
             if not bad_ranks:
-                accelerator.backward(out.loss * backward_scale)
+                overflow = 1e30 if faults.wants("overflow", step) else 1.0
+                accelerator.backward(out.loss * (backward_scale * overflow))
         return out, bad_ranks
 
     return micro_step
@@ -381,6 +382,9 @@ def run_training(
         for window in accumulation_windows(batches, cfg.gradient_accumulation_steps):
             if state.global_step >= total_steps:  # --max_steps reached mid-epoch
                 break
+            step = state.global_step + 1  # 1-based, as logged
+            if faults.wants("mask_labels", step):
+                window[0] = without_labels(window[0])
             # Normalise by the valid tokens of the whole optimizer step, over every micro-batch
             # and rank, so the gradient does not depend on how the step's batch was split.
             local_tokens = sum(count_valid_tokens(b["labels"], causal) for b in window)
@@ -394,7 +398,6 @@ def run_training(
             learning_rate = learning_rate_at(state.global_step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
-            step = state.global_step + 1  # 1-based, as logged
             step_sums = torch.zeros(2, device=accelerator.device)
             for index, batch in enumerate(window):
                 with micro_batch_context(accelerator, student, last=index == len(window) - 1):

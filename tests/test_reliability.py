@@ -278,6 +278,7 @@ def test_the_export_is_complete_checksummed_and_reloads_as_the_trained_weights(s
         (straight_run / "checkpoints" / "step-00000008" / TRAINER_STATE_FILE).read_text()
     )
     assert manifest["global_step"] == 8
+    assert manifest["skipped_nonfinite"] == manifest["overflow_steps"] == 0
     assert manifest["data_fingerprint"] == final_state["data_fingerprint"] != ""
     assert manifest["config"]["seed"] == 7 and manifest["config"]["dataset"]
     assert {"torch", "transformers", "accelerate", "deepspeed", "datasets", "kd_dist",
