@@ -39,6 +39,7 @@ from accelerate import Accelerator
 from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kd_dist import faults
@@ -363,9 +364,12 @@ def drop_metrics_after(output_dir: str, step: int) -> None:
 
 
 # The only classes a checkpoint's pickle-based files may name, besides tensors and containers:
-# accelerate's RNG states hold numpy arrays, DeepSpeed's optimizer states its loss scaler and
-# ZeRO stage. All are plain data; none runs code when it is rebuilt.
-SAFE_CHECKPOINT_GLOBALS = [*TORCH_SAFE_GLOBALS, LossScaler, DynamicLossScaler, ZeroStageEnum]
+# accelerate's RNG states hold numpy arrays, DeepSpeed's optimizer states its loss scaler, ZeRO
+# stage and (ZeRO-1/2) parameter slice addresses. All are plain data; none runs code when it is
+# rebuilt.
+SAFE_CHECKPOINT_GLOBALS = [
+    *TORCH_SAFE_GLOBALS, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address,
+]  # fmt: skip
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 
 

@@ -24,6 +24,7 @@ from kd_dist.checkpoint import (
     COMPLETE_MARKER,
     EXPORT_MANIFEST,
     TRAINER_STATE_FILE,
+    check_safe_to_load,
     resolve_checkpoint,
 )
 from kd_dist.cli import main
@@ -213,6 +214,30 @@ def test_a_planted_pickle_is_refused_and_its_payload_never_runs(
     assert f"Refusing to resume from {checkpoint}: {planted}" in err
     assert not sentinel.exists()
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_deepspeed_optimizer_states_pass_the_safe_loading_check(tmp_path):
+    """The objects DeepSpeed's ZeRO-1/2/3 optimizer files hold (loss scalers, the ZeRO stage,
+    parameter slice addresses), as its state_dict writes them (ZeRO-3's are also loaded by the
+    2-process resume test)."""
+    from collections import OrderedDict
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+             "param_slice_mappings": [OrderedDict(w=fragment_address(numel=4, start=0))],
+             "base_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(2)}}},
+             "dynamic_loss_scaler": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False),
+             "ds_version": "0.19"}  # fmt: skip
+    checkpoint = tmp_path / "step-00000001"
+    (checkpoint / "pytorch_model").mkdir(parents=True)
+    torch.save(state, checkpoint / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    check_safe_to_load(checkpoint)
+    torch.save({**state, "hook": Payload(tmp_path / "ran")}, checkpoint / "extra.pt")
+    with pytest.raises(ConfigError, match=r"extra\.pt is not a plain"):
+        check_safe_to_load(checkpoint)
 
 
 def test_resume_refuses_a_checkpoint_of_a_different_run_unless_asked(
