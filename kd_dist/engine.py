@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -152,13 +153,27 @@ class NonFiniteError(Exception):
     """A NaN or infinite loss or gradient norm, beyond what --skip_nonfinite allows."""
 
 
-class CollectiveTimeout(Exception):
-    """A collective operation waited longer than --dist_timeout for the other processes."""
+COLLECTIVE_TIMEOUT_EXIT_CODE = 1
 
 
-def is_collective_timeout(error: RuntimeError) -> bool:
+def exit_on_collective_timeout(error: RuntimeError, rank: int, seconds: int) -> None:
+    """After a collective timed out, say so and end the process at once (nothing else happens
+    for other errors).
+
+    The process group is broken: releasing it would wait for the missing process again (gloo's
+    destructor joins its stuck worker thread), so no clean-up runs, as NCCL's watchdog does.
+    """
+    text = str(error).strip()
     # gloo: "Timed out waiting 10000ms for recv operation"; NCCL: "... operation timeout".
-    return "timed out" in str(error).lower() or "operation timeout" in str(error).lower()
+    if "timed out" not in text.lower() and "operation timeout" not in text.lower():
+        return
+    sys.stderr.write(
+        f"kd-dist: error: rank {rank}: the other processes did not join a collective operation "
+        f"within --dist_timeout {seconds} s: one of them hung or died (see its log). "
+        f"({text.splitlines()[0][:200]})\n"
+    )
+    sys.stderr.flush()
+    os._exit(COLLECTIVE_TIMEOUT_EXIT_CODE)
 
 
 class PreemptionWatch:

@@ -41,13 +41,12 @@ from kd_dist.checkpoint import (
 from kd_dist.config import TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.engine import (
-    CollectiveTimeout,
     NonFiniteError,
     PreemptionWatch,
     TrainingPreempted,
     accelerator_session,
+    exit_on_collective_timeout,
     fill_deepspeed_config,
-    is_collective_timeout,
     place_teacher,
     zero3_partitioned_loading,
 )
@@ -287,13 +286,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         try:
             return run_training(cfg, accelerator, preemption)
         except RuntimeError as error:
-            if not is_collective_timeout(error):
-                raise
-            raise CollectiveTimeout(
-                f"rank {accelerator.process_index}: the other processes did not join a "
-                f"collective operation within --dist_timeout {cfg.dist_timeout} s: one of them "
-                f"hung or died (see its log). ({str(error).strip()[:200]})"
-            ) from error
+            exit_on_collective_timeout(error, accelerator.process_index, cfg.dist_timeout)
+            raise
 
 
 def run_training(

@@ -34,9 +34,10 @@ from kd_dist.faults import FAULT_ENV
 from .test_train import train_args
 
 # 64 examples, batch 16: 4 steps per epoch, 8 steps in all; dropout (gpt2) makes an exact
-# resume depend on every RNG state too.
+# resume depend on every RNG state too. (Compiling the loss would cost every new process
+# seconds; these tests are about faults, not the kernel.)
 RUN = ("--epochs", "2", "--batch_size", "16", "--save_steps", "2", "--seed", "7",
-       "--resume_from_checkpoint", "auto")  # fmt: skip
+       "--no-compile_loss", "--resume_from_checkpoint", "auto")  # fmt: skip
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -89,6 +90,8 @@ def test_kills_at_every_point_of_a_save_lose_nothing_and_the_run_resumes_exactly
     checkpoints = out / "checkpoints"
     # (fault, what `latest` names afterwards, which checkpoint folders are complete)
     chain = [
+        # killed in the first save: nothing to resume, so the rerun starts over
+        ("kill_save_state@2", None, []),
         # killed after every rank wrote its state, before the marker: staging folder only
         ("kill_save_state@4", "step-00000002", ["step-00000002"]),
         # resumed from 2, saved 4; killed after step 6's marker, before the rename
@@ -111,7 +114,7 @@ def test_kills_at_every_point_of_a_save_lose_nothing_and_the_run_resumes_exactly
     for fault, named, complete in chain:
         result = run(fault)
         assert result.returncode == -9, (fault, result.stderr[-3000:])
-        assert latest(out) == named, fault
+        assert (latest(out) if (checkpoints / "latest").exists() else None) == named, fault
         assert sorted(p.name for p in checkpoints.glob("step-*")) == complete, fault
         for name in complete:
             before = kept.setdefault(name, digests(checkpoints / name))
