@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kd_dist.config import CONFIG_FIELDS, ConfigError, TrainConfig, field_type, load_yaml
-from kd_dist.engine import PREEMPTED_EXIT_CODE, TrainingPreempted
+from kd_dist.engine import PREEMPTED_EXIT_CODE, NonFiniteError, TrainingPreempted
 
 
 def _flag_kwargs(name: str) -> dict[str, Any]:
@@ -108,4 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingPreempted as stop:
         print(f"kd-dist: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except NonFiniteError as error:
+        print(f"kd-dist: error: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -24,6 +24,7 @@ OptimizerName = Literal["adamw", "sgd", "adafactor"]
 SchedulerName = Literal["linear", "cosine", "constant"]
 DatasetFormat = Literal["auto", "text", "instruction", "chat", "seq2seq"]
 TeacherPlacement = Literal["auto", "replicate", "zero3", "zero3_offload"]
+PreemptionSignal = Literal["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT"]
 
 CONFIG_FILE_NAME = "kd_config.json"
 
@@ -174,6 +175,36 @@ class TrainConfig:
             "newest if there is one, else start fresh (for requeued jobs)."
         ),
     )
+    allow_resume_mismatch: bool = field(
+        default=False,
+        metadata=_help(
+            "Resume a checkpoint saved with other models, data, batch size, accumulation, seed, "
+            "optimizer or number of processes (refused by default: it cannot resume exactly)."
+        ),
+    )
+
+    # --- reliability ------------------------------------------------------------------------
+    preemption_signal: PreemptionSignal = field(
+        default="SIGUSR1",
+        metadata=_help(
+            "Signal that, like SIGTERM, makes the run save a checkpoint at the next step and exit "
+            "75 (SLURM's early warning: #SBATCH --signal=B:USR1@300)."
+        ),
+    )
+    skip_nonfinite: int = field(
+        default=0,
+        metadata=_help(
+            "Skip up to this many batches whose loss (or steps whose gradient norm) is not finite "
+            "(0: stop the run at the first)."
+        ),
+    )
+    dist_timeout: int = field(
+        default=1800,
+        metadata=_help(
+            "Seconds a collective operation may wait for the other processes before the run "
+            "fails with an error (a hung or dead process)."
+        ),
+    )
 
     # --- distillation loss ------------------------------------------------------------------
     loss: Objective = field(
@@ -246,6 +277,7 @@ class TrainConfig:
             ("dataset_format", DatasetFormat),
             ("loss", Objective),
             ("teacher_placement", TeacherPlacement),
+            ("preemption_signal", PreemptionSignal),
         ):
             allowed = get_args(kind)
             if getattr(self, name) not in allowed:
@@ -301,6 +333,10 @@ class TrainConfig:
                 "--packing joins plain-text documents for a causal model; seq2seq examples are "
                 "(source, target) pairs and can't be packed: drop --packing."
             )
+        if self.skip_nonfinite < 0:
+            problems.append("--skip_nonfinite must be >= 0 (0 stops at the first NaN).")
+        if self.dist_timeout < 1:
+            problems.append(f"--dist_timeout must be at least 1 second (got {self.dist_timeout}).")
         if self.fp16 and self.bf16:
             problems.append("--fp16 and --bf16 are exclusive: choose one.")
         if problems:

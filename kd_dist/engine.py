@@ -7,8 +7,10 @@ import copy
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
@@ -45,11 +47,14 @@ def _build_accelerator(cfg: TrainConfig) -> Accelerator:
             "launch with `accelerate launch --config_file "
             "accelerate_configs/deepspeed_zero3.yaml ...`, or use --teacher_placement replicate."
         )
-    if distributed_on_cpu:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Without an explicit gloo backend (DeepSpeed) or cpu=True (DDP), accelerate on a
         # CUDA-less host runs every launched process as if it were alone: data is not sharded
-        # and gradients are not averaged, silently.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        # and gradients are not averaged, silently. The timeout turns a hung or dead process
+        # into an error on the others instead of an endless wait.
+        backend = "gloo" if distributed_on_cpu else "nccl"
+        timeout = timedelta(seconds=cfg.dist_timeout)
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
     return Accelerator(
         cpu=distributed_on_cpu and not deepspeed,
         mixed_precision=cfg.mixed_precision,
@@ -137,7 +142,6 @@ def fill_deepspeed_config(accelerator: Accelerator, cfg: TrainConfig) -> None:
         plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad_norm
 
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", which the SLURM scripts requeue on
 
 
@@ -145,20 +149,49 @@ class TrainingPreempted(Exception):
     """The run saved a complete checkpoint and stopped because it was asked to."""
 
 
+class NonFiniteError(Exception):
+    """A NaN or infinite loss or gradient norm, beyond what --skip_nonfinite allows."""
+
+
+COLLECTIVE_TIMEOUT_EXIT_CODE = 1
+
+
+def exit_on_collective_timeout(error: RuntimeError, rank: int, seconds: int) -> None:
+    """After a collective timed out, say so and end the process at once (nothing else happens
+    for other errors).
+
+    The process group is broken: releasing it would wait for the missing process again (gloo's
+    destructor joins its stuck worker thread), so no clean-up runs, as NCCL's watchdog does.
+    """
+    text = str(error).strip()
+    # gloo: "Timed out waiting 10000ms for recv operation"; NCCL: "... operation timeout".
+    if "timed out" not in text.lower() and "operation timeout" not in text.lower():
+        return
+    sys.stderr.write(
+        f"kd-dist: error: rank {rank}: the other processes did not join a collective operation "
+        f"within --dist_timeout {seconds} s: one of them hung or died (see its log). "
+        f"({text.splitlines()[0][:200]})\n"
+    )
+    sys.stderr.flush()
+    os._exit(COLLECTIVE_TIMEOUT_EXIT_CODE)
+
+
 class PreemptionWatch:
-    """Remembers SIGTERM / SIGUSR1 (SLURM's early warning) until the next step boundary.
+    """Remembers SIGTERM and ``--preemption_signal`` (SLURM's early warning, SIGUSR1 by default)
+    until the next step boundary.
 
     A signal can reach one rank or all of them at different moments; ``agreed`` makes every rank
     take the same decision at the same step, so they all save and stop together.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, early_warning: str = "SIGUSR1") -> None:
+        self.signals = (signal.SIGTERM, signal.Signals[early_warning])
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> PreemptionWatch:
         if threading.current_thread() is threading.main_thread():  # signals need the main thread
-            for sig in PREEMPTION_SIGNALS:
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._remember)
         return self
 

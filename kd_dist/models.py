@@ -66,6 +66,21 @@ def check_vocab_covers_tokenizer(
         )
 
 
+def check_positions(config: PretrainedConfig, role: str, name: str, cfg: TrainConfig) -> None:
+    """Sequences must fit the model's position embeddings (models with relative positions, like
+    T5, have no such limit)."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    lengths = {"--max_length": cfg.max_length}
+    if cfg.task_type == "seq2seq" and cfg.max_target_length is not None:
+        lengths["--max_target_length"] = cfg.max_target_length
+    for flag, length in lengths.items():
+        if limit is not None and length > limit:
+            raise ConfigError(
+                f"{flag} {length} is longer than the {limit} positions of --{role}_model "
+                f"{name!r}: pass {flag} {limit} or less."
+            )
+
+
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     """The student's tokenizer, after checking the teacher's is the same; pad token ensured."""
     tokenizers = {}
@@ -112,6 +127,7 @@ def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         config = _load_config(name, role, cfg)
         check_task_type(config, role, name, cfg.task_type)
         check_vocab_covers_tokenizer(config, role, tokenizer)
+        check_positions(config, role, name, cfg)
 
 
 def precision_dtype(cfg: TrainConfig) -> torch.dtype:

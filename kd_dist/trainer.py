@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.optimization import Adafactor
 
+from kd_dist import faults
 from kd_dist.checkpoint import (
     EVAL_RESULTS_FILE,
     METRICS_FILE,
@@ -33,20 +34,25 @@ from kd_dist.checkpoint import (
     export_student,
     load_checkpoint,
     prepare_output_dir,
+    read_trainer_state,
+    refuse_mismatch,
     save_checkpoint,
 )
 from kd_dist.config import TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.engine import (
+    NonFiniteError,
     PreemptionWatch,
     TrainingPreempted,
     accelerator_session,
+    exit_on_collective_timeout,
     fill_deepspeed_config,
     place_teacher,
     zero3_partitioned_loading,
 )
 from kd_dist.evaluation import evaluate
 from kd_dist.losses import (
+    IGNORE_INDEX,
     LossOutput,
     auto_chunk_rows,
     count_valid_tokens,
@@ -124,6 +130,20 @@ def micro_batch_context(accelerator: Accelerator, model: torch.nn.Module, last: 
         yield
 
 
+def nonfinite_ranks(accelerator: Accelerator, *values: torch.Tensor) -> list[int]:
+    """The ranks where any of ``values`` holds a NaN or an infinity (a collective: every rank
+    must call it, so all of them take the same decision)."""
+    finite = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all()
+    flags = accelerator.gather(finite.reshape(1).float())
+    return [rank for rank, ok in enumerate(flags.tolist()) if not ok]
+
+
+def without_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with every label masked: its loss and gradient are exactly zero, and its
+    forward and backward run the same collectives as any other batch (ZeRO-3 included)."""
+    return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
+
+
 def use_fused_loss(cfg: TrainConfig, student: PreTrainedModel, teacher: PreTrainedModel) -> bool:
     """The fused path needs both models' output projections (``output_head``); a model family
     it does not know falls back to the logits path, with a warning."""
@@ -145,8 +165,12 @@ def make_micro_step(
     vocab_size: int,
     chunk_rows: int,
     fused: bool,
-) -> Callable[..., LossOutput]:
-    """One micro-batch: both forwards, the fused loss (or the logits loss), the backward."""
+) -> Callable[..., tuple[LossOutput, list[int]]]:
+    """One micro-batch: both forwards, the fused loss (or the logits loss), the backward.
+
+    The backward runs only when the loss is finite on every rank; otherwise the ranks where it
+    is not are returned (with no backward anywhere) and the caller decides.
+    """
     causal = cfg.task_type == "causal"
     spec = cfg.loss_spec
     student_module = accelerator.unwrap_model(student)
@@ -175,13 +199,15 @@ def make_micro_step(
         )  # fmt: skip
 
     def micro_step(
-        batch: dict[str, torch.Tensor], num_tokens: torch.Tensor, backward_scale: float
-    ) -> LossOutput:
+        batch: dict[str, torch.Tensor], num_tokens: torch.Tensor, backward_scale: float, step: int
+    ) -> tuple[LossOutput, list[int]]:
         student_out = outputs(student, student_module, batch)
         teacher_module = teacher
         if cfg.alpha < 1.0:
             with torch.no_grad(), accelerator.autocast():
                 teacher_out = outputs(teacher, teacher, batch)
+            if faults.wants("nan_teacher", step):
+                teacher_out = torch.full_like(teacher_out, math.nan)
         else:  # pure cross-entropy: the teacher's distribution has zero weight, skip its forward
             teacher_out, teacher_module = student_out.detach(), student_module
         s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
@@ -191,8 +217,13 @@ def make_micro_step(
             s = s.to(compute_dtype)
         with GatheredParameters(output_weights):
             out = loss(s, t, labels, teacher_module, num_tokens)
-            accelerator.backward(out.loss * backward_scale)
-        return out
+            # The teacher's rows too: the divergences treat a NaN teacher probability like a
+            # zero one (0 * log 0 = 0), so it would only surface later, in the gradient.
+            bad_ranks = nonfinite_ranks(accelerator, out.loss, t)
+            if not bad_ranks:
+                overflow = 1e30 if faults.wants("overflow", step) else 1.0
+                accelerator.backward(out.loss * (backward_scale * overflow))
+        return out, bad_ranks
 
     return micro_step
 
@@ -225,6 +256,21 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
+def count_nonfinite(cfg: TrainConfig, state: TrainerState, where: str) -> None:
+    """Skip a non-finite batch or step (within --skip_nonfinite), else stop the run before
+    anything more is saved (the last checkpoint stays the newest)."""
+    state.skipped_nonfinite += 1
+    if state.skipped_nonfinite > cfg.skip_nonfinite:
+        raise NonFiniteError(
+            f"{where} is not finite; stopped without saving (the last checkpoint is intact). "
+            f"Skipped so far: {state.skipped_nonfinite - 1} (--skip_nonfinite "
+            f"{cfg.skip_nonfinite}). Lower the learning rate, check the data, or pass a larger "
+            "--skip_nonfinite, then resume with --resume_from_checkpoint latest."
+        )
+    logger.warning("%s is not finite: skipped (%d of at most %d).", where[0].upper() + where[1:],
+                   state.skipped_nonfinite, cfg.skip_nonfinite)  # fmt: skip
+
+
 def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -233,8 +279,15 @@ def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 def train(cfg: TrainConfig) -> TrainResult:
     """Distil ``cfg.teacher_model`` into ``cfg.student_model``; the student lands in output_dir."""
     cfg.validate()
-    with accelerator_session(cfg) as accelerator, PreemptionWatch() as preemption:
-        return run_training(cfg, accelerator, preemption)
+    with (
+        accelerator_session(cfg) as accelerator,
+        PreemptionWatch(cfg.preemption_signal) as preemption,
+    ):
+        try:
+            return run_training(cfg, accelerator, preemption)
+        except RuntimeError as error:
+            exit_on_collective_timeout(error, accelerator.process_index, cfg.dist_timeout)
+            raise
 
 
 def run_training(
@@ -244,7 +297,7 @@ def run_training(
     causal = cfg.task_type == "causal"
 
     # --- output folder, tokenizer, data, models: cheapest checks first, weights last -----------
-    checkpoint = check_output_dir(cfg)
+    checkpoint = check_output_dir(cfg, world_size=accelerator.num_processes)
     tokenizer = load_tokenizer(cfg)
     check_models(cfg, tokenizer)
     data = build_datasets(cfg, tokenizer, main_process_first=accelerator.main_process_first)
@@ -254,6 +307,9 @@ def run_training(
             data.summary(),
             data.example,
         )
+    fingerprint = data.train._fingerprint  # datasets' hash of the source files and processing
+    if checkpoint is not None and read_trainer_state(checkpoint).data_fingerprint != fingerprint:
+        refuse_mismatch(checkpoint, ["the training data (its fingerprint)"], cfg)
     accelerator.wait_for_everyone()  # every rank has checked output_dir before anything is written
     if accelerator.is_main_process:
         prepare_output_dir(cfg, resuming=checkpoint is not None)
@@ -299,6 +355,9 @@ def run_training(
     state = TrainerState()
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
+    # What the next checkpoint records (after --allow_resume_mismatch: this run's values).
+    state.world_size, state.data_fingerprint = accelerator.num_processes, fingerprint
+    if checkpoint is not None:
         if accelerator.is_main_process:
             drop_metrics_after(cfg.output_dir, state.global_step)
         logger.info("Resumed from %s at step %d", checkpoint, state.global_step)
@@ -322,6 +381,9 @@ def run_training(
         for window in accumulation_windows(batches, cfg.gradient_accumulation_steps):
             if state.global_step >= total_steps:  # --max_steps reached mid-epoch
                 break
+            step = state.global_step + 1  # 1-based, as logged
+            if faults.wants("mask_labels", step):
+                window[0] = without_labels(window[0])
             # Normalise by the valid tokens of the whole optimizer step, over every micro-batch
             # and rank, so the gradient does not depend on how the step's batch was split.
             local_tokens = sum(count_valid_tokens(b["labels"], causal) for b in window)
@@ -338,14 +400,34 @@ def run_training(
             step_sums = torch.zeros(2, device=accelerator.device)
             for index, batch in enumerate(window):
                 with micro_batch_context(accelerator, student, last=index == len(window) - 1):
-                    out = micro_step(batch, step_tokens, backward_scale)
+                    out, bad_ranks = micro_step(batch, step_tokens, backward_scale, step)
+                    if bad_ranks:  # every rank saw the same list: they all act alike
+                        where = (f"the loss of step {step} (epoch {state.epoch}, batch "
+                                 f"{state.batches_done + index} of the epoch) on rank(s) "
+                                 f"{bad_ranks}")  # fmt: skip
+                        count_nonfinite(cfg, state, where)
+                        out, _ = micro_step(without_labels(batch), step_tokens, backward_scale,
+                                            step)  # fmt: skip
                 step_sums += torch.stack([out.kd_sum, out.ce_sum])
 
-            grad_norm = None
-            if cfg.clip_grad_norm > 0:  # under DeepSpeed: clipped in its step, norm reported
-                grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
+            # The clipping call also reports the norm (no clipping at 0: an infinite limit). It
+            # is the same on every rank: DDP averages the gradients, DeepSpeed the norm.
+            grad_norm = accelerator.clip_grad_norm_(
+                student.parameters(), cfg.clip_grad_norm or math.inf
+            )
+            finite_gradient = grad_norm is None or math.isfinite(float(grad_norm))
+            if finite_gradient or cfg.fp16:  # fp16: the loss scaler skips an overflowing step
+                optimizer.step()  # (under DeepSpeed its step already ran, or was discarded)
             optimizer.zero_grad(set_to_none=True)
+            if cfg.fp16 and accelerator.optimizer_step_was_skipped:
+                state.overflow_steps += 1
+                logger.warning("fp16 overflow: step %d skipped by the loss scaler (%d so far).",
+                               step, state.overflow_steps)  # fmt: skip
+            elif not finite_gradient:
+                batches = f"{state.batches_done}-{state.batches_done + len(window) - 1}"
+                where = (f"the gradient norm ({grad_norm}) of step {step} (epoch {state.epoch}, "
+                         f"batches {batches} of the epoch)")  # fmt: skip
+                count_nonfinite(cfg, state, where)
             progress.update(1)
 
             state.global_step += 1
@@ -360,6 +442,7 @@ def run_training(
                     ce_loss=ce, lr=learning_rate,
                     grad_norm=None if grad_norm is None else float(grad_norm),
                 )  # fmt: skip
+            faults.after_step(state.global_step)
             if cfg.save_steps and state.global_step % cfg.save_steps == 0:
                 save_checkpoint(accelerator, cfg, state)
                 saved_at = state.global_step
@@ -401,5 +484,5 @@ def run_training(
             (Path(cfg.output_dir) / EVAL_RESULTS_FILE).write_text(
                 json.dumps(eval_metrics, indent=2) + "\n"
             )
-    export_student(accelerator, student, tokenizer, cfg.output_dir)
+    export_student(accelerator, student, tokenizer, cfg, state)
     return TrainResult(cfg.output_dir, state.global_step, last_loss, eval_metrics)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -21,30 +24,6 @@ def run_train(capsys, teacher, student, dataset, output_dir, *extra) -> str:
     return capsys.readouterr().err
 
 
-def test_different_tokenizers_are_refused(capsys, model_pair, text_dataset, tmp_path):
-    teacher, _ = model_pair("gpt2")
-    other_tokenizer = build_tokenizer(["completely different words here"] * 20, vocab_size=280)
-    student = save_pair(tmp_path / "student", build_model("gpt2", other_tokenizer, "tiny"),
-                        other_tokenizer)  # fmt: skip
-    err = run_train(capsys, teacher, student, text_dataset, tmp_path / "out")
-    assert "Teacher and student tokenizers differ" in err
-    assert "same tokenizer" in err
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize(
-    ("family", "task_type", "fix"),
-    [("gpt2", "seq2seq", "--task_type causal"), ("t5", "causal", "--task_type seq2seq")],
-)
-def test_task_type_that_does_not_match_the_model_is_refused(
-    capsys, model_pair, text_dataset, tmp_path, family, task_type, fix
-):
-    teacher, student = model_pair(family)
-    err = run_train(capsys, teacher, student, text_dataset, tmp_path / "out", "--task_type",
-                    task_type)  # fmt: skip
-    assert f"pass {fix}" in err
-
-
 def test_unknown_dataset_columns_list_what_was_found(capsys, model_pair, tmp_path):
     teacher, student = model_pair("gpt2")
     dataset = write_jsonl(tmp_path / "odd.jsonl", [{"body": "hello", "meta": 1}] * 4)
@@ -53,36 +32,10 @@ def test_unknown_dataset_columns_list_what_was_found(capsys, model_pair, tmp_pat
     assert "--text_column" in err and "--dataset_format" in err
 
 
-def test_model_vocabulary_smaller_than_tokenizer_is_refused(capsys, tokenizer, model_pair,
-                                                            text_dataset, tmp_path):  # fmt: skip
-    teacher, _ = model_pair("llama")
-    small = AutoModelForCausalLM.from_config(model_config("llama", vocab_size=100, size="tiny"))
-    student = save_pair(tmp_path / "student", small, tokenizer)
-    err = run_train(capsys, teacher, student, text_dataset, tmp_path / "out")
-    assert "vocabulary (100 rows) is smaller than the tokenizer's" in err
-
-
 def test_missing_model_path_is_named(capsys, model_pair, text_dataset, tmp_path):
     teacher, _ = model_pair("gpt2")
     err = run_train(capsys, teacher, str(tmp_path / "nope"), text_dataset, tmp_path / "out")
     assert "--student_model" in err and "nope" in err
-
-
-def test_fp16_without_a_gpu_is_refused(capsys, model_pair, text_dataset, tmp_path):
-    teacher, student = model_pair("gpt2")
-    err = run_train(capsys, teacher, student, text_dataset, tmp_path / "out", "--fp16")
-    assert "--fp16 needs a CUDA GPU" in err and "--bf16" in err
-
-
-def test_non_empty_output_dir_is_refused_and_nothing_is_touched(capsys, model_pair, text_dataset,
-                                                                tmp_path):  # fmt: skip
-    teacher, student = model_pair("gpt2")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    err = run_train(capsys, teacher, student, text_dataset, out)
-    assert "is not empty (notes.txt)" in err and "--overwrite_output_dir" in err
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_overwrite_output_dir_replaces_a_previous_run_but_keeps_other_files(
@@ -127,8 +80,81 @@ def test_output_dir_that_is_a_file_is_refused(capsys, model_pair, text_dataset, 
     assert "is a file" in err
 
 
-def test_empty_dataset_file_is_a_clear_error(capsys, model_pair, tmp_path):
-    teacher, student = model_pair("gpt2")
+def other_tokenizer_student(tmp_path: Path, tokenizer) -> str:
+    other = build_tokenizer(["completely different words here"] * 20, vocab_size=280)
+    return save_pair(tmp_path / "student", build_model("gpt2", other, "tiny"), other)
+
+
+def small_vocabulary_student(tmp_path: Path, tokenizer) -> str:
+    small = AutoModelForCausalLM.from_config(model_config("gpt2", vocab_size=100, size="tiny"))
+    return save_pair(tmp_path / "student", small, tokenizer)
+
+
+def empty_dataset(tmp_path: Path) -> Path:
     (tmp_path / "empty.jsonl").write_text("")
-    err = run_train(capsys, teacher, student, tmp_path / "empty.jsonl", tmp_path / "out")
-    assert "empty.jsonl" in err and "not empty" in err
+    return tmp_path / "empty.jsonl"
+
+
+def folder_with_notes(tmp_path: Path) -> Path:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    return tmp_path / "out"
+
+
+@dataclass
+class BadInput:
+    message: str  # part of the error, naming the problem or the fix
+    flags: tuple[str, ...] = ()
+    family: str = "gpt2"
+    student: Callable[[Path, object], str] | None = None  # builds another student
+    dataset: Callable[[Path], Path] | None = None
+    output_dir: Callable[[Path], Path] | None = None
+
+
+BAD_INPUTS = {
+    "tokenizers differ": BadInput(
+        "Teacher and student tokenizers differ", student=other_tokenizer_student
+    ),
+    "student vocabulary too small": BadInput(
+        "vocabulary (100 rows) is smaller than the tokenizer's", student=small_vocabulary_student
+    ),
+    "decoder-only model as seq2seq": BadInput(
+        "pass --task_type causal", ("--task_type", "seq2seq")
+    ),
+    "encoder-decoder model as causal": BadInput("pass --task_type seq2seq", family="t5"),
+    "empty dataset": BadInput("empty.jsonl", dataset=empty_dataset),
+    "max_length beyond the positions": BadInput(
+        "--max_length 1024 is longer than the 512 positions", ("--max_length", "1024")
+    ),
+    "non-empty output_dir": BadInput(
+        "is not empty (notes.txt). Pass --resume_from_checkpoint latest",
+        output_dir=folder_with_notes,
+    ),
+    "unwritable output_dir": BadInput(
+        "cannot write in /proc", output_dir=lambda tmp_path: Path("/proc/kd_dist_test_out")
+    ),
+    "fp16 on a CPU": BadInput(
+        "--fp16 needs a CUDA GPU and none is available: use --bf16", ("--fp16",)
+    ),
+    "temperature 0": BadInput("--temperature must be > 0 (got 0.0)", ("--temperature", "0")),
+    "batch size 0": BadInput("--batch_size must be at least 1 (got 0)", ("--batch_size", "0")),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_a_clear_error_before_any_model_loads_and_nothing_is_written(
+    case, capsys, model_pair, tokenizer, text_dataset, tmp_path, monkeypatch
+):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr("kd_dist.trainer.load_models", no_weights)
+    teacher, student = model_pair(case.family)
+    if case.student is not None:
+        student = case.student(tmp_path, tokenizer)
+    dataset = case.dataset(tmp_path) if case.dataset else text_dataset
+    out = case.output_dir(tmp_path) if case.output_dir else tmp_path / "out"
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    err = run_train(capsys, teacher, student, dataset, out, *case.flags)
+    assert case.message in err
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before

@@ -1,0 +1,61 @@
+"""Test-only fault injection: put a kill, a signal, a hang or a NaN at an exact point of a run.
+
+The reliability tests need faults at moments no outside process can hit reliably (inside a
+checkpoint save, at one optimizer step, on one rank). They set ``KD_DIST_FAULT``; without it
+every call here is a no-op. Format: comma-separated ``NAME@STEP`` or ``NAME@STEP:RANK`` (STEP is
+the 1-based optimizer step, RANK the global rank; no rank means every rank). Names:
+
+- ``kill_save_<point>``: SIGKILL this process at ``<point>`` of the checkpoint save of STEP
+  (points in ``checkpoint.save_checkpoint``);
+- ``signal_<SIG>`` / ``signal_parent_<SIG>``: send signal SIG (e.g. SIGTERM) to this process /
+  to its launcher, after STEP;
+- ``hang``: stop responding after STEP (Python's signal handlers off, as in a process stuck in
+  native code);
+- ``nan_teacher``: fill the teacher's output with NaN in STEP;
+- ``mask_labels``: mask every label of this rank's first micro-batch of STEP;
+- ``overflow``: multiply STEP's backward by 1e30, so fp16 gradients overflow (the loss stays
+  finite).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+FAULT_ENV = "KD_DIST_FAULT"
+
+
+def _due(name: str, step: int) -> bool:
+    rank = os.environ.get("RANK", "0")
+    for entry in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        fault, _, where = entry.strip().partition("@")
+        fault_step, _, fault_rank = where.partition(":")
+        if fault == name and int(fault_step) == step and fault_rank in ("", rank):
+            return True
+    return False
+
+
+def wants(name: str, step: int) -> bool:
+    """Whether the data fault ``name`` (``nan_teacher``, ``mask_labels``, ``overflow``) is due at
+    ``step``."""
+    return _due(name, step)
+
+
+def kill_in_save(point: str, step: int) -> None:
+    if _due(f"kill_save_{point}", step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_step(step: int) -> None:
+    """Signals and hangs, at the boundary after optimizer step ``step``."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
+        if _due(f"signal_{name}", step):
+            os.kill(os.getpid(), getattr(signal, name))
+        if _due(f"signal_parent_{name}", step):
+            os.kill(os.getppid(), getattr(signal, name))
+    if _due("hang", step):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+        while True:
+            time.sleep(60)
