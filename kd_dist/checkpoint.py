@@ -232,11 +232,14 @@ def resolve_checkpoint(cfg: TrainConfig) -> Path | None:
 
 # Settings a checkpoint can only be resumed exactly with: they decide which examples each
 # optimizer step sees and what the saved optimizer and RNG states mean.
+# The data itself is compared by the content of its tokenized examples (the data fingerprint),
+# not by the --dataset path, so a copy of the same file elsewhere resumes.
 RESUME_MUST_MATCH = (
-    "teacher_model", "student_model", "task_type", "dataset", "dataset_config", "dataset_split",
-    "dataset_format", "text_column", "prompt_column", "response_column", "max_length",
-    "max_target_length", "train_on_prompt", "max_train_samples", "eval_ratio", "batch_size",
-    "gradient_accumulation_steps", "seed", "optimizer",
+    "teacher_model", "student_model", "task_type", "dataset_config", "dataset_split",
+    "dataset_format", "text_column", "messages_column", "prompt_column", "response_column",
+    "max_length", "max_target_length", "train_on_prompt", "packing", "max_train_samples",
+    "eval_ratio", "batch_size", "gradient_accumulation_steps", "seed", "optimizer", "fp16",
+    "bf16",
 )  # fmt: skip
 
 
@@ -338,8 +341,6 @@ def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"--output_dir {output_dir}: cannot create it ({error}).") from None
-    if not os.access(output_dir, os.W_OK):
-        raise ConfigError(f"--output_dir {output_dir} is not writable: choose another folder.")
     if not resuming and (cfg.overwrite_output_dir or restarts_own_run(cfg)):
         remove_entries(output_dir, RUN_RECORDS)
 
@@ -359,8 +360,19 @@ def drop_metrics_after(output_dir: str, step: int) -> None:
     path = Path(output_dir) / METRICS_FILE
     if path.is_file():
         lines = path.read_text().splitlines()
+        if lines and not _is_json(lines[-1]):  # torn by a crash while it was appended
+            logger.warning("Dropping an incomplete last line of %s.", path)
+            lines = lines[:-1]
         kept = [line for line in lines if json.loads(line)["step"] <= step]
         _write_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 # The only classes a checkpoint's pickle-based files may name, besides tensors and containers:
@@ -370,29 +382,47 @@ def drop_metrics_after(output_dir: str, step: int) -> None:
 SAFE_CHECKPOINT_GLOBALS = [
     *TORCH_SAFE_GLOBALS, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address,
 ]  # fmt: skip
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
+# Files a resume reads without unpickling: weights, JSON state, and DeepSpeed's tag file and
+# conversion scripts (copied beside its shards, never executed by a resume). Every other file is
+# read with torch.load(weights_only=True) before anything else loads it.
+NOT_PICKLED_SUFFIXES = {".safetensors", ".json", ".py"}
+NOT_PICKLED_NAMES = {"latest"}
 
 
 def check_safe_to_load(path: Path) -> None:
-    """Refuse a checkpoint with any pickle-based file that needs more than plain data.
+    """Refuse a checkpoint holding a symbolic link, or any file that is neither plain text nor
+    loadable with ``torch.load(weights_only=True)`` with only plain-data classes.
 
-    accelerate reads these files with ``weights_only=True`` but skips an RNG file it cannot
-    read (a silent non-exact resume); DeepSpeed reads its files with ``weights_only=False``,
-    which runs whatever code a planted pickle holds. Each file is read here first with
-    ``torch.load(weights_only=True)`` (memory-mapped, so nothing large is read twice).
+    accelerate reads its pickle-based files with ``weights_only=True`` but skips an RNG file it
+    cannot read (a silent non-exact resume); DeepSpeed reads its files with
+    ``weights_only=False``, which runs whatever code a planted pickle holds. Every file is
+    checked here first (memory-mapped, so nothing large is read twice); a link could lead the
+    loaders to a file outside the folder checked, so there may be none.
     """
-    for file in sorted(p for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES):
-        try:
-            with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # any failure means the file cannot be restored safely
-            reason = str(error).strip().splitlines()[0][:300]
-            raise ConfigError(
-                f"Refusing to resume from {path}: {file.relative_to(path)} is not a plain "
-                f"tensor/data file that loads with torch.load(weights_only=True) ({reason}). "
-                "Checkpoints are never unpickled with code; if you did not plant this file, "
-                "the checkpoint is damaged: resume from an earlier one."
-            ) from None
+
+    def refuse(file: Path, reason: str) -> None:
+        raise ConfigError(
+            f"Refusing to resume from {path}: {file.relative_to(path)} {reason}. Checkpoints "
+            "are never unpickled with code; if you did not plant this file, the checkpoint is "
+            "damaged: resume from an earlier one."
+        )
+
+    for folder, subfolders, names in os.walk(path):
+        for name in sorted(subfolders + names):
+            entry = Path(folder) / name
+            if entry.is_symlink():
+                refuse(entry, "is a symbolic link")
+            if entry.is_dir() or entry.suffix in NOT_PICKLED_SUFFIXES or name in NOT_PICKLED_NAMES:
+                continue
+            try:
+                with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+                    torch.load(entry, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:  # any failure means the file cannot be restored safely
+                # torch's message opens with general advice; the line naming the class is the
+                # one that says what was refused.
+                lines = str(error).strip().splitlines() or [type(error).__name__]
+                reason = next((line for line in lines if "GLOBAL" in line), lines[0])
+                refuse(entry, f"is not a plain tensor/data file ({reason.strip()[:300]})")
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
@@ -421,6 +451,21 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+# Weight files Hugging Face models are saved as (single or sharded, with their index).
+WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json",
+                        "pytorch_model*.bin", "pytorch_model.bin.index.json")  # fmt: skip
+
+
+def previous_export(output_dir: Path) -> set[str]:
+    """Names of the files a previous export left in ``output_dir``: those its manifest lists,
+    and any weight files (an export killed before its manifest has none)."""
+    names = {p.name for pattern in WEIGHT_FILE_PATTERNS for p in output_dir.glob(pattern)}
+    manifest = output_dir / EXPORT_MANIFEST
+    if manifest.is_file() and _is_json(text := manifest.read_text()):
+        names |= set(json.loads(text).get("files", {}))
+    return names
+
+
 def export_student(
     accelerator: Accelerator,
     student: PreTrainedModel,
@@ -441,9 +486,14 @@ def export_student(
     if accelerator.is_main_process:
         output_dir = Path(cfg.output_dir)
         staging = output_dir / ".export.partial"
+        previous = previous_export(output_dir)
         remove_entries(output_dir, (staging.name, EXPORT_MANIFEST))
         model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        # A previous export's files that this one does not write again (shards of a differently
+        # sharded model, an old chat template) would otherwise load with the new model.
+        stale = previous - {file.name for file in staging.iterdir()}
+        remove_entries(output_dir, tuple(sorted(stale)))
         files = {}
         for file in sorted(staging.iterdir()):
             _fsync(file)

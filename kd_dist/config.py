@@ -179,7 +179,8 @@ class TrainConfig:
         default=False,
         metadata=_help(
             "Resume a checkpoint saved with other models, data, batch size, accumulation, seed, "
-            "optimizer or number of processes (refused by default: it cannot resume exactly)."
+            "optimizer, precision or number of processes (refused by default: it cannot resume "
+            "exactly)."
         ),
     )
 
@@ -349,7 +350,11 @@ class TrainConfig:
         """Write the resolved configuration as JSON beside the run's outputs."""
         path = Path(directory) / CONFIG_FILE_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        # Written aside and renamed: a kill mid-write must not leave a truncated file that the
+        # next start (which reads it) would choke on.
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, path)
         return path
 
 

@@ -177,15 +177,16 @@ def exit_on_collective_timeout(error: RuntimeError, rank: int, seconds: int) -> 
 
 
 class PreemptionWatch:
-    """Remembers SIGTERM and ``--preemption_signal`` (SLURM's early warning, SIGUSR1 by default)
-    until the next step boundary.
+    """Remembers SIGTERM, SIGUSR1 and ``--preemption_signal`` (SLURM's early warning) until the
+    next step boundary. SIGUSR1 is always watched: the launch/ scripts forward SLURM's warning
+    to the ranks as SIGUSR1 whatever signal SLURM sent.
 
     A signal can reach one rank or all of them at different moments; ``agreed`` makes every rank
     take the same decision at the same step, so they all save and stop together.
     """
 
     def __init__(self, early_warning: str = "SIGUSR1") -> None:
-        self.signals = (signal.SIGTERM, signal.Signals[early_warning])
+        self.signals = {signal.SIGTERM, signal.SIGUSR1, signal.Signals[early_warning]}
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 

@@ -39,7 +39,7 @@ from kd_dist.checkpoint import (
     save_checkpoint,
 )
 from kd_dist.config import TrainConfig
-from kd_dist.data import build_datasets, make_collator
+from kd_dist.data import build_datasets, content_fingerprint, make_collator
 from kd_dist.engine import (
     NonFiniteError,
     PreemptionWatch,
@@ -252,8 +252,11 @@ class MetricsLog:
             tok_s=f"{record['tokens_per_s']:.0f}",
         )
         if self.enabled:
+            # JSON has no NaN or infinity (strict parsers reject them): a non-finite value is null.
+            finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                      for k, v in record.items()}  # fmt: skip
             with self.path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json.dumps(finite) + "\n")
 
 
 def count_nonfinite(cfg: TrainConfig, state: TrainerState, where: str) -> None:
@@ -307,9 +310,9 @@ def run_training(
             data.summary(),
             data.example,
         )
-    fingerprint = data.train._fingerprint  # datasets' hash of the source files and processing
+    fingerprint = content_fingerprint(data.train)
     if checkpoint is not None and read_trainer_state(checkpoint).data_fingerprint != fingerprint:
-        refuse_mismatch(checkpoint, ["the training data (its fingerprint)"], cfg)
+        refuse_mismatch(checkpoint, ["the training data (its tokenized examples)"], cfg)
     accelerator.wait_for_everyone()  # every rank has checked output_dir before anything is written
     if accelerator.is_main_process:
         prepare_output_dir(cfg, resuming=checkpoint is not None)

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import pickle
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +27,12 @@ from kd_dist.checkpoint import (
     EXPORT_MANIFEST,
     TRAINER_STATE_FILE,
     check_safe_to_load,
+    drop_metrics_after,
     resolve_checkpoint,
 )
 from kd_dist.cli import main
 from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.engine import PreemptionWatch
 from kd_dist.faults import FAULT_ENV
 
 from .test_train import train_args
@@ -186,17 +190,31 @@ class Payload:
         return os.system, (f"touch {self.sentinel}",)
 
 
+def plant_behind_a_link(path: Path, payload: Payload) -> None:
+    """DeepSpeed loads ``pytorch_model/*.pt`` with weights_only=False: a linked folder of them
+    must not escape the check."""
+    elsewhere = path.parent.parent / "elsewhere"
+    elsewhere.mkdir()
+    torch.save({"module": payload}, elsewhere / "mp_rank_00_model_states.pt")
+    path.symlink_to(elsewhere, target_is_directory=True)
+
+
 @pytest.mark.parametrize(
-    ("planted", "write"),
+    ("planted", "write", "reason"),
     [
         # accelerate would skip an RNG file it cannot read, silently: a non-exact resume
-        ("random_states_0.pkl", lambda path, payload: torch.save({"x": payload}, path)),
-        # a plain (non-torch) pickle, as DeepSpeed's own files would be read
-        ("optimizer.bin", lambda path, payload: path.write_bytes(pickle.dumps(payload))),
+        ("random_states_0.pkl", lambda path, payload: torch.save({"x": payload}, path),
+         "GLOBAL posix.system"),
+        ("optimizer.bin", lambda path, payload: torch.save(payload, path),
+         "GLOBAL posix.system"),
+        # a plain (non-torch) pickle is refused before anything is unpickled
+        ("scheduler.bin", lambda path, payload: path.write_bytes(pickle.dumps(payload)),
+         "is not a plain tensor/data file"),
+        ("pytorch_model", plant_behind_a_link, "is a symbolic link"),
     ],
-)
+)  # fmt: skip
 def test_a_planted_pickle_is_refused_and_its_payload_never_runs(
-    model_pair, text_dataset, straight_run, tmp_path, capsys, planted, write
+    model_pair, text_dataset, straight_run, tmp_path, capsys, planted, write, reason
 ):
     teacher, student = model_pair("gpt2")
     checkpoint = tmp_path / "step-00000008"
@@ -215,6 +233,7 @@ def test_a_planted_pickle_is_refused_and_its_payload_never_runs(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"Refusing to resume from {checkpoint}: {planted}" in err
+    assert reason in err
     assert not sentinel.exists()
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
@@ -273,17 +292,24 @@ def test_resume_refuses_a_checkpoint_of_a_different_run_unless_asked(
     assert resume(checkpoint=copy) == 2
     assert "processes 2 -> 1" in capsys.readouterr().err
 
-    # The same data file, edited after the checkpoint was saved.
+    # The data is compared by content: a copy elsewhere (node-local disk on a requeue) resumes,
+    # the same file edited after the checkpoint was saved does not.
     dataset = tmp_path / "data.jsonl"
     dataset.write_text(text_dataset.read_text())
     first = tmp_path / "first"
-    assert main(train_args(teacher, student, dataset, first, "--max_steps", "1", "--batch_size",
-                           "16", "--save_steps", "1")) == 0  # fmt: skip
+
+    def run(data: Path, steps: str, *resume: str) -> int:
+        return main(train_args(teacher, student, data, first, "--max_steps", steps, "--batch_size",
+                               "16", "--save_steps", "1", *resume))  # fmt: skip
+
+    assert run(dataset, "1") == 0
+    copied = tmp_path / "node-local" / "data.jsonl"
+    copied.parent.mkdir()
+    copied.write_text(dataset.read_text())
+    assert run(copied, "2", "--resume_from_checkpoint", "latest") == 0
     dataset.write_text(text_dataset.read_text() + json.dumps({"text": "one more line."}) + "\n")
-    argv = train_args(teacher, student, dataset, first, "--max_steps", "2", "--batch_size", "16",
-                      "--save_steps", "1", "--resume_from_checkpoint", "latest")  # fmt: skip
-    assert main(argv) == 2
-    assert "the training data (its fingerprint)" in capsys.readouterr().err
+    assert run(dataset, "3", "--resume_from_checkpoint", "latest") == 2
+    assert "the training data (its tokenized examples)" in capsys.readouterr().err
 
     # An explicit override continues (from step 4 to 5) with the new batch size.
     assert resume("--batch_size", "8", "--allow_resume_mismatch") == 0
@@ -352,3 +378,66 @@ def test_a_nan_stops_the_run_without_saving_or_is_skipped_within_the_bound(
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     weights = load_file(skipped / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_an_infinite_gradient_norm_is_caught_like_a_nan_loss(
+    model_pair, text_dataset, tmp_path, capsys, monkeypatch
+):
+    # The loss stays finite; its backward is scaled by 1e30, so the gradient norm overflows.
+    teacher, student = model_pair("llama")
+    monkeypatch.setenv(FAULT_ENV, "overflow@2")
+    extra = ("--max_steps", "3", "--batch_size", "16", "--save_steps", "1")
+    assert main(train_args(teacher, student, text_dataset, tmp_path / "stop", *extra)) == 1
+    assert "the gradient norm (inf) of step 2 (epoch 0, batches 1-1" in capsys.readouterr().err
+    assert latest(tmp_path / "stop") == "step-00000001"
+
+    skipped = tmp_path / "skip"
+    argv = train_args(teacher, student, text_dataset, skipped, *extra, "--skip_nonfinite", "1")
+    assert main(argv) == 0
+    state = json.loads((skipped / "checkpoints" / "step-00000003" / TRAINER_STATE_FILE).read_text())
+    assert state["skipped_nonfinite"] == 1
+    records = [json.loads(line) for line in (skipped / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["grad_norm"] is None  # infinite: JSON has no infinity
+    weights = load_file(skipped / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_overwriting_an_export_leaves_none_of_its_files(model_pair, text_dataset, tmp_path):
+    # A previous, differently sharded export, with a chat template this run does not write.
+    teacher, student = model_pair("gpt2")
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "model.safetensors.index.json", "chat_template.jinja"]  # fmt: skip
+    for name in stale:
+        (out / name).write_text("{}")
+    files = {name: {"sha256": "", "bytes": 2} for name in stale}
+    (out / EXPORT_MANIFEST).write_text(json.dumps({"files": files}))
+    (out / "notes.txt").write_text("mine")  # not the export's: kept
+    argv = train_args(teacher, student, text_dataset, out, "--max_steps", "1",
+                      "--overwrite_output_dir")  # fmt: skip
+    assert main(argv) == 0
+    assert not any((out / name).exists() for name in stale)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert set(json.loads((out / EXPORT_MANIFEST).read_text())["files"]) >= {"model.safetensors"}
+
+
+def test_a_torn_metrics_line_does_not_block_the_resume(straight_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "lo')
+    drop_metrics_after(str(out), 6)
+    assert [
+        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
+def test_sigterm_and_the_launch_scripts_sigusr1_are_watched_whatever_the_early_warning(sent):
+    with PreemptionWatch("SIGUSR2") as watch:
+        os.kill(os.getpid(), sent)
+        assert watch.received == sent
+    with PreemptionWatch("SIGHUP") as watch:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert watch.received == signal.SIGHUP
