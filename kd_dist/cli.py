@@ -58,11 +58,13 @@ EVAL_FLAGS = (
 
 def build_eval_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
-        "--student", dest="student_model", required=True,
-        help="The student to evaluate: a saved run's output_dir, a checkpoint's export, or an "
-        "untrained student (the baseline).",
+        "--student", dest="student_model", required=True, metavar="PATH",
+        help="The student to evaluate: a kd-dist train --output_dir, or any model folder or hub "
+        "name (e.g. the untrained student, as a baseline).",
     )  # fmt: skip
-    parser.add_argument("--teacher", dest="teacher_model", required=True, help="The teacher.")
+    parser.add_argument(
+        "--teacher", dest="teacher_model", required=True, metavar="PATH", help="The teacher."
+    )
     parser.add_argument("--output_json", help="Also write the metrics to this JSON file.")
     for name in EVAL_FLAGS:
         parser.add_argument(f"--{name}", default=argparse.SUPPRESS, **_flag_kwargs(name))

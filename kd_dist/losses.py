@@ -257,7 +257,7 @@ def auto_chunk_rows(
     return max(1, int(memory_budget_mb * 2**20) // (vocab_size * 4 * values))
 
 
-def kernel_block_rows(chunk_rows: int, vocab_size: int, device: torch.device) -> int:
+def _block_rows(chunk_rows: int, vocab_size: int, device: torch.device) -> int:
     """Rows the elementwise kernel takes at once: cache-sized on a CPU, the chunk elsewhere."""
     if device.type != "cpu":
         return chunk_rows
@@ -280,7 +280,7 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
         kernel = _chunk_kernel(compiled)
         grad_student = torch.empty_like(student, dtype=gradient_dtype(student.dtype))
         totals = torch.zeros(3, dtype=torch.float32, device=student.device)
-        block_rows = kernel_block_rows(chunk_rows, student.shape[-1], student.device)
+        block_rows = _block_rows(chunk_rows, student.shape[-1], student.device)
         for start in range(0, student.shape[0], block_rows):
             rows = slice(start, start + block_rows)
             *sums, grad_student[rows] = kernel(student[rows], teacher[rows], labels[rows], spec)
@@ -338,7 +338,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             if grad_dtype == student_buffer.dtype
             else student_buffer.new_empty(buffer_rows, vocab_size, dtype=grad_dtype)
         )
-        block_rows = kernel_block_rows(chunk_rows, vocab_size, student_hidden.device)
+        block_rows = _block_rows(chunk_rows, vocab_size, student_hidden.device)
         for start in range(0, student_hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             hidden, chunk_labels = student_hidden[rows], labels[rows]
@@ -551,20 +551,29 @@ def logit_chunks(
     ):
         columns = values.shape[-1] if head is None else head.weight.shape[0]
         _check_vocab(f"the {name}'s output layer", columns, vocab_size)
+    # The projections write into buffers made once (fresh [C x V] tensors per chunk cost page
+    # faults on a CPU): each chunk is valid until the next one is made.
+    buffer_rows = min(chunk_rows, student.shape[0])
+    buffers = [
+        None if head is None else values.new_empty(buffer_rows, vocab_size)
+        for values, head in ((student, student_head), (teacher, teacher_head))
+    ]
     for start in range(0, student.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
         yield (
             rows,
-            _chunk_logits(student[rows], student_head, vocab_size),
-            _chunk_logits(teacher[rows], teacher_head, vocab_size),
+            _chunk_logits(student[rows], student_head, vocab_size, buffers[0]),
+            _chunk_logits(teacher[rows], teacher_head, vocab_size, buffers[1]),
         )
 
 
-def _chunk_logits(rows: torch.Tensor, head: OutputHead | None, vocab_size: int) -> torch.Tensor:
+def _chunk_logits(
+    rows: torch.Tensor, head: OutputHead | None, vocab_size: int, buffer: torch.Tensor | None
+) -> torch.Tensor:
     """fp32 logits [C, V] of one chunk: hidden rows projected by ``head``, or logit rows cut."""
     if head is None:
         return rows[:, :vocab_size].float()
     weight = head.weight[:vocab_size].to(rows.dtype)  # the projection runs in the rows' dtype
     bias = None if head.bias is None else head.bias[:vocab_size].to(rows.dtype)
-    logits = _project(rows.new_empty(rows.shape[0], vocab_size), rows, weight, bias)
+    logits = _project(buffer[: rows.shape[0]], rows, weight, bias)
     return head.transform.apply(logits.float())[0]
