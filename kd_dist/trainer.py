@@ -389,6 +389,8 @@ def run_training(
     micro_step = make_micro_step(cfg, accelerator, student, teacher, vocab_size, chunk_rows, fused)
     if accelerator.is_main_process:
         logger.info(run_summary(cfg, accelerator, data, student, teacher, total_steps, fused))
+        if cfg.report_to != "none":
+            (Path(cfg.output_dir) / TRACKER_DIR).mkdir(exist_ok=True)
         accelerator.init_trackers(
             "kd_dist",
             config={k: v for k, v in cfg.to_dict().items() if v is not None},
