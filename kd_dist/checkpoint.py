@@ -3,8 +3,10 @@
 Layout of ``output_dir``::
 
     kd_config.json              the resolved run configuration
-    metrics.jsonl               one line per logged step
+    metrics.jsonl               one line per logged step and one per evaluation
     eval_results.json           held-out metrics at the end
+    runs/                       TensorBoard / W&B files (--report_to)
+    report/                     plots and summary written by `kd-dist report`
     checkpoints/step-00000040/  accelerator state (model safetensors, optimizer, RNG, sampler)
                                 + trainer_state.json + kd_config.json
                                 + checkpoint_complete.json (written last: files and sizes)
@@ -54,9 +56,11 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_RESULTS_FILE = "eval_results.json"
 COMPLETE_MARKER = "checkpoint_complete.json"
 EXPORT_MANIFEST = "export_manifest.json"
+TRACKER_DIR = "runs"  # --report_to tensorboard/wandb files
+REPORT_DIR = "report"  # kd-dist report's plots and summary
 # What a run writes besides the student's own files; --overwrite_output_dir clears these so a
 # new run never mixes with an old one's metrics or resumes from its checkpoints.
-RUN_RECORDS = (CHECKPOINTS_DIR, METRICS_FILE, EVAL_RESULTS_FILE)
+RUN_RECORDS = (CHECKPOINTS_DIR, METRICS_FILE, EVAL_RESULTS_FILE, TRACKER_DIR, REPORT_DIR)
 
 
 @dataclass

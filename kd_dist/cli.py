@@ -1,12 +1,14 @@
-"""Command line: ``kd-dist train|demo`` (also ``python -m kd_dist ...``).
+"""Command line: ``kd-dist train|eval|report|demo`` (also ``python -m kd_dist ...``).
 
 The ``train`` flags are generated from ``TrainConfig``'s fields, so every flag can also be set in
-a ``--config run.yaml`` file; precedence is defaults < YAML < command line.
+a ``--config run.yaml`` file; precedence is defaults < YAML < command line. ``eval`` takes the
+data, precision and chunking flags of ``train`` (same names, same meanings).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -44,6 +46,31 @@ def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+# The train flags `kd-dist eval` accepts too: what selects, tokenizes and batches the examples,
+# the precision, and the chunking of the metrics.
+EVAL_FLAGS = (
+    "task_type", "dataset", "dataset_config", "dataset_split", "eval_split", "eval_ratio",
+    "dataset_format", "text_column", "prompt_column", "response_column", "max_length",
+    "max_target_length", "train_on_prompt", "max_eval_samples", "num_proc", "batch_size", "bf16",
+    "fp16", "seed", "vocab_chunk_size", "loss_chunk_memory_mb", "trust_remote_code",
+)  # fmt: skip
+
+
+def build_eval_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--student", dest="student_model", required=True, metavar="PATH",
+        help="The student to evaluate: a kd-dist train --output_dir, or any model folder or hub "
+        "name (e.g. the untrained student, as a baseline).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--teacher", dest="teacher_model", required=True, metavar="PATH", help="The teacher."
+    )
+    parser.add_argument("--output_json", help="Also write the metrics to this JSON file.")
+    for name in EVAL_FLAGS:
+        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, **_flag_kwargs(name))
+    return parser
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     values.update({k: v for k, v in vars(args).items() if k in CONFIG_FIELDS})
@@ -69,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     build_train_parser(
         commands.add_parser("train", help="Distil a teacher into a student.", allow_abbrev=False)
     )
+    build_eval_parser(
+        commands.add_parser(
+            "eval",
+            help="Held-out metrics of a saved student against its teacher.",
+            allow_abbrev=False,
+        )
+    )
+    report = commands.add_parser(
+        "report", help="Plots and a Markdown summary of a run's metrics (needs matplotlib)."
+    )
+    report.add_argument("run_dir", help="A training run's --output_dir.")
+    report.add_argument(
+        "--output_dir", help="Where to write the plots and report.md (default: RUN_DIR/report)."
+    )
     demo = commands.add_parser(
         "demo", help="Built-in offline demo: train a tiny teacher, distil it, compare with CE."
     )
@@ -80,11 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _setup_logging() -> None:
     # Only the main process talks; other ranks report warnings and errors.
-    is_main = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
+        level=logging.INFO if _is_main_process() else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
@@ -98,6 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kd_dist.trainer import train
 
             train(config_from_args(args))
+        elif args.command == "eval":
+            from kd_dist.evaluation import evaluate_saved, metrics_table
+
+            metrics = evaluate_saved(config_from_args(args))
+            if _is_main_process():
+                print(metrics_table({args.student_model: metrics}))
+                if args.output_json:
+                    with open(args.output_json, "w") as handle:
+                        handle.write(json.dumps(metrics, indent=2) + "\n")
+        elif args.command == "report":
+            from kd_dist.report import write_report
+
+            print(f"Report written to {write_report(args.run_dir, args.output_dir)}")
         elif args.command == "demo":
             from kd_dist.demo import run_demo
 

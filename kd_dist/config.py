@@ -7,6 +7,7 @@ fields), so a YAML file and the command line can set exactly the same things.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import types
@@ -25,6 +26,7 @@ SchedulerName = Literal["linear", "cosine", "constant"]
 DatasetFormat = Literal["auto", "text", "instruction", "chat", "seq2seq"]
 TeacherPlacement = Literal["auto", "replicate", "zero3", "zero3_offload"]
 PreemptionSignal = Literal["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT"]
+ReportTo = Literal["none", "tensorboard", "wandb"]
 
 CONFIG_FILE_NAME = "kd_config.json"
 
@@ -152,6 +154,23 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata=_help("bf16 mixed precision."))
     seed: int = field(default=42, metadata=_help("Random seed (data order, dropout, init)."))
     logging_steps: int = field(default=10, metadata=_help("Log every this many steps."))
+    eval_steps: int = field(
+        default=0,
+        metadata=_help(
+            "Evaluate on the eval split every N optimizer steps (0: only at the end of the run)."
+        ),
+    )
+    eval_before_training: bool = field(
+        default=False,
+        metadata=_help("Also evaluate the student before the first step (the starting point)."),
+    )
+    report_to: ReportTo = field(
+        default="none",
+        metadata=_help(
+            "Also send the logged metrics to tensorboard or wandb (Accelerate's trackers; needs "
+            "pip install 'kd_dist[tensorboard]' or 'kd_dist[wandb]')."
+        ),
+    )
     save_every: int = field(
         default=1, metadata=_help("Save a resumable checkpoint every N epochs (0 disables).")
     )
@@ -279,6 +298,7 @@ class TrainConfig:
             ("loss", Objective),
             ("teacher_placement", TeacherPlacement),
             ("preemption_signal", PreemptionSignal),
+            ("report_to", ReportTo),
         ):
             allowed = get_args(kind)
             if getattr(self, name) not in allowed:
@@ -323,6 +343,13 @@ class TrainConfig:
                 problems.append(f"--{name} must be at least 1 (got {value}; omit it for all).")
         if self.logging_steps < 1:
             problems.append("--logging_steps must be at least 1.")
+        if self.eval_steps < 0:
+            problems.append("--eval_steps must be >= 0 (0 evaluates only at the end).")
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            problems.append(
+                f"--report_to {self.report_to} needs the {self.report_to} package: "
+                f"pip install 'kd_dist[{self.report_to}]' (or pass --report_to none)."
+            )
         if self.save_every < 0:
             problems.append("--save_every must be >= 0 (0 disables epoch checkpoints).")
         if self.save_steps < 0:

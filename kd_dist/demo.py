@@ -5,8 +5,9 @@
 2. Train a tokenizer and a teacher on it with plain cross-entropy.
 3. With the same budget, train one student by distillation and an identical one by
    cross-entropy alone, through the same ``train`` used by ``kd-dist train``.
-4. Print held-out metrics of both (the evaluation code of every run) and keep the distilled
-   student in ``OUTPUT_DIR/student_kd``.
+4. Evaluate the untrained student too (``kd-dist eval``'s function), print the held-out metrics
+   of all three (the evaluation code of every run) and keep the distilled student in
+   ``OUTPUT_DIR/student_kd``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import json
 import random
 from pathlib import Path
 
+import torch
+
 from kd_dist.checkpoint import remove_entries
 from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.evaluation import evaluate_saved, metrics_table
 from kd_dist.tiny import build_model, build_tokenizer, save_pair
 from kd_dist.trainer import train
 
@@ -97,6 +101,7 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
     dataset.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
 
     tokenizer = build_tokenizer(sentences, vocab_size=384)
+    torch.manual_seed(seed)  # the initial weights too, so that a rerun prints the same table
     teacher_init = save_pair(
         root / "init" / "teacher",
         build_model(
@@ -108,45 +113,41 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
         root / "init" / "student", build_model("llama", tokenizer, "tiny"), tokenizer
     )
 
-    print("[1/3] training the teacher (cross-entropy)")
+    print("[1/4] training the teacher (cross-entropy)")
     teacher = demo_config(
         root / "teacher", teacher_init, teacher_init, dataset, alpha=1.0, epochs=3, seed=seed
     )
     train(teacher)
     budget = dict(epochs=2, seed=seed)
-    print("[2/3] distilling the student (forward KL to the teacher)")
+    print("[2/4] distilling the student (forward KL to the teacher)")
     kd = train(
         demo_config(
             root / "student_kd", teacher.output_dir, student_init, dataset, alpha=0.0, **budget
         )
     )
-    print("[3/3] training the same student on cross-entropy only (baseline)")
+    print("[3/4] training the same student on cross-entropy only (baseline)")
     ce = train(
         demo_config(
             root / "student_ce", teacher.output_dir, student_init, dataset, alpha=1.0, **budget
         )
     )
 
-    results = {"distilled": kd.eval_metrics, "cross_entropy_only": ce.eval_metrics}
+    print("[4/4] evaluating the untrained student (the starting point)")
+    untrained = evaluate_saved(
+        demo_config(root / "student_kd", teacher.output_dir, student_init, dataset, **budget)
+    )
+
+    results = {
+        "untrained": untrained,
+        "distilled": kd.eval_metrics,
+        "cross_entropy_only": ce.eval_metrics,
+    }
     (root / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(format_table(results))
+    print("Held-out metrics")
+    print(metrics_table(results))
     print(verdict(results))
     print(f"Distilled student saved in {root / 'student_kd'} (load it with from_pretrained).")
     return results
-
-
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    teacher_ppl = next(iter(results.values()))["teacher_ppl"]
-    lines = [
-        f"Held-out metrics (teacher perplexity {teacher_ppl:.3f})",
-        f"{'student':<20} {'perplexity':>10} {'KL to teacher':>14} {'top-1 agreement':>16}",
-    ]
-    for name, m in results.items():
-        lines.append(
-            f"{name:<20} {m['student_ppl']:>10.3f} {m['kl_to_teacher']:>14.4f} "
-            f"{m['top1_agreement']:>16.1%}"
-        )
-    return "\n".join(lines)
 
 
 def verdict(results: dict[str, dict[str, float]]) -> str:

@@ -11,13 +11,20 @@ import sys
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DeepSpeedPlugin,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 from transformers.integrations import unset_hf_deepspeed_config
 
+from kd_dist.checkpoint import TRACKER_DIR
 from kd_dist.config import ConfigError, TrainConfig
 
 logger = logging.getLogger("kd_dist")
@@ -64,6 +71,11 @@ def _build_accelerator(cfg: TrainConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=handlers,
         deepspeed_plugins=_deepspeed_plugins(cfg) if deepspeed else None,
+        # Trackers (TensorBoard, W&B) write under OUTPUT_DIR/runs; the main process logs to them.
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_DIR)
+        ),
     )
 
 

@@ -1,41 +1,149 @@
-"""Held-out metrics of a student against its teacher, computed chunk by chunk without gradients.
+"""Held-out metrics of a student against its teacher, at temperature 1, without gradients.
 
-All metrics are sums over valid label positions first (so they can be added across batches and
-ranks), then turned into means at the end:
-
-- student / teacher cross-entropy on the ground-truth tokens, and their perplexities;
+- student and teacher cross-entropy on the ground-truth tokens (seq2seq: the target tokens), and
+  their perplexities;
 - KL(teacher || student) at temperature 1;
 - top-1 agreement: how often the student's most likely token is the teacher's.
+
+One function, ``evaluate``, computes them for the evaluation during training, ``kd-dist eval``
+(``evaluate_saved``) and the demo's table.
+
+Memory: like the training loss, the metrics never build a batch's [tokens x vocab] logits. Both
+models return their final hidden states and each chunk of rows is projected to logits, measured
+and freed (``logit_chunks``); a model family the fused path does not know (``output_head`` is
+None) returns its logits, which are still measured chunk by chunk.
+
+Distributed: the sums are kept per example, so that the duplicates accelerate adds to even out the
+last batch across processes are dropped (``gather_for_metrics``) before anything is added up. The
+metrics are sums over the real examples of all ranks divided by their token count, never an
+average of per-rank averages.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
+from deepspeed.runtime.zero import GatheredParameters
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from kd_dist.losses import valid_rows
-from kd_dist.models import forward_logits
+from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.data import build_datasets, make_collator
+from kd_dist.engine import accelerator_session, deepspeed_launch
+from kd_dist.losses import (
+    auto_chunk_rows,
+    logit_chunks,
+    plogx,
+    softmax_and_log_softmax,
+    valid_mask,
+    valid_rows,
+)
+from kd_dist.models import (
+    check_models,
+    forward_hidden,
+    forward_logits,
+    load_models,
+    load_tokenizer,
+    output_head,
+)
 
+logger = logging.getLogger("kd_dist")
+
+# Per-example sums, in this order; the metrics are ratios of their totals.
 METRIC_SUMS = ("student_ce", "teacher_ce", "kl", "agreement", "tokens")
+# The keys of ``evaluate``'s result.
+METRIC_KEYS = (
+    "student_ce",
+    "student_ppl",
+    "teacher_ce",
+    "teacher_ppl",
+    "kl_to_teacher",
+    "top1_agreement",
+    "tokens",
+)
 
 
-def _chunk_sums(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[5] float64 sums of one chunk of logit rows ([C, V] x 2, [C]), in METRIC_SUMS order."""
-    log_q = F.log_softmax(student.float(), dim=-1)
-    log_p = F.log_softmax(teacher.float(), dim=-1)
+def row_metrics(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """[C, V] x 2 fp32 logits and [C] labels -> [C, 4]: student NLL, teacher NLL,
+    KL(teacher || student) and top-1 agreement (0/1) of each row."""
+    log_q = torch.log_softmax(student_logits, dim=-1)
+    p, log_p = softmax_and_log_softmax(teacher_logits)
     return torch.stack(
         [
-            F.nll_loss(log_q, labels, reduction="sum"),
-            F.nll_loss(log_p, labels, reduction="sum"),
-            (log_p.exp() * (log_p - log_q)).sum(),
-            (student.argmax(-1) == teacher.argmax(-1)).sum(),
-            torch.tensor(labels.numel(), device=labels.device),
-        ]
-    ).double()
+            -log_q.gather(-1, labels[:, None]).squeeze(-1),
+            -log_p.gather(-1, labels[:, None]).squeeze(-1),
+            plogx(p, log_p - log_q),
+            (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float(),
+        ],
+        dim=-1,
+    )
+
+
+def batch_sums(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    *,
+    task_type: str,
+    vocab_size: int,
+    chunk_rows: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """[B, 5] float64 sums of one batch's examples, in METRIC_SUMS order."""
+    causal = task_type == "causal"
+    fused = output_head(student) is not None and output_head(teacher) is not None
+    forward = forward_hidden if fused else forward_logits
+    with autocast():
+        student_out = forward(student, student, batch, task_type)  # [B, L, H] or [B, L, V]
+        teacher_out = forward(teacher, teacher, batch, task_type)
+    mask = valid_mask(batch["labels"], causal)  # [B, L']
+    example_of_row = mask.nonzero()[:, 0]  # [N]: which example each valid row belongs to
+    s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
+    row_sums = torch.zeros(mask.shape[0], 4, dtype=torch.float64, device=mask.device)
+    # Under ZeRO-3 the output weights are shards: gathered while the chunks are projected.
+    projections = (student.get_output_embeddings(), teacher.get_output_embeddings())
+    weights = [p for module in projections for p in module.parameters()] if fused else []
+    with GatheredParameters(weights):
+        heads = (output_head(student), output_head(teacher)) if fused else (None, None)
+        chunks = logit_chunks(
+            s, t, vocab_size=vocab_size, chunk_rows=chunk_rows,
+            student_head=heads[0], teacher_head=heads[1],
+        )  # fmt: skip
+        # The metrics' math makes about 6 fp32 [rows x V] temporaries: on a quarter of a chunk
+        # at a time they stay smaller than the chunk's own two [C x V] logits.
+        block = max(1, chunk_rows // 4)
+        for rows, student_logits, teacher_logits in chunks:
+            for start in range(0, student_logits.shape[0], block):
+                part = slice(start, start + block)
+                values = row_metrics(student_logits[part], teacher_logits[part], labels[rows][part])
+                row_sums.index_add_(0, example_of_row[rows][part], values.double())
+    return torch.cat([row_sums, mask.sum(1, keepdim=True).double()], dim=1)
+
+
+def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    """Means over all valid tokens from the [5] totals (an empty set gives zeros, not NaN)."""
+    totals = dict(zip(METRIC_SUMS, sums.tolist(), strict=True))
+    tokens = max(totals["tokens"], 1.0)
+    student_ce, teacher_ce = totals["student_ce"] / tokens, totals["teacher_ce"] / tokens
+    return {
+        "student_ce": student_ce,
+        "student_ppl": perplexity(student_ce),
+        "teacher_ce": teacher_ce,
+        "teacher_ppl": perplexity(teacher_ce),
+        "kl_to_teacher": totals["kl"] / tokens,
+        "top1_agreement": totals["agreement"] / tokens,
+        "tokens": int(totals["tokens"]),
+    }
+
+
+def perplexity(cross_entropy: float) -> float:
+    return math.exp(cross_entropy) if cross_entropy < 700 else math.inf
 
 
 @torch.no_grad()
@@ -46,34 +154,104 @@ def evaluate(
     *,
     task_type: str,
     vocab_size: int,
-    chunk_size: int = 1024,
-    device: torch.device | str = "cpu",
-    sum_across_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
+    chunk_rows: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
 ) -> dict[str, float]:
-    """Student-vs-teacher metrics over ``batches`` (means over all valid tokens of all ranks)."""
+    """Student-vs-teacher metrics over ``batches`` (means over the valid tokens of all ranks).
+
+    ``student`` and ``teacher`` are the models themselves (not DDP/DeepSpeed wrappers);
+    ``autocast`` is entered around their forwards; ``gather`` collects every rank's [B, 5]
+    per-example sums and drops padding duplicates (``accelerator.gather_for_metrics``).
+    """
     was_training = student.training
     student.eval()
-    sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=device)
-    causal = task_type == "causal"
-    for batch in batches:
-        batch = {key: value.to(device) for key, value in batch.items()}
-        student_logits = forward_logits(student, student, batch, task_type)
-        teacher_logits = forward_logits(teacher, teacher, batch, task_type)
-        s, t, labels = valid_rows(student_logits, teacher_logits, batch["labels"], causal)
-        s, t = s[:, :vocab_size], t[:, :vocab_size]
-        for start in range(0, labels.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            sums += _chunk_sums(s[rows], t[rows], labels[rows])
-    student.train(was_training)
-    totals = dict(zip(METRIC_SUMS, sum_across_ranks(sums).tolist(), strict=True))
-    tokens = max(totals["tokens"], 1.0)
-    student_ce, teacher_ce = totals["student_ce"] / tokens, totals["teacher_ce"] / tokens
-    return {
-        "student_ce": student_ce,
-        "student_ppl": math.exp(min(student_ce, 50.0)),
-        "teacher_ce": teacher_ce,
-        "teacher_ppl": math.exp(min(teacher_ce, 50.0)),
-        "kl_to_teacher": totals["kl"] / tokens,
-        "top1_agreement": totals["agreement"] / tokens,
-        "eval_tokens": int(totals["tokens"]),
-    }
+    totals = torch.zeros(len(METRIC_SUMS), dtype=torch.float64)
+    try:
+        for batch in batches:
+            sums = batch_sums(
+                student, teacher, batch, task_type=task_type, vocab_size=vocab_size,
+                chunk_rows=chunk_rows, autocast=autocast,
+            )  # fmt: skip
+            totals += gather(sums).sum(0).cpu()
+    finally:
+        student.train(was_training)
+    return metrics_from_sums(totals)
+
+
+def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
+    """``kd-dist eval``: the metrics of a saved student against its teacher on ``cfg.dataset``.
+
+    The examples are the eval split a training run with the same flags would hold out (its
+    --eval_split, a validation/test split, or the --eval_ratio share by --seed); a dataset with
+    none of these is evaluated whole (its --dataset_split). Both models are replicated on every
+    process; under a launcher, each process evaluates its share of the examples.
+    """
+    cfg.validate()
+    if deepspeed_launch():
+        raise ConfigError(
+            "kd-dist eval replicates both models on every process and does not run under a "
+            "DeepSpeed config: launch it with torchrun or accelerate launch --multi_gpu."
+        )
+    with accelerator_session(cfg) as accelerator:
+        tokenizer = load_tokenizer(cfg)
+        check_models(cfg, tokenizer)
+        data = build_datasets(cfg, tokenizer, main_process_first=accelerator.main_process_first)
+        examples = data.eval
+        if examples is None:
+            examples = data.train
+            if cfg.max_eval_samples is not None and cfg.max_eval_samples < len(examples):
+                examples = examples.select(range(cfg.max_eval_samples))
+        logger.info(
+            "Evaluating %s against %s on %d examples (%s format)",
+            cfg.student_model, cfg.teacher_model, len(examples), data.format,
+        )  # fmt: skip
+        models = load_models(cfg, tokenizer)
+        loader = accelerator.prepare_data_loader(
+            DataLoader(examples, batch_size=cfg.batch_size, collate_fn=make_collator(tokenizer))
+        )
+        vocab_size = len(tokenizer)
+        return evaluate(
+            models.student.to(accelerator.device),
+            models.teacher.to(accelerator.device),
+            loader,
+            task_type=cfg.task_type,
+            vocab_size=vocab_size,
+            chunk_rows=cfg.vocab_chunk_size
+            or auto_chunk_rows(vocab_size, cfg.loss_chunk_memory_mb, accelerator.device.type),
+            autocast=accelerator.autocast,
+            gather=accelerator.gather_for_metrics,
+        )
+
+
+def metrics_table(results: dict[str, dict[str, float]], markdown: bool = False) -> str:
+    """Students' metrics side by side, the teacher's perplexity as the last row.
+
+    ``results`` maps a name to ``evaluate``'s output; plain text for a console, or Markdown.
+    """
+    header = ["model", "cross-entropy", "perplexity", "KL to teacher", "top-1 agreement"]
+    rows = [
+        [
+            name,
+            f"{m['student_ce']:.4f}",
+            f"{m['student_ppl']:.3f}",
+            f"{m['kl_to_teacher']:.4f}",
+            f"{m['top1_agreement']:.1%}",
+        ]
+        for name, m in results.items()
+    ]
+    reference = next(iter(results.values()))
+    rows.append(
+        ["teacher", f"{reference['teacher_ce']:.4f}", f"{reference['teacher_ppl']:.3f}", "-", "-"]
+    )
+    if markdown:
+        lines = [header, ["---"] + ["---:"] * (len(header) - 1), *rows]
+        return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        )
+        for cells in [header, *rows]
+    )

@@ -35,6 +35,7 @@ in fp32 whatever the input dtype:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -111,7 +112,7 @@ def softmax_and_log_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return exps / total, shifted - total.log()
 
 
-def _plogx(probs: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+def plogx(probs: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """Row sums of probs * log_ratio, with 0 * log 0 = 0 (a -inf logit is a zero probability)."""
     return torch.where(probs > 0, probs * log_ratio, 0.0).sum(-1)
 
@@ -149,23 +150,23 @@ def divergence_and_grad(
         objective = "reverse_kl"
 
     if objective == "forward_kl":
-        return _plogx(p, log_p - log_q), q - p
+        return plogx(p, log_p - log_q), q - p
     if objective == "reverse_kl":
         log_ratio = log_q - log_p
-        value = _plogx(q, log_ratio)
+        value = plogx(q, log_ratio)
         return value, _softmax_backward(q, log_ratio)
     if objective == "jsd":
         _, log_m = _log_mixture(p, q, beta)
-        value = beta * _plogx(p, log_p - log_m) + (1 - beta) * _plogx(q, log_q - log_m)
+        value = beta * plogx(p, log_p - log_m) + (1 - beta) * plogx(q, log_q - log_m)
         return value, _softmax_backward(q, (1 - beta) * (log_q - log_m))
     if objective == "skew_forward_kl":
         m, log_m = _log_mixture(p, q, skew)
-        return _plogx(p, log_p - log_m), _softmax_backward(q, -(1 - skew) * p / m)
+        return plogx(p, log_p - log_m), _softmax_backward(q, -(1 - skew) * p / m)
     if objective == "skew_reverse_kl":
         m, log_m = _log_mixture(q, p, skew)
         # d/dq_j = log q_j - log m_j + 1 - skew q_j / m_j; the constant 1 cancels in the softmax.
         grad_q = log_q - log_m - skew * q / m
-        return _plogx(q, log_q - log_m), _softmax_backward(q, grad_q)
+        return plogx(q, log_q - log_m), _softmax_backward(q, grad_q)
     # tvd
     return 0.5 * (p - q).abs().sum(-1), _softmax_backward(q, 0.5 * torch.sign(q - p))
 
@@ -511,14 +512,68 @@ def valid_rows(
     token t+1 at position t, so outputs drop their last position and labels their first;
     seq2seq decoders are already aligned with their labels.
     """
+    valid = valid_mask(labels, causal)
     if causal:
         student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
-    valid = labels != IGNORE_INDEX
     return student[valid], teacher[valid], labels[valid]
+
+
+def valid_mask(labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[B, L] labels -> [B, L'] bool: the output positions whose label enters the loss (in the
+    order ``valid_rows`` returns them); causal outputs drop their last position (L' = L - 1)."""
+    return (labels[:, 1:] if causal else labels) != IGNORE_INDEX
 
 
 def count_valid_tokens(labels: torch.Tensor, causal: bool) -> int:
     """How many positions of a [B, L] label batch enter the loss."""
-    if causal:
-        labels = labels[:, 1:]
-    return int((labels != IGNORE_INDEX).sum())
+    return int(valid_mask(labels, causal).sum())
+
+
+def logit_chunks(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    vocab_size: int,
+    chunk_rows: int,
+    student_head: OutputHead | None = None,
+    teacher_head: OutputHead | None = None,
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Both models' logits over the valid rows, one chunk at a time: (rows, [C, V], [C, V]) fp32.
+
+    With heads, ``student`` and ``teacher`` are final hidden states ([N, Hs], [N, Ht]) and each
+    chunk's logits are projected here, so they exist only while the caller uses that chunk;
+    without, they are the models' logits ([N, V_rows]). Either way the logits are cut to the
+    tokenizer's vocabulary and transformed as each model does (soft-capping, scaling).
+    """
+    for name, values, head in (
+        ("student", student, student_head),
+        ("teacher", teacher, teacher_head),
+    ):
+        columns = values.shape[-1] if head is None else head.weight.shape[0]
+        _check_vocab(f"the {name}'s output layer", columns, vocab_size)
+    # The projections write into buffers made once (fresh [C x V] tensors per chunk cost page
+    # faults on a CPU): each chunk is valid until the next one is made.
+    buffer_rows = min(chunk_rows, student.shape[0])
+    buffers = [
+        None if head is None else values.new_empty(buffer_rows, vocab_size)
+        for values, head in ((student, student_head), (teacher, teacher_head))
+    ]
+    for start in range(0, student.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        yield (
+            rows,
+            _chunk_logits(student[rows], student_head, vocab_size, buffers[0]),
+            _chunk_logits(teacher[rows], teacher_head, vocab_size, buffers[1]),
+        )
+
+
+def _chunk_logits(
+    rows: torch.Tensor, head: OutputHead | None, vocab_size: int, buffer: torch.Tensor | None
+) -> torch.Tensor:
+    """fp32 logits [C, V] of one chunk: hidden rows projected by ``head``, or logit rows cut."""
+    if head is None:
+        return rows[:, :vocab_size].float()
+    weight = head.weight[:vocab_size].to(rows.dtype)  # the projection runs in the rows' dtype
+    bias = None if head.bias is None else head.bias[:vocab_size].to(rows.dtype)
+    logits = _project(buffer[: rows.shape[0]], rows, weight, bias)
+    return head.transform.apply(logits.float())[0]

@@ -6,10 +6,13 @@ It reads top to bottom in ``train``; the helpers above it are small and pure whe
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import math
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from kd_dist import faults
 from kd_dist.checkpoint import (
     EVAL_RESULTS_FILE,
     METRICS_FILE,
+    TRACKER_DIR,
     TrainerState,
     check_output_dir,
     drop_metrics_after,
@@ -38,8 +42,8 @@ from kd_dist.checkpoint import (
     refuse_mismatch,
     save_checkpoint,
 )
-from kd_dist.config import TrainConfig
-from kd_dist.data import build_datasets, content_fingerprint, make_collator
+from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.data import DataSplits, build_datasets, content_fingerprint, make_collator
 from kd_dist.engine import (
     NonFiniteError,
     PreemptionWatch,
@@ -228,35 +232,65 @@ def make_micro_step(
     return micro_step
 
 
-class MetricsLog:
-    """metrics.jsonl lines and the progress bar's numbers (main process only).
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far: allocated on its GPU, or resident in RAM on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
-    ``tokens_per_s`` counts the tokens that enter the loss, over the steps since the last line.
+
+class MetricsLog:
+    """metrics.jsonl lines, the trackers (--report_to) and the progress bar (main process only).
+
+    ``tokens_per_s`` counts the tokens that enter the loss and ``samples_per_s`` the sequences,
+    of all processes, over the training time since the last line (evaluation time excluded).
     """
 
     def __init__(self, path: Path, progress: tqdm, accelerator: Accelerator) -> None:
-        self.path, self.progress = path, progress
+        self.path, self.progress, self.accelerator = path, progress, accelerator
         self.enabled = accelerator.is_main_process
-        self.tokens, self.since = 0, time.perf_counter()
+        self.tokens, self.samples, self.since = 0, 0, time.perf_counter()
 
-    def count(self, tokens: int) -> None:
+    def count(self, tokens: int, samples: int) -> None:
         self.tokens += tokens
+        self.samples += samples
 
     def log(self, **record: float | int | None) -> None:
         now = time.perf_counter()
         record["tokens_per_s"] = self.tokens / max(now - self.since, 1e-9)
-        self.tokens, self.since = 0, now
+        record["samples_per_s"] = self.samples / max(now - self.since, 1e-9)
+        record["peak_memory_mb"] = peak_memory_mb(self.accelerator.device)
+        self.tokens, self.samples, self.since = 0, 0, now
         self.progress.set_postfix(
             loss=f"{record['loss']:.4f}",
             lr=f"{record['lr']:.2e}",
             tok_s=f"{record['tokens_per_s']:.0f}",
         )
+        self._write(record)
+
+    def log_eval(self, step: int, epoch: int, run: Callable[[], dict[str, float]]) -> dict:
+        """Run an evaluation (on every rank) and log its metrics, prefixed ``eval_``."""
+        start = time.perf_counter()
+        metrics = run()
+        seconds = time.perf_counter() - start
+        self.since += seconds  # evaluation time is not training throughput
+        record = {"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
+        record["eval_seconds"] = seconds
+        if self.enabled:
+            logger.info("Evaluation at step %d: %s", step, _format_metrics(metrics))
+        self._write(record)
+        return metrics
+
+    def _write(self, record: dict) -> None:
         if self.enabled:
             # JSON has no NaN or infinity (strict parsers reject them): a non-finite value is null.
             finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                       for k, v in record.items()}  # fmt: skip
             with self.path.open("a") as handle:
                 handle.write(json.dumps(finite) + "\n")
+            numbers = {k: v for k, v in finite.items() if isinstance(v, (int, float))}
+            self.accelerator.log(numbers, step=record["step"])
 
 
 def count_nonfinite(cfg: TrainConfig, state: TrainerState, where: str) -> None:
@@ -272,6 +306,74 @@ def count_nonfinite(cfg: TrainConfig, state: TrainerState, where: str) -> None:
         )
     logger.warning("%s is not finite: skipped (%d of at most %d).", where[0].upper() + where[1:],
                    state.skipped_nonfinite, cfg.skip_nonfinite)  # fmt: skip
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return (
+        f"student ppl {metrics['student_ppl']:.3f} (teacher {metrics['teacher_ppl']:.3f}), "
+        f"KL to teacher {metrics['kl_to_teacher']:.4f}, "
+        f"top-1 agreement {metrics['top1_agreement']:.1%} over {metrics['tokens']} tokens"
+    )
+
+
+def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of ``model``, ZeRO-3 shards counted at their full size."""
+    return sum(
+        getattr(p, "ds_numel", p.numel())
+        for p in model.parameters()
+        if p.requires_grad or not trainable_only
+    )
+
+
+def run_summary(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    data: DataSplits,
+    student: torch.nn.Module,
+    teacher: PreTrainedModel,
+    total_steps: int,
+    fused: bool,
+) -> str:
+    """The start-up summary: the models and where they run, the size of a step, the plan."""
+    student = accelerator.unwrap_model(student)
+    plugin = accelerator.state.deepspeed_plugin
+    zero = f"ZeRO stage {plugin.zero_stage}" if plugin is not None else "no ZeRO"
+    teacher_sharded = any(hasattr(p, "ds_id") for p in teacher.parameters())
+    sequences = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    label_length = cfg.max_length
+    if cfg.task_type == "seq2seq" and cfg.max_target_length is not None:
+        label_length = cfg.max_target_length
+    if data.eval is None:
+        evaluation = "no eval split"
+    else:
+        every = f"every {cfg.eval_steps} steps and " if cfg.eval_steps else ""
+        evaluation = f"evaluated {every}at the end" + (
+            ", and before training" if cfg.eval_before_training else ""
+        )
+    return "\n".join(
+        [
+            "Run summary",
+            f"  teacher  {cfg.teacher_model} ({teacher.config.model_type}, "
+            f"{parameter_count(teacher):,} parameters, "
+            f"{str(next(teacher.parameters()).dtype).removeprefix('torch.')}), "
+            + ("sharded by its ZeRO-3 engine" if teacher_sharded else "replicated per process"),
+            f"  student  {cfg.student_model} ({student.config.model_type}, "
+            f"{parameter_count(student):,} parameters, "
+            f"{parameter_count(student, trainable_only=True):,} trainable)",
+            f"  launch   {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
+            f"{zero}, precision {cfg.mixed_precision if cfg.mixed_precision != 'no' else 'fp32'}",
+            f"  batch    {cfg.batch_size} per process x {cfg.gradient_accumulation_steps} "
+            f"accumulation x {accelerator.num_processes} process(es) = {sequences} sequences "
+            f"per optimizer step, at most {sequences * label_length:,} loss tokens per step",
+            f"  data     {cfg.dataset}: {data.format} format, "
+            f"{data.stats['train_examples']:,} train / {data.stats['eval_examples']:,} eval "
+            "examples",
+            f"  loss     {cfg.loss}, temperature {cfg.temperature}, alpha {cfg.alpha}, "
+            + ("fused (no full logits)" if fused else "from full logits"),
+            f"  plan     {total_steps} optimizer steps, logged every {cfg.logging_steps}, "
+            + evaluation,
+        ]
+    )
 
 
 def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
@@ -313,6 +415,11 @@ def run_training(
     fingerprint = content_fingerprint(data.train)
     if checkpoint is not None and read_trainer_state(checkpoint).data_fingerprint != fingerprint:
         refuse_mismatch(checkpoint, ["the training data (its tokenized examples)"], cfg)
+    if data.eval is None and (cfg.eval_steps or cfg.eval_before_training):
+        raise ConfigError(
+            "--eval_steps and --eval_before_training need an eval split, and the dataset has "
+            "none: pass --eval_ratio (e.g. 0.05) or --eval_split, or drop those flags."
+        )
     accelerator.wait_for_everyone()  # every rank has checked output_dir before anything is written
     if accelerator.is_main_process:
         prepare_output_dir(cfg, resuming=checkpoint is not None)
@@ -326,16 +433,6 @@ def run_training(
     )
     if accelerator.is_main_process:
         cfg.save(cfg.output_dir)
-        logger.info(
-            "%d process(es) (%s), precision %s, micro-batch %d x accumulation %d x processes = %d "
-            "sequences per optimizer step",
-            accelerator.num_processes,
-            accelerator.distributed_type,
-            cfg.mixed_precision,
-            cfg.batch_size,
-            cfg.gradient_accumulation_steps,
-            cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
-        )
 
     collate = make_collator(tokenizer)
     # The loader draws its seeds from its own generator, not the global RNG that dropout uses:
@@ -354,6 +451,30 @@ def run_training(
     teacher = place_teacher(cfg, accelerator, teacher)
     fused = use_fused_loss(cfg, accelerator.unwrap_model(student), teacher)
     micro_step = make_micro_step(cfg, accelerator, student, teacher, vocab_size, chunk_rows, fused)
+    if accelerator.is_main_process:
+        logger.info(run_summary(cfg, accelerator, data, student, teacher, total_steps, fused))
+        if cfg.report_to != "none":
+            (Path(cfg.output_dir) / TRACKER_DIR).mkdir(exist_ok=True)
+        accelerator.init_trackers(
+            "kd_dist",
+            config={k: v for k, v in cfg.to_dict().items() if v is not None},
+            init_kwargs={"wandb": {"dir": str(Path(cfg.output_dir) / TRACKER_DIR)}},
+        )
+    # Evaluation: every process reads its share of the eval split; even_batches pads the last
+    # batch with repeated examples, which gather_for_metrics drops before anything is summed.
+    # Its loader has its own generator: a DataLoader without one draws a seed from the global
+    # RNG at each pass, which would shift dropout's stream and make evaluating change training.
+    evaluate_now = None
+    if data.eval is not None:
+        loader = DataLoader(
+            data.eval, batch_size=cfg.batch_size, collate_fn=collate, generator=torch.Generator()
+        )
+        eval_loader = accelerator.prepare_data_loader(loader)
+        evaluate_now = functools.partial(
+            evaluate, accelerator.unwrap_model(student), teacher, eval_loader,
+            task_type=cfg.task_type, vocab_size=vocab_size, chunk_rows=chunk_rows,
+            autocast=accelerator.autocast, gather=accelerator.gather_for_metrics,
+        )  # fmt: skip
 
     state = TrainerState()
     if checkpoint is not None:
@@ -374,6 +495,10 @@ def run_training(
     metrics = MetricsLog(Path(cfg.output_dir) / METRICS_FILE, progress, accelerator)
     last_loss = None
     saved_at = state.global_step if checkpoint is not None else -1  # never save a step twice
+    eval_metrics, evaluated_at = None, -1
+    if evaluate_now and cfg.eval_before_training and state.global_step == 0:
+        eval_metrics = metrics.log_eval(0, state.epoch, evaluate_now)
+        evaluated_at = 0
 
     # --- the loop ---------------------------------------------------------------------------
     while state.global_step < total_steps:
@@ -390,8 +515,10 @@ def run_training(
             # Normalise by the valid tokens of the whole optimizer step, over every micro-batch
             # and rank, so the gradient does not depend on how the step's batch was split.
             local_tokens = sum(count_valid_tokens(b["labels"], causal) for b in window)
-            step_tokens = accelerator.reduce(
-                torch.tensor(local_tokens, device=accelerator.device), reduction="sum"
+            local_samples = sum(len(b["labels"]) for b in window)
+            step_tokens, step_samples = accelerator.reduce(
+                torch.tensor([local_tokens, local_samples], device=accelerator.device),
+                reduction="sum",
             )
             # accelerate divides each backward by the accumulation steps and DDP/ZeRO average
             # over ranks; this undoes both so the step's gradient is sum(loss) / step_tokens.
@@ -438,13 +565,16 @@ def run_training(
             step_sums = accelerator.reduce(step_sums, reduction="sum")
             kd, ce = (step_sums / max(int(step_tokens), 1)).tolist()
             last_loss = (1 - cfg.alpha) * kd + cfg.alpha * ce
-            metrics.count(int(step_tokens))
+            metrics.count(int(step_tokens), int(step_samples))
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
                 metrics.log(
                     step=state.global_step, epoch=state.epoch, loss=last_loss, kd_loss=kd,
                     ce_loss=ce, lr=learning_rate,
                     grad_norm=None if grad_norm is None else float(grad_norm),
                 )  # fmt: skip
+            if evaluate_now and cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
+                eval_metrics = metrics.log_eval(state.global_step, state.epoch, evaluate_now)
+                evaluated_at = state.global_step
             faults.after_step(state.global_step)
             if cfg.save_steps and state.global_step % cfg.save_steps == 0:
                 save_checkpoint(accelerator, cfg, state)
@@ -467,23 +597,10 @@ def run_training(
     progress.close()
 
     # --- evaluation and export --------------------------------------------------------------
-    eval_metrics = None
-    if data.eval is not None:
-        eval_loader = accelerator.prepare(
-            DataLoader(data.eval, batch_size=cfg.batch_size, collate_fn=collate)
-        )
-        eval_metrics = evaluate(
-            accelerator.unwrap_model(student),
-            teacher,
-            eval_loader,
-            task_type=cfg.task_type,
-            vocab_size=vocab_size,
-            chunk_size=chunk_rows,
-            device=accelerator.device,
-            sum_across_ranks=lambda sums: accelerator.reduce(sums, reduction="sum"),
-        )
+    if evaluate_now:
+        if evaluated_at != state.global_step:
+            eval_metrics = metrics.log_eval(state.global_step, state.epoch, evaluate_now)
         if accelerator.is_main_process:
-            logger.info("Held-out metrics: %s", eval_metrics)
             (Path(cfg.output_dir) / EVAL_RESULTS_FILE).write_text(
                 json.dumps(eval_metrics, indent=2) + "\n"
             )

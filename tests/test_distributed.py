@@ -53,9 +53,9 @@ def accelerate_launch(config: Path) -> list[str]:
             "2", "--main_process_port", str(free_port())]  # fmt: skip
 
 
-def launch(command: list[str], argv: list[str], log: Path) -> str:
+def launch(command: list[str], argv: list[str], log: Path, subcommand: str = "train") -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    result = subprocess.run([*command, "-m", "kd_dist", "train", *argv], env=env, cwd=REPO,
+    result = subprocess.run([*command, "-m", "kd_dist", subcommand, *argv], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     log.write_text(result.stdout + result.stderr)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

@@ -1,0 +1,360 @@
+"""Held-out metrics against a float64 reference written from their definitions, on fresh random
+models and inputs: in-process, through a real training run, and with 2 processes over uneven
+shards (the last batch padded with repeated examples that must not be counted twice)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+import kd_dist.models
+from kd_dist.cli import main
+from kd_dist.config import TrainConfig
+from kd_dist.data import build_datasets, make_collator
+from kd_dist.evaluation import METRIC_KEYS, evaluate
+from kd_dist.tiny import SEQ2SEQ_FAMILIES, build_model
+from tests.test_distributed import BIN, accelerate_launch, deepspeed_config, free_port, launch
+
+IGNORE = -100
+
+
+def reference_metrics(student, teacher, batches, vocab_size: int, causal: bool) -> dict:
+    """The metrics by their definition, on full float64 logits of float64 copies of the models.
+
+    Over every label position that is not -100 (causal: position t predicts label t+1):
+    cross-entropy -log q(label), KL(p || q) = sum_v p_v (log p_v - log q_v) at T=1, and
+    argmax q == argmax p; the logits are cut to the tokenizer's vocabulary first.
+    """
+    student, teacher = (copy.deepcopy(m).double().eval() for m in (student, teacher))
+    sums = dict(student_ce=0.0, teacher_ce=0.0, kl=0.0, agreement=0.0, tokens=0)
+    with torch.no_grad():
+        for batch in batches:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if not causal:  # the models build their decoder inputs from the labels themselves
+                inputs["labels"] = batch["labels"]
+            s, t = (m(**inputs).logits[..., :vocab_size] for m in (student, teacher))
+            labels = batch["labels"]
+            if causal:
+                s, t, labels = s[:, :-1], t[:, :-1], labels[:, 1:]
+            valid = labels != IGNORE
+            s, t, labels = s[valid], t[valid], labels[valid]
+            log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)
+            sums["student_ce"] -= log_q.gather(-1, labels[:, None]).sum().item()
+            sums["teacher_ce"] -= log_p.gather(-1, labels[:, None]).sum().item()
+            sums["kl"] += (log_p.exp() * (log_p - log_q)).sum().item()
+            sums["agreement"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
+            sums["tokens"] += int(valid.sum())
+    n = sums["tokens"]
+    return {
+        "student_ce": sums["student_ce"] / n,
+        "teacher_ce": sums["teacher_ce"] / n,
+        "kl_to_teacher": sums["kl"] / n,
+        "top1_agreement": sums["agreement"] / n,
+        "tokens": n,
+    }
+
+
+def assert_metrics_match(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(METRIC_KEYS)
+    assert actual["tokens"] == expected["tokens"]
+    for key in ("student_ce", "teacher_ce", "kl_to_teacher", "top1_agreement"):
+        assert actual[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    assert actual["student_ppl"] == pytest.approx(math.exp(expected["student_ce"]), rel=1e-4)
+
+
+def teacher_and_student(family: str, tokenizer) -> tuple:
+    """A random teacher and a noisy copy of it as the student, so that they agree on some tokens
+    and not others. Random models are nearly uniform: the teacher's output weight is scaled so
+    that its logits spread over a few nats, which makes KL and agreement telling."""
+    torch.manual_seed(11)
+    teacher = build_model(family, tokenizer, "small", tie_word_embeddings=False).eval()
+    with torch.no_grad():
+        if hasattr(teacher, "final_logits_bias"):  # BART: the fused path must add it
+            teacher.final_logits_bias.normal_()
+        ids = torch.randint(4, len(tokenizer), (2, 12))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if family in SEQ2SEQ_FAMILIES:
+            inputs["decoder_input_ids"] = ids
+        spread = teacher(**inputs).logits[..., : len(tokenizer)].std()
+        teacher.get_output_embeddings().weight.mul_(3.0 / spread)
+        student = copy.deepcopy(teacher)
+        for parameter in student.parameters():
+            parameter.add_(torch.randn_like(parameter) * parameter.std().nan_to_num() * 0.2)
+    return teacher, student
+
+
+def random_batches(vocab: int, causal: bool, generator: torch.Generator) -> list[dict]:
+    """Padded batches with masked prompts, and one batch whose labels are all masked."""
+    batches = []
+    for size, length in ((4, 15), (5, 9), (3, 12)):
+        ids = torch.randint(4, vocab, (size, length), generator=generator)
+        lengths = torch.randint(2, length + 1, (size,), generator=generator)
+        positions = torch.arange(length)
+        attention = (positions[None] < lengths[:, None]).long()
+        labels = ids.masked_fill(attention == 0, IGNORE)
+        labels[:, :2] = IGNORE  # a masked prompt
+        batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+        if not causal:
+            targets = torch.randint(4, vocab, (size, length - 2), generator=generator)
+            batch["labels"] = targets.masked_fill(torch.rand(targets.shape) < 0.3, IGNORE)
+        batches.append(batch)
+    batches.append({**batches[0], "labels": torch.full_like(batches[0]["labels"], IGNORE)})
+    return batches
+
+
+@pytest.mark.parametrize(("family", "fused"), [("llama", True), ("gemma2", True), ("bart", True),
+                                                ("t5", True), ("llama", False)])  # fmt: skip
+def test_metrics_equal_a_float64_reference(family, fused, tokenizer, monkeypatch):
+    """Fused (hidden states x output weight: a plain head, Gemma-2's soft-capping, BART's
+    final_logits_bias, T5's scaling) and logit rows for a family the fused path does not know;
+    chunks of 5 rows, a vocabulary padded beyond the tokenizer's, an all-masked batch."""
+    if not fused:
+        monkeypatch.delitem(kd_dist.models.FUSED_HEAD_RULES, family)
+    teacher, student = teacher_and_student(family, tokenizer)
+    causal = family not in SEQ2SEQ_FAMILIES
+    batches = random_batches(len(tokenizer), causal, torch.Generator().manual_seed(5))
+    student.train()
+    actual = evaluate(student, teacher, batches, task_type="causal" if causal else "seq2seq",
+                      vocab_size=len(tokenizer), chunk_rows=5)  # fmt: skip
+    assert student.training  # left as it was found
+    expected = reference_metrics(student, teacher, batches, len(tokenizer), causal)
+    assert_metrics_match(actual, expected)
+    assert 0.1 < expected["top1_agreement"] < 0.9 and expected["kl_to_teacher"] > 0.005
+
+
+def test_an_all_masked_evaluation_gives_zeros_not_nan(tokenizer):
+    student, teacher = (build_model("llama", tokenizer, size) for size in ("tiny", "small"))
+    batch = random_batches(len(tokenizer), True, torch.Generator().manual_seed(0))[-1]
+    metrics = evaluate(student, teacher, [batch], task_type="causal",
+                       vocab_size=len(tokenizer), chunk_rows=4)  # fmt: skip
+    assert metrics["tokens"] == 0 and metrics["kl_to_teacher"] == 0.0
+    assert metrics["student_ppl"] == 1.0
+
+
+def saved_tokenizer(path) -> AutoTokenizer:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # as kd_dist does
+    return tokenizer
+
+
+def eval_split_reference(cfg: TrainConfig, student_dir, teacher_dir) -> dict:
+    """The reference metrics of a saved student on the eval split ``cfg`` selects."""
+    tokenizer = saved_tokenizer(student_dir)
+    data = build_datasets(cfg, tokenizer)
+    batches = [make_collator(tokenizer)([data.eval[i] for i in range(len(data.eval))])]
+    auto = AutoModelForSeq2SeqLM if cfg.task_type == "seq2seq" else AutoModelForCausalLM
+    student, teacher = auto.from_pretrained(student_dir), auto.from_pretrained(teacher_dir)
+    return reference_metrics(student, teacher, batches, len(tokenizer), cfg.task_type == "causal")
+
+
+def run_reference(run_dir: Path, student_dir, teacher_dir) -> dict:
+    """The reference metrics of a saved student on the eval split of the run in ``run_dir``."""
+    cfg = TrainConfig(**json.loads((run_dir / "kd_config.json").read_text()))
+    return eval_split_reference(cfg, student_dir, teacher_dir)
+
+
+def records_of(run: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "eval_kl_to_teacher" in r]
+
+
+def documented_keys(heading: str) -> set[str]:
+    """The keys in README's table under ``heading`` (rows like | `key` | ...)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split(heading, 1)[1].split("\n\n", 2)[1]
+    return {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+
+
+RUN_FLAGS = ["--eval_ratio", "0.2", "--max_steps", "3", "--batch_size", "4", "--logging_steps",
+             "1", "--max_length", "32", "--learning_rate", "1e-2", "--alpha", "0.3",
+             "--vocab_chunk_size", "7", "--save_every", "0", "--seed", "3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(model_pair, text_dataset, tmp_path_factory) -> tuple[Path, str, str]:
+    """A short real run: eval before training, every 2 steps and at the end; TensorBoard on."""
+    teacher, student = model_pair("gpt2")  # dropout: evaluating must not shift its RNG stream
+    out = tmp_path_factory.mktemp("evaluated") / "run"
+    argv = ["train", "--teacher_model", teacher, "--student_model", student,
+            "--dataset", str(text_dataset), "--output_dir", str(out), *RUN_FLAGS, "--eval_steps",
+            "2", "--eval_before_training", "--report_to", "tensorboard"]  # fmt: skip
+    assert main(argv) == 0
+    return out, teacher, student
+
+
+def test_training_evaluates_on_schedule_logs_documented_keys_and_matches_the_reference(
+    evaluated_run, text_dataset, tmp_path
+):
+    """Each line of metrics.jsonl has the keys the README documents; the first and last
+    evaluations equal the float64 reference on the starting and the exported student;
+    TensorBoard receives the same scalars; the evaluations change nothing in the training."""
+    out, teacher, student = evaluated_run
+    train, evals = records_of(out)
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    for record in train:
+        assert set(record) == documented_keys("Each training line")
+        assert record["kd_loss"] > 0 and record["ce_loss"] > 0 and record["peak_memory_mb"] > 0
+        assert record["samples_per_s"] > 0 and record["tokens_per_s"] > record["samples_per_s"]
+        assert record["loss"] == pytest.approx(0.7 * record["kd_loss"] + 0.3 * record["ce_loss"])
+    for record in evals:
+        assert set(record) == documented_keys("Each evaluation line")
+    final = json.loads((out / "eval_results.json").read_text())
+    assert final == {key: evals[-1][f"eval_{key}"] for key in METRIC_KEYS}
+    assert_metrics_match(final, run_reference(out, out, teacher))
+    initial = {key: evals[0][f"eval_{key}"] for key in METRIC_KEYS}
+    assert_metrics_match(initial, run_reference(out, student, teacher))
+    assert final["student_ppl"] != initial["student_ppl"]
+    # Evaluating mid-run leaves training untouched: the same weights as a run that only
+    # evaluates after its last step.
+    plain = tmp_path / "plain"
+    argv = ["train", "--teacher_model", teacher, "--student_model", student, "--dataset",
+            str(text_dataset), "--output_dir", str(plain), *RUN_FLAGS]  # fmt: skip
+    assert main(argv) == 0
+    expected, actual = (load_file(run / "model.safetensors") for run in (plain, out))
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (out / "runs" / "kd_dist").glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"loss", "kd_loss", "lr", "eval_kl_to_teacher", "eval_top1_agreement"} <= set(scalars)
+
+
+def test_report_writes_valid_plots_and_the_before_after_summary(evaluated_run, tmp_path):
+    from PIL import Image
+
+    out, _, _ = evaluated_run
+    assert main(["report", str(out), "--output_dir", str(tmp_path / "report")]) == 0
+    names = ["train_loss.png", "learning_rate.png", "throughput.png", "eval_kl.png",
+             "eval_agreement.png", "eval_perplexity.png"]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted([*names, "report.md"])
+    for name in names:
+        with Image.open(tmp_path / "report" / name) as image:
+            image.load()  # decodes every pixel: a truncated or corrupt file raises
+            assert (image.format, image.size) == ("PNG", (640, 400)), name
+            assert len(image.getcolors(maxcolors=100_000) or []) > 20, name  # not blank
+    summary = (tmp_path / "report" / "report.md").read_text()
+    _, evals = records_of(out)
+    for record, label in ((evals[0], "step 0 (before training)"),
+                          (evals[-1], "step 3 (last evaluation)")):  # fmt: skip
+        row = next(line for line in summary.splitlines() if label in line)
+        assert f"| {record['eval_kl_to_teacher']:.4f} |" in row
+        assert f"| {record['eval_student_ppl']:.3f} |" in row
+    assert f"| teacher | {evals[0]['eval_teacher_ce']:.4f} |" in summary
+    assert all(f"]({name})" in summary for name in names)
+
+
+def test_report_without_matplotlib_names_the_extra_to_install(evaluated_run, monkeypatch,
+                                                               capsys):  # fmt: skip
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import` sees when it is absent
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    assert main(["report", str(evaluated_run[0])]) == 2
+    assert "pip install 'kd_dist[report]'" in capsys.readouterr().err
+
+
+def test_the_package_imports_and_trains_without_the_optional_extras(model_pair, text_dataset,
+                                                                     tmp_path):  # fmt: skip
+    teacher, student = model_pair("llama")
+    blocked = "import sys; sys.modules.update(dict.fromkeys(['matplotlib', 'tensorboard', " \
+              "'wandb', 'torch.utils.tensorboard'])); "  # fmt: skip
+    run = (f"from kd_dist.cli import main; sys.exit(main(['train', '--teacher_model', "
+           f"{teacher!r}, '--student_model', {student!r}, '--dataset', {str(text_dataset)!r}, "
+           f"'--output_dir', {str(tmp_path / 'run')!r}, '--max_steps', '1', '--eval_ratio', "
+           "'0.1', '--max_length', '16', '--save_every', '0']))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", blocked + run], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "eval_results.json").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_report_to_a_tracker_that_is_not_installed_names_the_extra(capsys):
+    argv = ["train", "--teacher_model", "t", "--student_model", "s", "--dataset", "d",
+            "--report_to", "wandb"]  # fmt: skip
+    assert main(argv) == 2
+    assert "pip install 'kd_dist[wandb]'" in capsys.readouterr().err
+
+
+def test_eval_flags_without_an_eval_split_fail_before_models_load(model_pair, text_dataset,
+                                                                   tmp_path, capsys):  # fmt: skip
+    teacher, student = model_pair("llama")
+    argv = ["train", "--teacher_model", teacher, "--student_model", student, "--dataset",
+            str(text_dataset), "--output_dir", str(tmp_path / "run"),
+            "--eval_steps", "5"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--eval_steps and --eval_before_training need an eval split" in capsys.readouterr().err
+
+
+def test_eval_command_on_a_seq2seq_student_equals_the_reference(model_pair, pairs_dataset,
+                                                                  tmp_path, capsys):  # fmt: skip
+    """`kd-dist eval` on an untrained T5 student (the baseline use): target tokens only."""
+    teacher, student = model_pair("t5")
+    result = tmp_path / "metrics.json"
+    argv = ["eval", "--student", student, "--teacher", teacher, "--dataset", str(pairs_dataset),
+            "--task_type", "seq2seq", "--batch_size", "5", "--max_eval_samples", "13",
+            "--max_length", "32", "--output_json", str(result)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(result.read_text())
+    assert f"{metrics['kl_to_teacher']:.4f}" in printed and "top-1 agreement" in printed
+    tokenizer = saved_tokenizer(student)
+    cfg = TrainConfig(teacher_model=teacher, student_model=student, dataset=str(pairs_dataset),
+                      task_type="seq2seq", max_length=32)  # fmt: skip
+    examples = build_datasets(cfg, tokenizer).train.select(range(13))
+    batch = make_collator(tokenizer)([examples[i] for i in range(13)])
+    reference = reference_metrics(AutoModelForSeq2SeqLM.from_pretrained(student),
+                                  AutoModelForSeq2SeqLM.from_pretrained(teacher), [batch],
+                                  len(tokenizer), causal=False)  # fmt: skip
+    assert_metrics_match(metrics, reference)
+    assert reference["tokens"] == int((batch["labels"] != IGNORE).sum())  # targets only
+
+
+@pytest.mark.distributed
+def test_two_processes_on_uneven_shards_count_each_example_once(model_pair, text_dataset,
+                                                                 tmp_path):  # fmt: skip
+    """13 eval examples, batches of 4, 2 processes: rank 1's last batch is padded with repeats
+    of the first examples. `kd-dist eval` under torchrun (DDP), and evaluation inside ZeRO-3
+    training with every weight sharded (student and teacher output layers gathered for the
+    chunks), must both equal the single-process float64 reference exactly in their token count.
+    """
+    teacher, student = model_pair("llama")
+    data = ["--dataset", str(text_dataset), "--eval_ratio", "0.2", "--max_length", "32",
+            "--batch_size", "4", "--vocab_chunk_size", "9"]  # fmt: skip
+    cfg = TrainConfig(teacher_model=teacher, student_model=student, dataset=str(text_dataset),
+                      eval_ratio=0.2, max_length=32)  # fmt: skip
+    expected = eval_split_reference(cfg, student, teacher)
+    assert expected["tokens"] > 0 and len(build_datasets(cfg, saved_tokenizer(student)).eval) == 13
+
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    result = tmp_path / "ddp.json"
+    output = launch(torchrun, ["--student", student, "--teacher", teacher, *data,
+                               "--output_json", str(result)], tmp_path / "ddp.log",
+                    subcommand="eval")  # fmt: skip
+    assert output.count("top-1 agreement") == 1  # one table, from the main process only
+    assert_metrics_match(json.loads(result.read_text()), expected)
+
+    out = tmp_path / "zero3"
+    output = launch(accelerate_launch(deepspeed_config(tmp_path, 3)),
+                    ["--teacher_model", teacher, "--student_model", student, *data,
+                     "--output_dir", str(out), "--max_steps", "1", "--eval_before_training",
+                     "--teacher_placement", "zero3", "--save_every", "0",
+                     "--learning_rate", "1e-2"], tmp_path / "zero3.log")  # fmt: skip
+    assert "2 process(es) (DistributedType.DEEPSPEED), ZeRO stage 3" in output
+    assert "sharded by its ZeRO-3 engine" in output
+    _, evals = records_of(out)
+    assert [r["step"] for r in evals] == [0, 1]
+    assert_metrics_match({key: evals[0][f"eval_{key}"] for key in METRIC_KEYS}, expected)
+    assert_metrics_match(json.loads((out / "eval_results.json").read_text()),
+                         run_reference(out, out, teacher))  # fmt: skip
