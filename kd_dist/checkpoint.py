@@ -54,6 +54,7 @@ LATEST_POINTER = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 EVAL_RESULTS_FILE = "eval_results.json"
+EVAL_RECORD_KEY = "eval_kl_to_teacher"  # present in the evaluation lines of metrics.jsonl
 COMPLETE_MARKER = "checkpoint_complete.json"
 EXPORT_MANIFEST = "export_manifest.json"
 TRACKER_DIR = "runs"  # --report_to tensorboard/wandb files
@@ -359,16 +360,31 @@ def remove_entries(folder: Path, names: tuple[str, ...]) -> None:
             path.unlink()
 
 
+def read_metrics_records(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (none when it does not exist); a last line torn by a
+    crash while it was appended is dropped with a warning."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines and not _is_json(lines[-1]):
+        logger.warning("Ignoring an incomplete last line of %s.", path)
+        lines = lines[:-1]
+    return [json.loads(line) for line in lines]
+
+
 def drop_metrics_after(output_dir: str, step: int) -> None:
     """On resume, forget logged steps past the checkpoint: they will be logged again."""
     path = Path(output_dir) / METRICS_FILE
     if path.is_file():
-        lines = path.read_text().splitlines()
-        if lines and not _is_json(lines[-1]):  # torn by a crash while it was appended
-            logger.warning("Dropping an incomplete last line of %s.", path)
-            lines = lines[:-1]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        _write_atomically(path, "".join(line + "\n" for line in kept))
+        kept = [r for r in read_metrics_records(output_dir) if r["step"] <= step]
+        _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def evaluation_logged(output_dir: str, step: int) -> bool:
+    """Whether ``metrics.jsonl`` holds an evaluation at ``step`` (a resumed run that stopped
+    after evaluating there, e.g. while exporting, must not log it twice)."""
+    return any(r["step"] == step and EVAL_RECORD_KEY in r for r in read_metrics_records(output_dir))
 
 
 def _is_json(line: str) -> bool:

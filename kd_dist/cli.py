@@ -14,10 +14,21 @@ import os
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from kd_dist.config import CONFIG_FIELDS, ConfigError, TrainConfig, field_type, load_yaml
+from kd_dist.checkpoint import COMPLETE_MARKER
+from kd_dist.config import (
+    CONFIG_FIELDS,
+    CONFIG_FILE_NAME,
+    ConfigError,
+    TrainConfig,
+    field_type,
+    load_yaml,
+)
 from kd_dist.engine import PREEMPTED_EXIT_CODE, NonFiniteError, TrainingPreempted
+
+logger = logging.getLogger("kd_dist")
 
 
 def _flag_kwargs(name: str) -> dict[str, Any]:
@@ -47,12 +58,15 @@ def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 # The train flags `kd-dist eval` accepts too: what selects, tokenizes and batches the examples,
-# the precision, and the chunking of the metrics.
+# the precision, and the chunking of the metrics. A student exported by `kd-dist train` carries
+# its run's kd_config.json, whose values of these flags are eval's defaults, so that it is
+# measured on the very examples its run held out.
 EVAL_FLAGS = (
     "task_type", "dataset", "dataset_config", "dataset_split", "eval_split", "eval_ratio",
-    "dataset_format", "text_column", "prompt_column", "response_column", "max_length",
-    "max_target_length", "train_on_prompt", "max_eval_samples", "num_proc", "batch_size", "bf16",
-    "fp16", "seed", "vocab_chunk_size", "loss_chunk_memory_mb", "trust_remote_code",
+    "dataset_format", "text_column", "messages_column", "prompt_column", "response_column",
+    "max_length", "max_target_length", "train_on_prompt", "packing", "max_eval_samples",
+    "num_proc", "batch_size", "bf16", "fp16", "seed", "vocab_chunk_size", "loss_chunk_memory_mb",
+    "trust_remote_code",
 )  # fmt: skip
 
 
@@ -71,8 +85,33 @@ def build_eval_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def eval_defaults(student: str) -> dict[str, Any]:
+    """The EVAL_FLAGS values of the run that trained ``student`` (its kd_config.json), if any.
+
+    A training checkpoint or an unexported run folder is not a model: say how to get one."""
+    folder = Path(student)
+    if (folder / COMPLETE_MARKER).is_file() or (
+        (folder / CONFIG_FILE_NAME).is_file() and not (folder / "config.json").is_file()
+    ):
+        raise ConfigError(
+            f"--student {student} is a kd-dist training checkpoint or a run that has not "
+            "exported its student yet, not a model: run the training command again with "
+            "--resume_from_checkpoint latest to finish and export it, then pass its --output_dir."
+        )
+    saved = folder / CONFIG_FILE_NAME
+    if not saved.is_file():
+        return {}
+    values = json.loads(saved.read_text())
+    logger.info("Data, length and precision flags default to %s's (its training run).", saved)
+    return {name: values[name] for name in EVAL_FLAGS if name in values}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    if args.command == "eval":
+        values = eval_defaults(args.student_model)
+        if args.output_json and not Path(args.output_json).resolve().parent.is_dir():
+            raise ConfigError(f"--output_json {args.output_json}: its folder does not exist.")
     values.update({k: v for k, v in vars(args).items() if k in CONFIG_FIELDS})
     try:
         return TrainConfig(**values)
@@ -126,11 +165,18 @@ def _is_main_process() -> bool:
 
 
 def _setup_logging() -> None:
-    # Only the main process talks; other ranks report warnings and errors.
+    # Only the main process talks; other ranks report warnings and errors, and draw no
+    # progress bars (loading weights, tokenizing).
     logging.basicConfig(
         level=logging.INFO if _is_main_process() else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not _is_main_process():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,14 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             train(config_from_args(args))
         elif args.command == "eval":
-            from kd_dist.evaluation import evaluate_saved, metrics_table
+            from kd_dist.evaluation import evaluate_saved, json_safe, metrics_table
 
             metrics = evaluate_saved(config_from_args(args))
             if _is_main_process():
                 print(metrics_table({args.student_model: metrics}))
                 if args.output_json:
                     with open(args.output_json, "w") as handle:
-                        handle.write(json.dumps(metrics, indent=2) + "\n")
+                        handle.write(json.dumps(json_safe(metrics), indent=2) + "\n")
         elif args.command == "report":
             from kd_dist.report import write_report
 

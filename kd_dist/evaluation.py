@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from deepspeed.runtime.zero import GatheredParameters
@@ -199,6 +200,12 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
         data = build_datasets(cfg, tokenizer, main_process_first=accelerator.main_process_first)
         examples = data.eval
         if examples is None:
+            logger.warning(
+                "%s has no eval split: evaluating its --dataset_split %r whole, which may hold "
+                "examples the student was trained on. Pass --eval_ratio or --eval_split as in "
+                "training for held-out numbers.",
+                cfg.dataset, cfg.dataset_split,
+            )  # fmt: skip
             examples = data.train
             if cfg.max_eval_samples is not None and cfg.max_eval_samples < len(examples):
                 examples = examples.select(range(cfg.max_eval_samples))
@@ -224,26 +231,42 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
         )
 
 
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with each NaN or infinity as None: JSON has neither (strict parsers reject
+    ``Infinity``), and an untrained student's perplexity can overflow."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+
+
+def format_metric(value: float | None, spec: str) -> str:
+    """A metric for a table or a sentence; metrics.jsonl holds null for an infinite one."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def metrics_table(results: dict[str, dict[str, float]], markdown: bool = False) -> str:
     """Students' metrics side by side, the teacher's perplexity as the last row.
 
     ``results`` maps a name to ``evaluate``'s output; plain text for a console, or Markdown.
     """
+
     header = ["model", "cross-entropy", "perplexity", "KL to teacher", "top-1 agreement"]
     rows = [
         [
             name,
-            f"{m['student_ce']:.4f}",
-            f"{m['student_ppl']:.3f}",
-            f"{m['kl_to_teacher']:.4f}",
-            f"{m['top1_agreement']:.1%}",
+            format_metric(m["student_ce"], ".4f"),
+            format_metric(m["student_ppl"], ".3f"),
+            format_metric(m["kl_to_teacher"], ".4f"),
+            format_metric(m["top1_agreement"], ".1%"),
         ]
         for name, m in results.items()
     ]
     reference = next(iter(results.values()))
-    rows.append(
-        ["teacher", f"{reference['teacher_ce']:.4f}", f"{reference['teacher_ppl']:.3f}", "-", "-"]
-    )
+    teacher = [
+        format_metric(reference["teacher_ce"], ".4f"),
+        format_metric(reference["teacher_ppl"], ".3f"),
+    ]
+    rows.append(["teacher", *teacher, "-", "-"])
     if markdown:
         lines = [header, ["---"] + ["---:"] * (len(header) - 1), *rows]
         return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)

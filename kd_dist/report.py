@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kd_dist.checkpoint import METRICS_FILE, REPORT_DIR
+from kd_dist.checkpoint import EVAL_RECORD_KEY, METRICS_FILE, REPORT_DIR, read_metrics_records
 from kd_dist.config import CONFIG_FILE_NAME, ConfigError
-from kd_dist.evaluation import METRIC_KEYS, metrics_table
+from kd_dist.evaluation import METRIC_KEYS, format_metric, metrics_table
 
 REPORT_FILE = "report.md"
 FIGURE_INCHES, FIGURE_DPI = (6.4, 4.0), 100  # every plot is 640 x 400 pixels
@@ -50,9 +50,10 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
         raise ConfigError(
             f"{run_dir} holds no {METRICS_FILE}: pass the --output_dir of a kd-dist train run."
         )
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_metrics_records(run_dir)
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_kl_to_teacher" in r]
+    # One evaluation per step, the last one logged (a resumed run may have repeated it).
+    evals = list({r["step"]: r for r in records if EVAL_RECORD_KEY in r}.values())
     if not train and not evals:
         raise ConfigError(f"{path} is empty: the run logged no step yet.")
     return train, evals
@@ -149,13 +150,19 @@ def summary_markdown(
                 "",
             ]
         if last is not first:
+
+            def change(key: str, spec: str) -> str:
+                return f"from {format_metric(first[key], spec)} to {format_metric(last[key], spec)}"
+
             kl_start, kl_end = first["eval_kl_to_teacher"], last["eval_kl_to_teacher"]
+            # A ratio to a start at (or within rounding of) zero says nothing.
+            known = kl_start is not None and kl_end is not None and kl_start > 1e-6
+            ratio = f" ({kl_end / kl_start:.0%} of its first value)" if known else ""
+            teacher = format_metric(last["eval_teacher_ppl"], ".3f")
             lines += [
-                f"KL to the teacher went from {kl_start:.4f} to {kl_end:.4f} "
-                f"({kl_end / kl_start:.0%} of its first value); top-1 agreement from "
-                f"{first['eval_top1_agreement']:.1%} to {last['eval_top1_agreement']:.1%}; "
-                f"perplexity from {first['eval_student_ppl']:.3f} to "
-                f"{last['eval_student_ppl']:.3f} (teacher {last['eval_teacher_ppl']:.3f}).",
+                f"KL to the teacher went {change('eval_kl_to_teacher', '.4f')}{ratio}; top-1 "
+                f"agreement {change('eval_top1_agreement', '.1%')}; perplexity "
+                f"{change('eval_student_ppl', '.3f')} (teacher {teacher}).",
                 "",
             ]
     if train:

@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from deepspeed.runtime.zero import GatheredParameters
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import PreTrainedModel
 from transformers.optimization import Adafactor
 
@@ -35,6 +36,7 @@ from kd_dist.checkpoint import (
     TrainerState,
     check_output_dir,
     drop_metrics_after,
+    evaluation_logged,
     export_student,
     load_checkpoint,
     prepare_output_dir,
@@ -54,7 +56,7 @@ from kd_dist.engine import (
     place_teacher,
     zero3_partitioned_loading,
 )
-from kd_dist.evaluation import evaluate
+from kd_dist.evaluation import evaluate, json_safe
 from kd_dist.losses import (
     IGNORE_INDEX,
     LossOutput,
@@ -269,12 +271,21 @@ class MetricsLog:
         )
         self._write(record)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluating, saving a checkpoint) is not training throughput."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.since += time.perf_counter() - start
+
     def log_eval(self, step: int, epoch: int, run: Callable[[], dict[str, float]]) -> dict:
         """Run an evaluation (on every rank) and log its metrics, prefixed ``eval_``."""
         start = time.perf_counter()
-        metrics = run()
+        with self.paused():
+            metrics = run()
         seconds = time.perf_counter() - start
-        self.since += seconds  # evaluation time is not training throughput
         record = {"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
         record["eval_seconds"] = seconds
         if self.enabled:
@@ -284,9 +295,7 @@ class MetricsLog:
 
     def _write(self, record: dict) -> None:
         if self.enabled:
-            # JSON has no NaN or infinity (strict parsers reject them): a non-finite value is null.
-            finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v
-                      for k, v in record.items()}  # fmt: skip
+            finite = json_safe(record)
             with self.path.open("a") as handle:
                 handle.write(json.dumps(finite) + "\n")
             numbers = {k: v for k, v in finite.items() if isinstance(v, (int, float))}
@@ -346,7 +355,7 @@ def run_summary(
     if data.eval is None:
         evaluation = "no eval split"
     else:
-        every = f"every {cfg.eval_steps} steps and " if cfg.eval_steps else ""
+        every = f"every {plural(cfg.eval_steps, 'step')} and " if cfg.eval_steps else ""
         evaluation = f"evaluated {every}at the end" + (
             ", and before training" if cfg.eval_before_training else ""
         )
@@ -370,8 +379,8 @@ def run_summary(
             "examples",
             f"  loss     {cfg.loss}, temperature {cfg.temperature}, alpha {cfg.alpha}, "
             + ("fused (no full logits)" if fused else "from full logits"),
-            f"  plan     {total_steps} optimizer steps, logged every {cfg.logging_steps}, "
-            + evaluation,
+            f"  plan     {plural(total_steps, 'optimizer step')}, logged every "
+            f"{plural(cfg.logging_steps, 'step')}, " + evaluation,
         ]
     )
 
@@ -381,12 +390,17 @@ def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Distil ``cfg.teacher_model`` into ``cfg.student_model``; the student lands in output_dir."""
     cfg.validate()
     with (
         accelerator_session(cfg) as accelerator,
         PreemptionWatch(cfg.preemption_signal) as preemption,
+        logging_redirect_tqdm(),  # log lines above the progress bar, not glued to it
     ):
         try:
             return run_training(cfg, accelerator, preemption)
@@ -496,6 +510,8 @@ def run_training(
     last_loss = None
     saved_at = state.global_step if checkpoint is not None else -1  # never save a step twice
     eval_metrics, evaluated_at = None, -1
+    if checkpoint is not None and evaluation_logged(cfg.output_dir, state.global_step):
+        evaluated_at = state.global_step
     if evaluate_now and cfg.eval_before_training and state.global_step == 0:
         eval_metrics = metrics.log_eval(0, state.epoch, evaluate_now)
         evaluated_at = 0
@@ -577,7 +593,8 @@ def run_training(
                 evaluated_at = state.global_step
             faults.after_step(state.global_step)
             if cfg.save_steps and state.global_step % cfg.save_steps == 0:
-                save_checkpoint(accelerator, cfg, state)
+                with metrics.paused():
+                    save_checkpoint(accelerator, cfg, state)
                 saved_at = state.global_step
             if preemption.agreed(accelerator):
                 if saved_at != state.global_step:
@@ -592,17 +609,18 @@ def run_training(
             state.batches_done = 0
             epoch_save_due = cfg.save_every and state.epoch % cfg.save_every == 0
             if epoch_save_due and saved_at != state.global_step:
-                save_checkpoint(accelerator, cfg, state)
+                with metrics.paused():
+                    save_checkpoint(accelerator, cfg, state)
                 saved_at = state.global_step
     progress.close()
 
     # --- evaluation and export --------------------------------------------------------------
-    if evaluate_now:
-        if evaluated_at != state.global_step:
-            eval_metrics = metrics.log_eval(state.global_step, state.epoch, evaluate_now)
-        if accelerator.is_main_process:
-            (Path(cfg.output_dir) / EVAL_RESULTS_FILE).write_text(
-                json.dumps(eval_metrics, indent=2) + "\n"
-            )
+    if evaluate_now and evaluated_at != state.global_step:
+        eval_metrics = metrics.log_eval(state.global_step, state.epoch, evaluate_now)
+    # (None when a resumed run had already evaluated its last step: its file is written.)
+    if eval_metrics is not None and accelerator.is_main_process:
+        (Path(cfg.output_dir) / EVAL_RESULTS_FILE).write_text(
+            json.dumps(json_safe(eval_metrics), indent=2) + "\n"
+        )
     export_student(accelerator, student, tokenizer, cfg, state)
     return TrainResult(cfg.output_dir, state.global_step, last_loss, eval_metrics)

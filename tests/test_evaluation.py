@@ -358,3 +358,63 @@ def test_two_processes_on_uneven_shards_count_each_example_once(model_pair, text
     assert_metrics_match({key: evals[0][f"eval_{key}"] for key in METRIC_KEYS}, expected)
     assert_metrics_match(json.loads((out / "eval_results.json").read_text()),
                          run_reference(out, out, teacher))  # fmt: skip
+
+
+def test_report_reads_torn_null_and_repeated_lines(evaluated_run, tmp_path):
+    """What real runs leave: a last line torn by a crash, null for an infinite perplexity, an
+    evaluation repeated by a resume, and a starting KL of (almost) zero."""
+    out, _, _ = evaluated_run
+    run = tmp_path / "run"
+    run.mkdir()
+    train, evals = records_of(out)
+    first = {**evals[0], "eval_kl_to_teacher": 1e-9, "eval_student_ppl": None}
+    lines = [first, *train, *evals[1:], evals[-1]]
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo'
+    )
+    assert main(["report", str(run)]) == 0
+    summary = (run / "report" / "report.md").read_text()
+    assert summary.count("(last evaluation)") == 1
+    row = next(line for line in summary.splitlines() if "before training" in line)
+    assert "| n/a |" in row
+    assert (
+        "KL to the teacher went from 0.0000 to" in summary and "of its first value" not in summary
+    )
+
+
+def test_eval_command_defaults_to_the_run_s_own_eval_split(evaluated_run, capsys):
+    """A student exported by kd-dist train is measured on the examples its run held out, with
+    its run's data flags, without repeating them."""
+    out, teacher, _ = evaluated_run
+    assert main(["eval", "--student", str(out), "--teacher", teacher]) == 0
+    printed = capsys.readouterr().out
+    final = json.loads((out / "eval_results.json").read_text())
+    assert f"{final['kl_to_teacher']:.4f}" in printed and f"{final['student_ppl']:.3f}" in printed
+
+
+def test_eval_command_refuses_a_checkpoint_and_a_missing_output_folder(evaluated_run, tmp_path,
+                                                                       capsys):  # fmt: skip
+    out, teacher, _ = evaluated_run
+    checkpoint = tmp_path / "step-00000002"
+    checkpoint.mkdir()
+    (checkpoint / "checkpoint_complete.json").write_text("{}")
+    assert main(["eval", "--student", str(checkpoint), "--teacher", teacher]) == 2
+    assert "is a kd-dist training checkpoint" in capsys.readouterr().err
+    argv = ["eval", "--student", str(out), "--teacher", teacher, "--output_json",
+            str(tmp_path / "missing" / "m.json")]  # fmt: skip
+    assert main(argv) == 2
+    assert "its folder does not exist" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_does_not_repeat_its_last_evaluation(model_pair, text_dataset,
+                                                                     tmp_path):  # fmt: skip
+    teacher, student = model_pair("gpt2")
+    out = tmp_path / "run"
+    argv = ["train", "--teacher_model", teacher, "--student_model", student, "--dataset",
+            str(text_dataset), "--output_dir", str(out), "--eval_ratio", "0.2", "--max_steps",
+            "2", "--eval_steps", "2", "--save_steps", "2", "--batch_size", "8",
+            "--no-compile_loss"]  # fmt: skip
+    assert main(argv) == 0
+    assert main([*argv, "--resume_from_checkpoint", "latest"]) == 0  # e.g. after a kill in export
+    _, evals = records_of(out)
+    assert [r["step"] for r in evals] == [2]
