@@ -95,10 +95,13 @@ def batch_sums(
     vocab_size: int,
     chunk_rows: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """[B, 5] float64 sums of one batch's examples, in METRIC_SUMS order."""
+    """[B, 5] float64 sums of one batch's examples, in METRIC_SUMS order. ``fused``: project
+    hidden states chunk by chunk when both models' output heads are known (--fused_loss), else
+    chunk the models' own logits."""
     causal = task_type == "causal"
-    fused = output_head(student) is not None and output_head(teacher) is not None
+    fused = fused and output_head(student) is not None and output_head(teacher) is not None
     forward = forward_hidden if fused else forward_logits
     with autocast():
         student_out = forward(student, student, batch, task_type)  # [B, L, H] or [B, L, V]
@@ -158,6 +161,7 @@ def evaluate(
     chunk_rows: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
+    fused: bool = True,
 ) -> dict[str, float]:
     """Student-vs-teacher metrics over ``batches`` (means over the valid tokens of all ranks).
 
@@ -172,7 +176,7 @@ def evaluate(
         for batch in batches:
             sums = batch_sums(
                 student, teacher, batch, task_type=task_type, vocab_size=vocab_size,
-                chunk_rows=chunk_rows, autocast=autocast,
+                chunk_rows=chunk_rows, autocast=autocast, fused=fused,
             )  # fmt: skip
             totals += gather(sums).sum(0).cpu()
     finally:
@@ -228,6 +232,7 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
             or auto_chunk_rows(vocab_size, cfg.loss_chunk_memory_mb, accelerator.device.type),
             autocast=accelerator.autocast,
             gather=accelerator.gather_for_metrics,
+            fused=cfg.fused_loss,
         )
 
 

@@ -487,7 +487,7 @@ def run_training(
         evaluate_now = functools.partial(
             evaluate, accelerator.unwrap_model(student), teacher, eval_loader,
             task_type=cfg.task_type, vocab_size=vocab_size, chunk_rows=chunk_rows,
-            autocast=accelerator.autocast, gather=accelerator.gather_for_metrics,
+            autocast=accelerator.autocast, gather=accelerator.gather_for_metrics, fused=fused,
         )  # fmt: skip
 
     state = TrainerState()

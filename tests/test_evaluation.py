@@ -112,20 +112,24 @@ def random_batches(vocab: int, causal: bool, generator: torch.Generator) -> list
     return batches
 
 
-@pytest.mark.parametrize(("family", "fused"), [("llama", True), ("gemma2", True), ("bart", True),
-                                                ("t5", True), ("llama", False)])  # fmt: skip
-def test_metrics_equal_a_float64_reference(family, fused, tokenizer, monkeypatch):
+@pytest.mark.parametrize(("family", "path"), [("llama", "fused"), ("gemma2", "fused"),
+                                               ("bart", "fused"), ("t5", "fused"),
+                                               ("llama", "unknown family"),
+                                               ("llama", "--no-fused_loss")])  # fmt: skip
+def test_metrics_equal_a_float64_reference(family, path, tokenizer, monkeypatch):
     """Fused (hidden states x output weight: a plain head, Gemma-2's soft-capping, BART's
-    final_logits_bias, T5's scaling) and logit rows for a family the fused path does not know;
-    chunks of 5 rows, a vocabulary padded beyond the tokenizer's, an all-masked batch."""
-    if not fused:
+    final_logits_bias, T5's scaling) and logit rows for a family the fused path does not know
+    or with the fused path switched off; chunks of 5 rows, a vocabulary padded beyond the
+    tokenizer's, an all-masked batch."""
+    if path == "unknown family":
         monkeypatch.delitem(kd_dist.models.FUSED_HEAD_RULES, family)
     teacher, student = teacher_and_student(family, tokenizer)
     causal = family not in SEQ2SEQ_FAMILIES
     batches = random_batches(len(tokenizer), causal, torch.Generator().manual_seed(5))
     student.train()
     actual = evaluate(student, teacher, batches, task_type="causal" if causal else "seq2seq",
-                      vocab_size=len(tokenizer), chunk_rows=5)  # fmt: skip
+                      vocab_size=len(tokenizer), chunk_rows=5,
+                      fused=path != "--no-fused_loss")  # fmt: skip
     assert student.training  # left as it was found
     expected = reference_metrics(student, teacher, batches, len(tokenizer), causal)
     assert_metrics_match(actual, expected)
