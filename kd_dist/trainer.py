@@ -11,9 +11,6 @@ import itertools
 import json
 import logging
 import math
-import resource
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +42,7 @@ from kd_dist.checkpoint import (
     save_checkpoint,
 )
 from kd_dist.config import ConfigError, TrainConfig
-from kd_dist.data import DataSplits, build_datasets, content_fingerprint, make_collator
+from kd_dist.data import build_datasets, content_fingerprint, make_collator
 from kd_dist.engine import (
     NonFiniteError,
     PreemptionWatch,
@@ -75,6 +72,7 @@ from kd_dist.models import (
     output_head,
     precision_dtype,
 )
+from kd_dist.run_log import MetricsLog, run_summary
 
 logger = logging.getLogger("kd_dist")
 
@@ -234,74 +232,6 @@ def make_micro_step(
     return micro_step
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """This process's peak memory so far: allocated on its GPU, or resident in RAM on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-class MetricsLog:
-    """metrics.jsonl lines, the trackers (--report_to) and the progress bar (main process only).
-
-    ``tokens_per_s`` counts the tokens that enter the loss and ``samples_per_s`` the sequences,
-    of all processes, over the training time since the last line (evaluation time excluded).
-    """
-
-    def __init__(self, path: Path, progress: tqdm, accelerator: Accelerator) -> None:
-        self.path, self.progress, self.accelerator = path, progress, accelerator
-        self.enabled = accelerator.is_main_process
-        self.tokens, self.samples, self.since = 0, 0, time.perf_counter()
-
-    def count(self, tokens: int, samples: int) -> None:
-        self.tokens += tokens
-        self.samples += samples
-
-    def log(self, **record: float | int | None) -> None:
-        now = time.perf_counter()
-        record["tokens_per_s"] = self.tokens / max(now - self.since, 1e-9)
-        record["samples_per_s"] = self.samples / max(now - self.since, 1e-9)
-        record["peak_memory_mb"] = peak_memory_mb(self.accelerator.device)
-        self.tokens, self.samples, self.since = 0, 0, now
-        self.progress.set_postfix(
-            loss=f"{record['loss']:.4f}",
-            lr=f"{record['lr']:.2e}",
-            tok_s=f"{record['tokens_per_s']:.0f}",
-        )
-        self._write(record)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Time spent inside (evaluating, saving a checkpoint) is not training throughput."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.since += time.perf_counter() - start
-
-    def log_eval(self, step: int, epoch: int, run: Callable[[], dict[str, float]]) -> dict:
-        """Run an evaluation (on every rank) and log its metrics, prefixed ``eval_``."""
-        start = time.perf_counter()
-        with self.paused():
-            metrics = run()
-        seconds = time.perf_counter() - start
-        record = {"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
-        record["eval_seconds"] = seconds
-        if self.enabled:
-            logger.info("Evaluation at step %d: %s", step, _format_metrics(metrics))
-        self._write(record)
-        return metrics
-
-    def _write(self, record: dict) -> None:
-        if self.enabled:
-            finite = json_safe(record)
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(finite) + "\n")
-            numbers = {k: v for k, v in finite.items() if isinstance(v, (int, float))}
-            self.accelerator.log(numbers, step=record["step"])
-
-
 def count_nonfinite(cfg: TrainConfig, state: TrainerState, where: str) -> None:
     """Skip a non-finite batch or step (within --skip_nonfinite), else stop the run before
     anything more is saved (the last checkpoint stays the newest)."""
@@ -317,81 +247,9 @@ def count_nonfinite(cfg: TrainConfig, state: TrainerState, where: str) -> None:
                    state.skipped_nonfinite, cfg.skip_nonfinite)  # fmt: skip
 
 
-def _format_metrics(metrics: dict[str, float]) -> str:
-    return (
-        f"student ppl {metrics['student_ppl']:.3f} (teacher {metrics['teacher_ppl']:.3f}), "
-        f"KL to teacher {metrics['kl_to_teacher']:.4f}, "
-        f"top-1 agreement {metrics['top1_agreement']:.1%} over {metrics['tokens']} tokens"
-    )
-
-
-def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Parameters of ``model``, ZeRO-3 shards counted at their full size."""
-    return sum(
-        getattr(p, "ds_numel", p.numel())
-        for p in model.parameters()
-        if p.requires_grad or not trainable_only
-    )
-
-
-def run_summary(
-    cfg: TrainConfig,
-    accelerator: Accelerator,
-    data: DataSplits,
-    student: torch.nn.Module,
-    teacher: PreTrainedModel,
-    total_steps: int,
-    fused: bool,
-) -> str:
-    """The start-up summary: the models and where they run, the size of a step, the plan."""
-    student = accelerator.unwrap_model(student)
-    plugin = accelerator.state.deepspeed_plugin
-    zero = f"ZeRO stage {plugin.zero_stage}" if plugin is not None else "no ZeRO"
-    teacher_sharded = any(hasattr(p, "ds_id") for p in teacher.parameters())
-    sequences = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    label_length = cfg.max_length
-    if cfg.task_type == "seq2seq" and cfg.max_target_length is not None:
-        label_length = cfg.max_target_length
-    if data.eval is None:
-        evaluation = "no eval split"
-    else:
-        every = f"every {plural(cfg.eval_steps, 'step')} and " if cfg.eval_steps else ""
-        evaluation = f"evaluated {every}at the end" + (
-            ", and before training" if cfg.eval_before_training else ""
-        )
-    return "\n".join(
-        [
-            "Run summary",
-            f"  teacher  {cfg.teacher_model} ({teacher.config.model_type}, "
-            f"{parameter_count(teacher):,} parameters, "
-            f"{str(next(teacher.parameters()).dtype).removeprefix('torch.')}), "
-            + ("sharded by its ZeRO-3 engine" if teacher_sharded else "replicated per process"),
-            f"  student  {cfg.student_model} ({student.config.model_type}, "
-            f"{parameter_count(student):,} parameters, "
-            f"{parameter_count(student, trainable_only=True):,} trainable)",
-            f"  launch   {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
-            f"{zero}, precision {cfg.mixed_precision if cfg.mixed_precision != 'no' else 'fp32'}",
-            f"  batch    {cfg.batch_size} per process x {cfg.gradient_accumulation_steps} "
-            f"accumulation x {accelerator.num_processes} process(es) = {sequences} sequences "
-            f"per optimizer step, at most {sequences * label_length:,} loss tokens per step",
-            f"  data     {cfg.dataset}: {data.format} format, "
-            f"{data.stats['train_examples']:,} train / {data.stats['eval_examples']:,} eval "
-            "examples",
-            f"  loss     {cfg.loss}, temperature {cfg.temperature}, alpha {cfg.alpha}, "
-            + ("fused (no full logits)" if fused else "from full logits"),
-            f"  plan     {plural(total_steps, 'optimizer step')}, logged every "
-            f"{plural(cfg.logging_steps, 'step')}, " + evaluation,
-        ]
-    )
-
-
 def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def train(cfg: TrainConfig) -> TrainResult:
