@@ -27,10 +27,10 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
+from memory_probe import peak_extra_bytes
 from transformers import AutoModelForCausalLM
 
 import kd_dist.models
@@ -83,37 +83,15 @@ def run(method: str, student, teacher, batch, vocab: int, chunk_rows: int) -> di
                     chunk_rows=chunk_rows)  # fmt: skip
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_memory(method: str, args, vocab: int, device: str) -> dict:
     """Peak extra bytes of one evaluation call (in a fresh process), and its metrics."""
     student, teacher, batch = make_models_and_batch(vocab, args.batch, args.length, device)
     chunk_rows = auto_chunk_rows(vocab, 256, device)  # as training's default budget
     run(method, student, teacher, batch, vocab, chunk_rows)  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        metrics = run(method, student, teacher, batch, vocab, chunk_rows)
-        torch.cuda.synchronize()
-        return {"peak": torch.cuda.max_memory_allocated() - before, "metrics": metrics}
-    before = rss_bytes()
-    peak, done = [before], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    metrics = run(method, student, teacher, batch, vocab, chunk_rows)
-    done.set()
-    sampler.join()
-    return {"peak": max(peak[0], rss_bytes()) - before, "metrics": metrics}
+    peak, metrics = peak_extra_bytes(
+        lambda: run(method, student, teacher, batch, vocab, chunk_rows), device
+    )
+    return {"peak": peak, "metrics": metrics}
 
 
 def measure_time(method: str, args, vocab: int, device: str) -> dict:

@@ -29,11 +29,11 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
+from memory_probe import peak_extra_bytes
 
 from kd_dist.losses import LossSpec, OutputHead, fused_distillation_loss
 
@@ -152,11 +152,6 @@ def time_methods(methods, args, device, dtype) -> dict[str, dict[int, float]]:
     return times
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_peak(method: str, tokens: int, hidden: int, vocab: int, device: str) -> int:
     """Peak extra bytes of one forward + backward (run in a fresh process)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -164,28 +159,7 @@ def measure_peak(method: str, tokens: int, hidden: int, vocab: int, device: str)
     run(method, x)  # warm-up (compile), then measure a second call
     for key in ("student_hidden", "student_weight"):
         x[key].grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        run(method, x)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    before = rss_bytes()
-    peak = [before]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    run(method, x)
-    done.set()
-    sampler.join()
-    return max(peak[0], rss_bytes()) - before
+    return peak_extra_bytes(lambda: run(method, x), device)[0]
 
 
 def peak_memory(methods, args, device) -> dict[str, dict[int, float]]:

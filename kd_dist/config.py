@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from kd_dist.losses import DEFAULT_CHUNK_MEMORY_MB, LossSpec, Objective
+from kd_dist.losses import DEFAULT_CHUNK_MEMORY_MB, LossSpec, Objective, auto_chunk_rows
 
 TaskType = Literal["causal", "seq2seq"]
 OptimizerName = Literal["adamw", "sgd", "adafactor"]
@@ -283,6 +283,12 @@ class TrainConfig:
     @property
     def mixed_precision(self) -> str:
         return "fp16" if self.fp16 else "bf16" if self.bf16 else "no"
+
+    def chunk_rows(self, vocab_size: int, device_type: str) -> int:
+        """Rows per loss/metrics chunk: --vocab_chunk_size, else sized by the memory budget."""
+        return self.vocab_chunk_size or auto_chunk_rows(
+            vocab_size, self.loss_chunk_memory_mb, device_type
+        )
 
     def validate(self) -> None:
         """Check everything that can be checked without loading a model or a dataset."""

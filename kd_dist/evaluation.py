@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from datasets import Dataset
 from deepspeed.runtime.zero import GatheredParameters
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
@@ -36,7 +38,6 @@ from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.engine import accelerator_session, deepspeed_launch
 from kd_dist.losses import (
-    auto_chunk_rows,
     logit_chunks,
     plogx,
     softmax_and_log_softmax,
@@ -184,6 +185,19 @@ def evaluate(
     return metrics_from_sums(totals)
 
 
+def eval_loader(
+    accelerator: Accelerator, examples: Dataset, batch_size: int, collate: Callable
+) -> DataLoader:
+    """This process's share of ``examples``, in order. accelerate's ``even_batches`` pads the
+    last batch with repeated examples, which ``gather_for_metrics`` drops before anything is
+    summed. The loader has its own generator: one without draws a seed from the global RNG at
+    each pass, which would shift dropout's stream and make evaluating mid-run change training."""
+    loader = DataLoader(
+        examples, batch_size=batch_size, collate_fn=collate, generator=torch.Generator()
+    )
+    return accelerator.prepare_data_loader(loader)
+
+
 def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
     """``kd-dist eval``: the metrics of a saved student against its teacher on ``cfg.dataset``.
 
@@ -218,18 +232,13 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
             cfg.student_model, cfg.teacher_model, len(examples), data.format,
         )  # fmt: skip
         models = load_models(cfg, tokenizer)
-        loader = accelerator.prepare_data_loader(
-            DataLoader(examples, batch_size=cfg.batch_size, collate_fn=make_collator(tokenizer))
-        )
-        vocab_size = len(tokenizer)
         return evaluate(
             models.student.to(accelerator.device),
             models.teacher.to(accelerator.device),
-            loader,
+            eval_loader(accelerator, examples, cfg.batch_size, make_collator(tokenizer)),
             task_type=cfg.task_type,
-            vocab_size=vocab_size,
-            chunk_rows=cfg.vocab_chunk_size
-            or auto_chunk_rows(vocab_size, cfg.loss_chunk_memory_mb, accelerator.device.type),
+            vocab_size=len(tokenizer),
+            chunk_rows=cfg.chunk_rows(len(tokenizer), accelerator.device.type),
             autocast=accelerator.autocast,
             gather=accelerator.gather_for_metrics,
             fused=cfg.fused_loss,

@@ -26,7 +26,9 @@ import time
 FAULT_ENV = "KD_DIST_FAULT"
 
 
-def _due(name: str, step: int) -> bool:
+def wants(name: str, step: int) -> bool:
+    """Whether the fault ``name`` (e.g. ``nan_teacher``, ``kill_save_state``) is due at ``step``
+    on this process."""
     rank = os.environ.get("RANK", "0")
     for entry in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         fault, _, where = entry.strip().partition("@")
@@ -36,25 +38,19 @@ def _due(name: str, step: int) -> bool:
     return False
 
 
-def wants(name: str, step: int) -> bool:
-    """Whether the data fault ``name`` (``nan_teacher``, ``mask_labels``, ``overflow``) is due at
-    ``step``."""
-    return _due(name, step)
-
-
 def kill_in_save(point: str, step: int) -> None:
-    if _due(f"kill_save_{point}", step):
+    if wants(f"kill_save_{point}", step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def after_step(step: int) -> None:
     """Signals and hangs, at the boundary after optimizer step ``step``."""
     for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
-        if _due(f"signal_{name}", step):
+        if wants(f"signal_{name}", step):
             os.kill(os.getpid(), getattr(signal, name))
-        if _due(f"signal_parent_{name}", step):
+        if wants(f"signal_parent_{name}", step):
             os.kill(os.getppid(), getattr(signal, name))
-    if _due("hang", step):
+    if wants("hang", step):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_DFL)
         while True:

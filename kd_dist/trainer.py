@@ -53,11 +53,10 @@ from kd_dist.engine import (
     place_teacher,
     zero3_partitioned_loading,
 )
-from kd_dist.evaluation import evaluate, json_safe
+from kd_dist.evaluation import eval_loader, evaluate, json_safe
 from kd_dist.losses import (
     IGNORE_INDEX,
     LossOutput,
-    auto_chunk_rows,
     count_valid_tokens,
     distillation_loss,
     fused_distillation_loss,
@@ -300,9 +299,7 @@ def run_training(
     )
     teacher, student = models.teacher, models.student
     vocab_size = len(tokenizer)
-    chunk_rows = cfg.vocab_chunk_size or auto_chunk_rows(
-        vocab_size, cfg.loss_chunk_memory_mb, accelerator.device.type
-    )
+    chunk_rows = cfg.chunk_rows(vocab_size, accelerator.device.type)
     if accelerator.is_main_process:
         cfg.save(cfg.output_dir)
 
@@ -332,18 +329,11 @@ def run_training(
             config={k: v for k, v in cfg.to_dict().items() if v is not None},
             init_kwargs={"wandb": {"dir": str(Path(cfg.output_dir) / TRACKER_DIR)}},
         )
-    # Evaluation: every process reads its share of the eval split; even_batches pads the last
-    # batch with repeated examples, which gather_for_metrics drops before anything is summed.
-    # Its loader has its own generator: a DataLoader without one draws a seed from the global
-    # RNG at each pass, which would shift dropout's stream and make evaluating change training.
     evaluate_now = None
     if data.eval is not None:
-        loader = DataLoader(
-            data.eval, batch_size=cfg.batch_size, collate_fn=collate, generator=torch.Generator()
-        )
-        eval_loader = accelerator.prepare_data_loader(loader)
         evaluate_now = functools.partial(
-            evaluate, accelerator.unwrap_model(student), teacher, eval_loader,
+            evaluate, accelerator.unwrap_model(student), teacher,
+            eval_loader(accelerator, data.eval, cfg.batch_size, collate),
             task_type=cfg.task_type, vocab_size=vocab_size, chunk_rows=chunk_rows,
             autocast=accelerator.autocast, gather=accelerator.gather_for_metrics, fused=fused,
         )  # fmt: skip

@@ -213,6 +213,7 @@ def encode_batch(
     max_length: int | None,
     max_target_length: int,
     train_on_prompt: bool,
+    adds_eos: bool,
     split_name: str,
 ) -> dict[str, list[Any]]:
     """The ``datasets.map`` function (batched, so the fast tokenizer works on whole batches).
@@ -236,7 +237,7 @@ def encode_batch(
                 max_length=max_length,
                 train_on_prompt=train_on_prompt,
                 eos_id=eos_id,
-                adds_eos=tokenizer_adds_eos(tokenizer),
+                adds_eos=adds_eos,
             )
         )
         examples = [
@@ -251,9 +252,8 @@ def encode_batch(
         source_ids = _tokenize(tokenizer, [p[0] if p else "" for p in pairs], True)
         target_ids = _tokenize(tokenizer, [p[1] if p else "" for p in pairs], True)
         assert max_length is not None  # packing is refused for seq2seq
-        append_eos = not tokenizer_adds_eos(tokenizer)
         examples = [
-            seq2seq_example(s, t, eos_id, append_eos, max_length, max_target_length)
+            seq2seq_example(s, t, eos_id, not adds_eos, max_length, max_target_length)
             if pair
             else EMPTY_EXAMPLE
             for pair, s, t in zip(pairs, source_ids, target_ids, strict=True)
@@ -289,6 +289,7 @@ def tokenize_split(
             max_length=None if cfg.packing else cfg.max_length,
             max_target_length=cfg.max_target_length or cfg.max_length,
             train_on_prompt=cfg.train_on_prompt,
+            adds_eos=tokenizer_adds_eos(tokenizer),
             split_name=name,
         ),
         remove_columns=split.column_names,
