@@ -9,9 +9,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -62,6 +63,11 @@ def _build_accelerator(cfg: TrainConfig) -> Accelerator:
         backend = "gloo" if distributed_on_cpu else "nccl"
         timeout = timedelta(seconds=cfg.dist_timeout)
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
+    if deepspeed:
+        plugins = _deepspeed_plugins(cfg)  # checks the launch's DeepSpeed settings too
+    else:
+        plugins = None
+        check_launch_agrees(cfg, deepspeed_config=None)
     return Accelerator(
         cpu=distributed_on_cpu and not deepspeed,
         mixed_precision=cfg.mixed_precision,
@@ -70,7 +76,7 @@ def _build_accelerator(cfg: TrainConfig) -> Accelerator:
         # replays exactly the order the interrupted one would have seen.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=handlers,
-        deepspeed_plugins=_deepspeed_plugins(cfg) if deepspeed else None,
+        deepspeed_plugins=plugins,
         # Trackers (TensorBoard, W&B) write under OUTPUT_DIR/runs; the main process logs to them.
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(
@@ -83,15 +89,96 @@ def deepspeed_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def launch_conflicts(
+    cfg: TrainConfig, launch_precision: str, deepspeed_config: dict[str, Any] | None
+) -> list[str]:
+    """Settings the launch (accelerate's config file, its flags, the DeepSpeed JSON) gives a
+    value that disagrees with kd-dist's flags.
+
+    kd-dist's flags decide batch size, accumulation, clipping and precision; the training loop
+    is built on them. A launch may repeat them or leave them "auto", but accelerate would
+    otherwise silently prefer some launch values (DeepSpeed's accumulation steps, say) and the
+    run would train differently from what its flags say.
+    """
+    conflicts = []
+    if launch_precision not in ("no", "") and launch_precision != cfg.mixed_precision:
+        ours = cfg.mixed_precision if cfg.mixed_precision != "no" else "fp32"
+        conflicts.append(
+            f"mixed_precision: the launch asks for {launch_precision}, kd-dist runs {ours} "
+            f"(pass --{launch_precision}, or mixed_precision: 'no' in the accelerate config)"
+        )
+    if deepspeed_config is None:
+        return conflicts
+    ours = {
+        "train_micro_batch_size_per_gpu": ("--batch_size", cfg.batch_size),
+        "gradient_accumulation_steps": ("--gradient_accumulation_steps",
+                                        cfg.gradient_accumulation_steps),
+        "gradient_clipping": ("--clip_grad_norm", cfg.clip_grad_norm),
+    }  # fmt: skip
+    for key, (flag, value) in ours.items():
+        theirs = deepspeed_config.get(key, "auto")
+        if theirs != "auto" and float(theirs) != float(value):
+            default = " (accelerate's value when it is left out)" if key.startswith("grad") else ""
+            conflicts.append(
+                f"{key}: the DeepSpeed settings have {theirs}{default}, kd-dist {flag} {value}"
+            )
+    for precision in ("bf16", "fp16"):
+        enabled = deepspeed_config.get(precision, {}).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (cfg.mixed_precision == precision):
+            conflicts.append(
+                f"{precision}.enabled: the DeepSpeed settings have {enabled}, kd-dist "
+                + ("passes" if cfg.mixed_precision == precision else "does not pass")
+                + f" --{precision}"
+            )
+    return conflicts
+
+
+def check_launch_agrees(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None) -> None:
+    conflicts = launch_conflicts(
+        cfg, os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), deepspeed_config
+    )
+    if conflicts:
+        raise ConfigError(
+            "The launch configuration disagrees with kd-dist's flags, which decide these "
+            "settings:\n  - " + "\n  - ".join(conflicts) + '\nSet them to "auto" (or '
+            "leave them out) in the DeepSpeed JSON or the accelerate config's deepspeed_config, "
+            "or pass kd-dist the launch's values."
+        )
+
+
+@contextlib.contextmanager
+def _deepspeed_fields_hidden() -> Iterator[None]:
+    """accelerate refuses a DeepSpeedPlugin built from a dict whenever the launch passed
+    DeepSpeed settings as accelerate fields (the questionnaire's YAML: zero_stage, offload_...),
+    a guard meant for a user's JSON file that would silently drop them. The teacher's dict is
+    derived from the student's already-resolved settings, so nothing is dropped."""
+    fields = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    try:
+        yield
+    finally:
+        if fields is not None:
+            os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = fields
+
+
 def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
-    """The launch's DeepSpeed config for the student and, unless the teacher is replicated, a
-    ZeRO-3 inference config derived from it for the teacher (no optimizer, no accumulation)."""
-    student = DeepSpeedPlugin()  # from the config file `accelerate launch` was given
-    if cfg.teacher_placement == "replicate":
+    """The launch's DeepSpeed settings for the student (a JSON file, accelerate config fields or
+    launch flags: accelerate reads them from the environment), completed from kd-dist's flags,
+    and, unless the teacher is replicated, a ZeRO-3 inference config derived from them for the
+    teacher (no optimizer, no accumulation)."""
+    student = DeepSpeedPlugin()
+    check_launch_agrees(cfg, student.deepspeed_config)
+    student_config = student.deepspeed_config
+    # "auto" or absent: DeepSpeed's own default would be no clipping, accelerate's 1.0.
+    student_config["gradient_clipping"] = cfg.clip_grad_norm
+    if student.zero_stage == 3:
+        # The export gathers the sharded weights into one state dict; DeepSpeed refuses to
+        # unless this is on (the questionnaire's default answer turns it off).
+        student_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.teacher_placement == "replicate" or cfg.alpha == 1.0:
         return {STUDENT: student}
     teacher_config = {
         key: value
-        for key, value in copy.deepcopy(student.deepspeed_config).items()
+        for key, value in copy.deepcopy(student_config).items()
         if key not in ("optimizer", "scheduler", "train_batch_size", "gradient_clipping")
     }
     zero = teacher_config.setdefault("zero_optimization", {})
@@ -101,7 +188,9 @@ def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     teacher_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     teacher_config["gradient_accumulation_steps"] = 1
-    return {STUDENT: student, TEACHER: DeepSpeedPlugin(hf_ds_config=teacher_config)}
+    with _deepspeed_fields_hidden():
+        teacher = DeepSpeedPlugin(hf_ds_config=teacher_config, zero3_init_flag=True)
+    return {STUDENT: student, TEACHER: teacher}
 
 
 @contextlib.contextmanager
@@ -121,37 +210,45 @@ def accelerator_session(cfg: TrainConfig) -> Iterator[Accelerator]:
 
 
 @contextlib.contextmanager
-def zero3_partitioned_loading(accelerator: Accelerator, role: str) -> Iterator[None]:
-    """Whether ``from_pretrained`` partitions the model it loads (ZeRO-3's zero.Init).
+def partitioned_loading(accelerator: Accelerator, role: str, placement: str) -> Iterator[None]:
+    """Load the model of ``role`` partitioned (ZeRO-3's zero.Init) exactly when it will be
+    sharded, so that no process ever holds more of it than its shard plus the layer being
+    gathered.
 
-    accelerate registers a ZeRO-3 config with transformers for the whole run, and transformers
-    then partitions *every* model it loads. Only the student is handed to DeepSpeed, so only it
-    may be partitioned on load (when the config's zero3_init_flag asks for it); the teacher,
-    replicated on each rank, must load whole.
+    transformers partitions every model it loads while a ZeRO-3 config is registered with it
+    (accelerate registers the selected plugin's). Registered here, for the one load: the
+    teacher's own ZeRO-3 config when it is sharded (``zero3_offload``: its offload_param puts
+    the shards straight into CPU memory), the student's when its config is ZeRO-3 with
+    zero3_init_flag on, and none for a model that must load whole (a replicated teacher).
     """
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or not plugin.hf_ds_config.is_zero3():
-        yield
-        return
-    partition = role == "student" and plugin.is_zero3_init_enabled()
-    if partition:
-        yield
-        return
+    plugins = accelerator.state.deepspeed_plugins or {}
+    plugin = None
+    if role == TEACHER and placement.startswith("zero3"):
+        plugin = plugins[TEACHER]
+    elif role == STUDENT and STUDENT in plugins:
+        student = plugins[STUDENT]
+        if student.hf_ds_config.is_zero3() and student.is_zero3_init_enabled():
+            plugin = student
     unset_hf_deepspeed_config()
+    if plugin is not None:
+        plugin.set_deepspeed_weakref()
     try:
         yield
     finally:
-        plugin.set_deepspeed_weakref()
+        unset_hf_deepspeed_config()
+        if accelerator.state.deepspeed_plugin is not None:
+            accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
-def fill_deepspeed_config(accelerator: Accelerator, cfg: TrainConfig) -> None:
-    """Fill the DeepSpeed JSON's "auto" values accelerate leaves to the script.
+def agree_on_minimum(accelerator: Accelerator, values: list[float]) -> list[float]:
+    """Each value's minimum over all processes (a collective: every rank must call it).
 
-    accelerate fills batch size, accumulation and precision; clipping would default to 1.0.
+    A decision that changes which collectives run (where the teacher lives, the loss path, its
+    chunk size) must be the same on every rank; taken from per-rank values (free GPU memory),
+    ranks near a threshold could choose differently and then hang in mismatched collectives.
     """
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
-        plugin.deepspeed_config["gradient_clipping"] = cfg.clip_grad_norm
+    local = torch.tensor([values], dtype=torch.float64, device=accelerator.device)
+    return accelerator.gather(local).min(dim=0).values.tolist()
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", which the SLURM scripts requeue on
@@ -222,42 +319,61 @@ class PreemptionWatch:
 
 
 def choose_teacher_placement(
-    cfg: TrainConfig, accelerator: Accelerator, teacher: torch.nn.Module
-) -> tuple[str, str]:
-    """(placement, why) for ``--teacher_placement`` (resolving ``auto``)."""
-    if cfg.teacher_placement != "auto":
-        return cfg.teacher_placement, "asked for"
-    plugins = accelerator.state.deepspeed_plugins or {}
-    if TEACHER not in plugins:
+    cfg: TrainConfig, accelerator: Accelerator, teacher_bytes: Callable[[], int]
+) -> str:
+    """Where the teacher goes: ``replicate``, ``zero3``, ``zero3_offload``, or ``none`` when
+    --alpha 1 needs no teacher. Taken before any model loads (a sharded teacher is loaded
+    partitioned), the same on every rank, and logged. ``teacher_bytes`` sizes the teacher
+    without loading it (only ``auto`` on a GPU needs it)."""
+    placement, why = cfg.teacher_placement, "asked for"
+    if cfg.alpha == 1.0:
+        placement, why = "none", "--alpha 1 trains on the labels alone: plain fine-tuning"
+    elif placement == "auto":
+        placement, why = _auto_placement(accelerator, teacher_bytes)
+    logger.info("Teacher placement: %s (%s)", placement, why)
+    return placement
+
+
+def _auto_placement(accelerator: Accelerator, teacher_bytes: Callable[[], int]) -> tuple[str, str]:
+    if TEACHER not in (accelerator.state.deepspeed_plugins or {}):
         return "replicate", "no DeepSpeed launch to shard it with"
-    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     if not torch.cuda.is_available():
         return "replicate", "no GPU memory to save"
-    free_bytes, _ = torch.cuda.mem_get_info()
-    if teacher_bytes > free_bytes / 2:
-        return "zero3", f"{teacher_bytes / 2**30:.1f} GiB > half of {free_bytes / 2**30:.1f} free"
-    return "replicate", f"{teacher_bytes / 2**30:.1f} GiB fits beside the student"
+    # The least free memory of any rank decides, so that every rank decides alike.
+    (free_bytes,) = agree_on_minimum(accelerator, [torch.cuda.mem_get_info()[0]])
+    with partitioned_loading(accelerator, TEACHER, "replicate"):  # sized as if loaded whole
+        size = teacher_bytes()
+    sizes = f"{size / 2**30:.1f} GiB, the least free on any process {free_bytes / 2**30:.1f} GiB"
+    if size > free_bytes / 2:
+        return "zero3", f"teacher {sizes}: over half"
+    return "replicate", f"teacher {sizes}: fits beside the student"
 
 
 def place_teacher(
-    cfg: TrainConfig, accelerator: Accelerator, teacher: torch.nn.Module
+    accelerator: Accelerator, teacher: torch.nn.Module, placement: str
 ) -> torch.nn.Module:
-    """The frozen teacher, in inference mode: replicated on this rank's device, or sharded by its
-    own ZeRO-3 engine. Call after the student is prepared: accelerate's DeepSpeed backward and
-    step go to the first engine it prepared, which must be the student's."""
-    placement, why = choose_teacher_placement(cfg, accelerator, teacher)
-    logger.info("Teacher placement: %s (%s)", placement, why)
+    """The frozen teacher, in inference mode: replicated on this rank's device, or handed to its
+    own ZeRO-3 engine (it was loaded already partitioned). Call after the student is prepared:
+    accelerate's DeepSpeed backward and step go to the first engine it prepared, which must be
+    the student's."""
     if placement == "replicate":
         return teacher.to(accelerator.device)
     accelerator.state.select_deepspeed_plugin(TEACHER)
     engine = accelerator.prepare(teacher)
     accelerator.state.select_deepspeed_plugin(STUDENT)
-    # Checkpoints hold the student only: the teacher never changes, and accelerate would
-    # otherwise try to save an optimizer-less engine. (accelerate keeps no public way to say so.)
+    # Checkpoints and the export concern the student only: the teacher never changes, and
+    # accelerate would otherwise try to save an optimizer-less engine, and read the ZeRO stage
+    # of the export from the config it prepared last. (It keeps no public way to say either.)
     accelerator._models.remove(engine)
-    held = sum(getattr(p, "ds_tensor", p).numel() for p in engine.module.parameters())
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    logger.info("Teacher sharded: this process holds %d of its %d parameters", held, total)
+    accelerator.deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
     # Calling the module (not the engine) still gathers each layer's shards: ZeRO-3's hooks
     # live on the module's layers.
     return engine.module.eval()
+
+
+def held_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters this process holds, the model's parameters): ZeRO-3 shards count at their
+    shard size and full size respectively."""
+    params = list(model.parameters())
+    held = sum(getattr(p, "ds_tensor", p).numel() for p in params)
+    return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)

@@ -1,4 +1,5 @@
-"""Test-only fault injection: put a kill, a signal, a hang or a NaN at an exact point of a run.
+"""Test-only fault injection: put a kill, a signal, a hang or a NaN at an exact point of a run;
+and a trace of which examples each step trained on.
 
 The reliability tests need faults at moments no outside process can hit reliably (inside a
 checkpoint save, at one optimizer step, on one rank). They set ``KD_DIST_FAULT``; without it
@@ -15,15 +16,22 @@ the 1-based optimizer step, RANK the global rank; no rank means every rank). Nam
 - ``mask_labels``: mask every label of this rank's first micro-batch of STEP;
 - ``overflow``: multiply STEP's backward by 1e30, so fp16 gradients overflow (the loss stays
   finite).
+
+``KD_DIST_TRACE=PATH`` makes every rank append, for each micro-batch, one JSON line to
+``PATH.rank<RANK>``: the step, the epoch and the token ids of each example that enters the loss.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 
+import torch
+
 FAULT_ENV = "KD_DIST_FAULT"
+TRACE_ENV = "KD_DIST_TRACE"
 
 
 def wants(name: str, step: int) -> bool:
@@ -55,3 +63,18 @@ def after_step(step: int) -> None:
             signal.signal(sig, signal.SIG_DFL)
         while True:
             time.sleep(60)
+
+
+def trace_examples(step: int, epoch: int, window: list[dict[str, torch.Tensor]], causal: bool):
+    """Record which examples the micro-batches of optimizer step ``step`` train on (their
+    unpadded input ids), when KD_DIST_TRACE asks for it."""
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    with open(f"{path}.rank{os.environ.get('RANK', '0')}", "a") as handle:
+        for batch in window:
+            labels = batch["labels"][:, 1:] if causal else batch["labels"]
+            trained = (labels != -100).any(1)
+            ids, mask = batch["input_ids"][trained], batch["attention_mask"][trained].bool()
+            examples = [row[keep].tolist() for row, keep in zip(ids, mask, strict=True)]
+            handle.write(json.dumps({"step": step, "epoch": epoch, "examples": examples}) + "\n")

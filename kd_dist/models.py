@@ -137,36 +137,56 @@ def precision_dtype(cfg: TrainConfig) -> torch.dtype:
 
 @dataclass
 class ModelPair:
-    teacher: PreTrainedModel
+    teacher: PreTrainedModel | None  # None when the run needs no teacher (--alpha 1)
     student: PreTrainedModel
+
+
+def model_class(cfg: TrainConfig) -> type:
+    return AutoModelForSeq2SeqLM if cfg.task_type == "seq2seq" else AutoModelForCausalLM
+
+
+def teacher_bytes(cfg: TrainConfig) -> int:
+    """The teacher's weights in memory, in the dtype it loads in, without loading them (built
+    on the meta device from its config)."""
+    config = _load_config(cfg.teacher_model, "teacher", cfg)
+    with torch.device("meta"):
+        model = model_class(cfg).from_config(config, trust_remote_code=cfg.trust_remote_code)
+    return sum(p.numel() for p in model.parameters()) * precision_dtype(cfg).itemsize
 
 
 def load_models(
     cfg: TrainConfig,
     tokenizer: PreTrainedTokenizerBase,
     loading: Callable[[str], AbstractContextManager] = lambda role: nullcontext(),
+    with_teacher: bool = True,
 ) -> ModelPair:
     """Teacher (frozen, eval, in the run's precision) and student (fp32 master weights, train).
 
     Call ``check_models`` first: it catches mismatches before any weights load. ``loading(role)``
     is entered around each ``from_pretrained`` ("teacher", "student"), e.g. to decide whether
-    DeepSpeed ZeRO-3 partitions the model as it loads.
+    DeepSpeed ZeRO-3 partitions the model as it loads. ``with_teacher=False`` (--alpha 1) loads
+    the student alone.
     """
-    auto = AutoModelForSeq2SeqLM if cfg.task_type == "seq2seq" else AutoModelForCausalLM
-    # The teacher only runs forward, so it is stored in the run's precision to halve its memory;
-    # the student keeps fp32 weights and mixed precision autocasts its forward.
-    with loading("teacher"):
-        teacher = auto.from_pretrained(
-            cfg.teacher_model, dtype=precision_dtype(cfg), trust_remote_code=cfg.trust_remote_code
-        )
+    auto = model_class(cfg)
+    teacher = None
+    if with_teacher:
+        # The teacher only runs forward, so it is stored in the run's precision to halve its
+        # memory; the student keeps fp32 weights and mixed precision autocasts its forward.
+        with loading("teacher"):
+            teacher = auto.from_pretrained(
+                cfg.teacher_model, dtype=precision_dtype(cfg),
+                trust_remote_code=cfg.trust_remote_code,
+            )  # fmt: skip
+        teacher.eval()
+        teacher.requires_grad_(False)
     with loading("student"):
         student = auto.from_pretrained(
             cfg.student_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
         )
-    teacher.eval()
-    teacher.requires_grad_(False)
     student.train()
     for model in (teacher, student):
+        if model is None:
+            continue
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None and model.generation_config.pad_token_id is None:

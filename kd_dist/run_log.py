@@ -114,15 +114,25 @@ def run_summary(
     accelerator: Accelerator,
     data: DataSplits,
     student: torch.nn.Module,
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | None,
     total_steps: int,
+    steps_per_epoch: int,
     fused: bool,
 ) -> str:
     """The start-up summary: the models and where they run, the size of a step, the plan."""
     student = accelerator.unwrap_model(student)
     plugin = accelerator.state.deepspeed_plugin
     zero = f"ZeRO stage {plugin.zero_stage}" if plugin is not None else "no ZeRO"
-    teacher_sharded = any(hasattr(p, "ds_id") for p in teacher.parameters())
+    if teacher is None:
+        teacher_line = f"  teacher  {cfg.teacher_model}: not loaded (--alpha 1: plain fine-tuning)"
+    else:
+        sharded = any(hasattr(p, "ds_id") for p in teacher.parameters())
+        teacher_line = (
+            f"  teacher  {cfg.teacher_model} ({teacher.config.model_type}, "
+            f"{parameter_count(teacher):,} parameters, "
+            f"{str(next(teacher.parameters()).dtype).removeprefix('torch.')}), "
+            + ("sharded by its ZeRO-3 engine" if sharded else "replicated per process")
+        )
     sequences = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     label_length = cfg.max_length
     if cfg.task_type == "seq2seq" and cfg.max_target_length is not None:
@@ -137,10 +147,7 @@ def run_summary(
     return "\n".join(
         [
             "Run summary",
-            f"  teacher  {cfg.teacher_model} ({teacher.config.model_type}, "
-            f"{parameter_count(teacher):,} parameters, "
-            f"{str(next(teacher.parameters()).dtype).removeprefix('torch.')}), "
-            + ("sharded by its ZeRO-3 engine" if teacher_sharded else "replicated per process"),
+            teacher_line,
             f"  student  {cfg.student_model} ({student.config.model_type}, "
             f"{parameter_count(student):,} parameters, "
             f"{parameter_count(student, trainable_only=True):,} trainable)",
@@ -154,7 +161,9 @@ def run_summary(
             "examples",
             f"  loss     {cfg.loss}, temperature {cfg.temperature}, alpha {cfg.alpha}, "
             + ("fused (no full logits)" if fused else "from full logits"),
-            f"  plan     {plural(total_steps, 'optimizer step')}, logged every "
+            f"  plan     {plural(total_steps, 'optimizer step')} ({steps_per_epoch} per epoch; "
+            + ("--max_steps" if cfg.max_steps is not None else plural(cfg.epochs, "epoch"))
+            + f"), logged every "
             f"{plural(cfg.logging_steps, 'step')}, " + evaluation,
         ]
     )

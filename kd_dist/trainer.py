@@ -48,10 +48,12 @@ from kd_dist.engine import (
     PreemptionWatch,
     TrainingPreempted,
     accelerator_session,
+    agree_on_minimum,
+    choose_teacher_placement,
     exit_on_collective_timeout,
-    fill_deepspeed_config,
+    held_parameters,
+    partitioned_loading,
     place_teacher,
-    zero3_partitioned_loading,
 )
 from kd_dist.evaluation import eval_loader, evaluate, json_safe
 from kd_dist.losses import (
@@ -60,6 +62,7 @@ from kd_dist.losses import (
     count_valid_tokens,
     distillation_loss,
     fused_distillation_loss,
+    valid_mask,
     valid_rows,
 )
 from kd_dist.models import (
@@ -70,6 +73,7 @@ from kd_dist.models import (
     load_tokenizer,
     output_head,
     precision_dtype,
+    teacher_bytes,
 )
 from kd_dist.run_log import MetricsLog, run_summary
 
@@ -147,14 +151,35 @@ def without_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
 
 
-def use_fused_loss(cfg: TrainConfig, student: PreTrainedModel, teacher: PreTrainedModel) -> bool:
-    """The fused path needs both models' output projections (``output_head``); a model family
+def mask_repeated_examples(
+    batch: dict[str, torch.Tensor], first_position: int, dataset_size: int
+) -> dict[str, torch.Tensor]:
+    """The batch with the labels of the examples accelerate repeats masked out.
+
+    accelerate evens out an epoch's last global batch across processes by repeating the epoch's
+    first examples, so that every rank runs the same number of micro-batches (and collectives).
+    A batch starting at global position ``first_position`` of the epoch holds positions
+    first_position, first_position + 1, ...; those from ``dataset_size`` on are the repeats.
+    Masked, they add no loss, tokens or samples, and every example counts once per epoch, while
+    the rank still runs the same forward and backward as the others.
+    """
+    positions = first_position + torch.arange(len(batch["labels"]), device=batch["labels"].device)
+    repeated = positions >= dataset_size  # [B]
+    if not repeated.any():
+        return batch
+    return {**batch, "labels": batch["labels"].masked_fill(repeated[:, None], IGNORE_INDEX)}
+
+
+def use_fused_loss(
+    cfg: TrainConfig, student: PreTrainedModel, teacher: PreTrainedModel | None
+) -> bool:
+    """The fused path needs the models' output projections (``output_head``); a model family
     it does not know falls back to the logits path, with a warning."""
-    if cfg.fused_loss and (output_head(student) is None or output_head(teacher) is None):
+    models = [student] if teacher is None else [student, teacher]
+    if cfg.fused_loss and any(output_head(model) is None for model in models):
         logger.warning(
-            "The fused loss does not know %s/%s; computing the loss from full logits instead.",
-            student.config.model_type,
-            teacher.config.model_type,
+            "The fused loss does not know %s; computing the loss from full logits instead.",
+            "/".join(model.config.model_type for model in models),
         )
         return False
     return cfg.fused_loss
@@ -164,12 +189,13 @@ def make_micro_step(
     cfg: TrainConfig,
     accelerator: Accelerator,
     student: torch.nn.Module,
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | None,
     vocab_size: int,
     chunk_rows: int,
     fused: bool,
 ) -> Callable[..., tuple[LossOutput, list[int]]]:
     """One micro-batch: both forwards, the fused loss (or the logits loss), the backward.
+    Without a teacher (--alpha 1) the loss is the cross-entropy alone.
 
     The backward runs only when the loss is finite on every rank; otherwise the ranks where it
     is not are returned (with no backward anywhere) and the caller decides.
@@ -180,7 +206,7 @@ def make_micro_step(
     # Under ZeRO-3 the fused loss uses the models' sharded output weights outside any module's
     # forward: they are gathered once for the loss *and* its backward, so that autograd hands
     # ZeRO the student's full gradient to reduce (GatheredParameters is a no-op without ZeRO-3).
-    projections = (student_module.get_output_embeddings(), teacher.get_output_embeddings())
+    projections = [m.get_output_embeddings() for m in (student_module, teacher) if m is not None]
     output_weights = [p for m in projections for p in m.parameters()] if fused else []
     compute_dtype = precision_dtype(cfg)
 
@@ -205,13 +231,13 @@ def make_micro_step(
         batch: dict[str, torch.Tensor], num_tokens: torch.Tensor, backward_scale: float, step: int
     ) -> tuple[LossOutput, list[int]]:
         student_out = outputs(student, student_module, batch)
-        teacher_module = teacher
-        if cfg.alpha < 1.0:
+        if teacher is not None:
+            teacher_module = teacher
             with torch.no_grad(), accelerator.autocast():
                 teacher_out = outputs(teacher, teacher, batch)
             if faults.wants("nan_teacher", step):
                 teacher_out = torch.full_like(teacher_out, math.nan)
-        else:  # pure cross-entropy: the teacher's distribution has zero weight, skip its forward
+        else:  # pure cross-entropy: the KD term has zero weight, the student stands in for it
             teacher_out, teacher_module = student_out.detach(), student_module
         s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
         if fused:
@@ -246,8 +272,7 @@ def count_nonfinite(cfg: TrainConfig, state: TrainerState, where: str) -> None:
                    state.skipped_nonfinite, cfg.skip_nonfinite)  # fmt: skip
 
 
-def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 
 
@@ -294,12 +319,16 @@ def run_training(
     accelerator.wait_for_everyone()  # every rank has checked output_dir before anything is written
     if accelerator.is_main_process:
         prepare_output_dir(cfg, resuming=checkpoint is not None)
+    placement = choose_teacher_placement(cfg, accelerator, lambda: teacher_bytes(cfg))
     models = load_models(
-        cfg, tokenizer, loading=lambda role: zero3_partitioned_loading(accelerator, role)
-    )
+        cfg, tokenizer, loading=lambda role: partitioned_loading(accelerator, role, placement),
+        with_teacher=placement != "none",
+    )  # fmt: skip
     teacher, student = models.teacher, models.student
+    if teacher is not None and placement.startswith("zero3"):
+        logger.info("Teacher loaded partitioned: this process holds %d of its %d parameters",
+                    *held_parameters(teacher))  # fmt: skip
     vocab_size = len(tokenizer)
-    chunk_rows = cfg.chunk_rows(vocab_size, accelerator.device.type)
     if accelerator.is_main_process:
         cfg.save(cfg.output_dir)
 
@@ -313,15 +342,26 @@ def run_training(
         collate_fn=collate,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    total_steps = planned_steps(cfg, len(train_loader))
     optimizer = build_optimizer(cfg, student)
-    fill_deepspeed_config(accelerator, cfg)
     student, optimizer, train_loader = accelerator.prepare(student, optimizer, train_loader)
-    teacher = place_teacher(cfg, accelerator, teacher)
-    fused = use_fused_loss(cfg, accelerator.unwrap_model(student), teacher)
+    # After prepare: the loader yields this process's share of each global batch.
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    total_steps = planned_steps(cfg, steps_per_epoch)
+    if teacher is not None:
+        teacher = place_teacher(accelerator, teacher, placement)
+    # The same on every rank, whatever each one found (see agree_on_minimum).
+    chunk_rows, fused = agree_on_minimum(accelerator, [
+        cfg.chunk_rows(vocab_size, accelerator.device.type),
+        use_fused_loss(cfg, accelerator.unwrap_model(student), teacher),
+    ])  # fmt: skip
+    chunk_rows, fused = int(chunk_rows), bool(fused)
     micro_step = make_micro_step(cfg, accelerator, student, teacher, vocab_size, chunk_rows, fused)
     if accelerator.is_main_process:
-        logger.info(run_summary(cfg, accelerator, data, student, teacher, total_steps, fused))
+        logger.info(
+            run_summary(
+                cfg, accelerator, data, student, teacher, total_steps, steps_per_epoch, fused
+            )
+        )
         if cfg.report_to != "none":
             (Path(cfg.output_dir) / TRACKER_DIR).mkdir(exist_ok=True)
         accelerator.init_trackers(
@@ -374,12 +414,20 @@ def run_training(
             if state.global_step >= total_steps:  # --max_steps reached mid-epoch
                 break
             step = state.global_step + 1  # 1-based, as logged
+            # This rank's micro-batch b of the epoch is global batch b * ranks + rank.
+            window = [
+                mask_repeated_examples(batch, first_position=cfg.batch_size * (
+                    (state.batches_done + index) * accelerator.num_processes
+                    + accelerator.process_index), dataset_size=len(data.train))
+                for index, batch in enumerate(window)
+            ]  # fmt: skip
             if faults.wants("mask_labels", step):
                 window[0] = without_labels(window[0])
+            faults.trace_examples(step, state.epoch, window, causal)
             # Normalise by the valid tokens of the whole optimizer step, over every micro-batch
             # and rank, so the gradient does not depend on how the step's batch was split.
             local_tokens = sum(count_valid_tokens(b["labels"], causal) for b in window)
-            local_samples = sum(len(b["labels"]) for b in window)
+            local_samples = sum(int(valid_mask(b["labels"], causal).any(1).sum()) for b in window)
             step_tokens, step_samples = accelerator.reduce(
                 torch.tensor([local_tokens, local_samples], device=accelerator.device),
                 reduction="sum",

@@ -1,7 +1,9 @@
-"""Two real processes on CPU (gloo): DeepSpeed ZeRO-3 through `accelerate launch`, DDP through
+"""Two real processes on CPU (gloo): DeepSpeed ZeRO-2/3 through `accelerate launch`, DDP through
 `torchrun`. One SGD step of the fused loss must equal the single-process step on the same
 global batch: the gradient reaches sharded and replicated students alike, and the loss is
-normalised by the tokens of all ranks."""
+normalised by the tokens of all ranks. --epochs means the same passes over the data on any
+number of processes, and DeepSpeed works however the launch was configured (a JSON file,
+accelerate config fields, launch flags) with every teacher placement."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kd_dist.cli import main
+from kd_dist.faults import TRACE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -48,18 +52,48 @@ def deepspeed_config(tmp_path: Path, stage: int) -> Path:
     return config
 
 
-def accelerate_launch(config: Path) -> list[str]:
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes",
-            "2", "--main_process_port", str(free_port())]  # fmt: skip
+def questionnaire_config(tmp_path: Path, stage: int, **deepspeed_fields: object) -> Path:
+    """An accelerate config as the `accelerate config` questionnaire writes it with its default
+    answers: the DeepSpeed settings as accelerate fields, no JSON file. (For ZeRO-3 it turns
+    zero3_init_flag on and zero3_save_16bit_model off.)"""
+    deepspeed = {"gradient_accumulation_steps": 1, "offload_optimizer_device": "none",
+                 "offload_param_device": "none", "zero3_init_flag": stage == 3,
+                 "zero_stage": stage, **deepspeed_fields}  # fmt: skip
+    if stage == 3:
+        deepspeed.setdefault("zero3_save_16bit_model", False)
+    config = {
+        "compute_environment": "LOCAL_MACHINE", "debug": False, "deepspeed_config": deepspeed,
+        "distributed_type": "DEEPSPEED", "downcast_bf16": "no", "enable_cpu_affinity": False,
+        "machine_rank": 0, "main_training_function": "main", "mixed_precision": "no",
+        "num_machines": 1, "num_processes": 2, "rdzv_backend": "static", "same_network": True,
+        "tpu_env": [], "tpu_use_cluster": False, "tpu_use_sudo": False, "use_cpu": False,
+    }  # fmt: skip
+    path = tmp_path / f"questionnaire_zero{stage}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
-def launch(command: list[str], argv: list[str], log: Path, subcommand: str = "train") -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+def accelerate_launch(config: Path | None, *flags: str) -> list[str]:
+    """`accelerate launch` of 2 processes, from a config file or (None) from flags alone."""
+    source = [] if config is None else ["--config_file", str(config)]
+    return [str(BIN / "accelerate"), "launch", *source, *flags, "--num_processes", "2",
+            "--main_process_port", str(free_port())]  # fmt: skip
+
+
+def launch(command: list[str], argv: list[str], log: Path, subcommand: str = "train",
+           env: dict[str, str] | None = None, returncode: int = 0) -> str:  # fmt: skip
+    # HF_HOME: no accelerate default config of this machine's user may change the launch.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
+           "HF_HOME": str(log.parent / "hf_home"), **(env or {})}  # fmt: skip
     result = subprocess.run([*command, "-m", "kd_dist", subcommand, *argv], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     log.write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert result.returncode == returncode, (result.stdout + result.stderr)[-4000:]
     return result.stdout + result.stderr
+
+
+def torchrun() -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
 
 
 def relative_difference(actual: dict, expected: dict, start: dict) -> float:
@@ -91,8 +125,7 @@ def test_two_processes_zero3_zero2_and_ddp_take_the_single_process_step(model_pa
     launchers = {
         "zero3": (accelerate_launch(deepspeed_config(tmp_path, 3)), "DistributedType.DEEPSPEED"),
         "zero2": (accelerate_launch(deepspeed_config(tmp_path, 2)), "DistributedType.DEEPSPEED"),
-        "ddp": ([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port",
-                 str(free_port())], "DistributedType.MULTI_CPU"),
+        "ddp": (torchrun(), "DistributedType.MULTI_CPU"),
     }  # fmt: skip
     for name, (command, kind) in launchers.items():
         out = tmp_path / name
@@ -181,3 +214,119 @@ def test_replicated_sharded_and_offloaded_teacher_give_the_same_loss(model_pair,
     for actual in others:
         for key in expected:
             torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def trained_examples(trace: Path) -> tuple[dict[int, int], dict[int, list[tuple[int, ...]]]]:
+    """({step: epoch}, {epoch: the examples trained on}) from the ranks' KD_DIST_TRACE files."""
+    epoch_of_step, examples = {}, {}
+    for rank_file in sorted(trace.parent.glob(trace.name + ".rank*")):
+        for record in map(json.loads, rank_file.read_text().splitlines()):
+            epoch_of_step[record["step"]] = record["epoch"]
+            examples.setdefault(record["epoch"], []).extend(map(tuple, record["examples"]))
+    return epoch_of_step, {epoch: sorted(rows) for epoch, rows in examples.items()}
+
+
+@pytest.mark.distributed
+def test_epochs_on_two_processes_pass_over_the_data_once_each(model_pair, text_dataset, tmp_path):
+    """61 examples, 3 per process x accumulation 2, 2 epochs: each rank gets 11 micro-batches an
+    epoch (the last global batch holds one real example, the rest are accelerate's repeats), so
+    6 optimizer steps an epoch and 12 in all, under DDP, ZeRO-2 and ZeRO-3 alike. Across the
+    ranks every example is trained on exactly once per epoch: the same examples as one
+    process reading the whole data."""
+    teacher, student = model_pair("llama")
+    common = ["--teacher_model", teacher, "--student_model", student, "--dataset",
+              str(text_dataset), "--max_train_samples", "61", "--max_length", "32",
+              "--epochs", "2", "--logging_steps", "1", "--save_every", "0",
+              "--no-compile_loss"]  # fmt: skip
+    single = tmp_path / "single"
+    launch([sys.executable], [*common, "--batch_size", "6", "--output_dir", str(single)],
+           tmp_path / "single.log", env={TRACE_ENV: str(tmp_path / "single.trace")})  # fmt: skip
+    single_epochs, expected = trained_examples(tmp_path / "single.trace")
+    assert len(expected[0]) == len(expected[1]) == 61
+    assert single_epochs == {step: int(step > 11) for step in range(1, 23)}  # 61 / 6 -> 11
+
+    launchers = {
+        "ddp": torchrun(),
+        "zero2": accelerate_launch(deepspeed_config(tmp_path, 2)),
+        "zero3": accelerate_launch(deepspeed_config(tmp_path, 3)),
+    }
+    for name, command in launchers.items():
+        out = tmp_path / name
+        output = launch(command, [*common, "--batch_size", "3", "--gradient_accumulation_steps",
+                                  "2", "--output_dir", str(out)], tmp_path / f"{name}.log",
+                        env={TRACE_ENV: str(tmp_path / f"{name}.trace")})  # fmt: skip
+        assert "plan     12 optimizer steps (6 per epoch; 2 epochs)" in output, name
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        epochs = {step: int(step > 6) for step in range(1, 13)}
+        assert {r["step"]: r["epoch"] for r in records} == epochs, name
+        epoch_of_step, seen = trained_examples(tmp_path / f"{name}.trace")
+        assert epoch_of_step == epochs, name
+        assert seen == expected, name  # each example once per epoch, none repeated or missed
+
+
+LAUNCH_FORMS = ("json_file", "yaml_fields", "launch_flags")
+PLACEMENTS = ("auto", "replicate", "zero3", "zero3_offload")
+
+
+@pytest.fixture(scope="module")
+def single_process_step(model_pair, text_dataset, tmp_path_factory):
+    """(the student after one SGD step on one process with batch 8, the student before it)."""
+    teacher, student = model_pair("llama")
+    out = tmp_path_factory.mktemp("single") / "out"
+    assert main(["train", "--teacher_model", teacher, "--student_model", student, "--dataset",
+                 str(text_dataset), *ONE_SGD_STEP, "--batch_size", "8", "--output_dir",
+                 str(out), "--no-compile_loss"]) == 0  # fmt: skip
+    return load_file(out / "model.safetensors"), load_file(Path(student) / "model.safetensors")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("form", LAUNCH_FORMS)
+def test_every_way_of_configuring_deepspeed_works_with_every_teacher_placement(
+    form, placement, single_process_step, model_pair, text_dataset, tmp_path
+):
+    """DeepSpeed settings as a JSON file (the shipped ZeRO-2 config), as the questionnaire's
+    accelerate fields (ZeRO-3, with its default answers: zero3_init on, 16-bit save off) or as
+    launch flags (ZeRO-2), each with accumulation 2 set on both sides: 2 processes x batch 2 x
+    accumulation 2 take the single process's step on batch 8, and the student exports."""
+    teacher, student = model_pair("llama")
+    command = {
+        "json_file": lambda: accelerate_launch(deepspeed_config(tmp_path, 2)),
+        "yaml_fields": lambda: accelerate_launch(
+            questionnaire_config(tmp_path, 3, gradient_accumulation_steps=2)
+        ),
+        "launch_flags": lambda: accelerate_launch(
+            None, "--use_deepspeed", "--zero_stage", "2", "--gradient_accumulation_steps", "2"
+        ),
+    }[form]()
+    out = tmp_path / "out"
+    output = launch(command, ["--teacher_model", teacher, "--student_model", student,
+                              "--dataset", str(text_dataset), *ONE_SGD_STEP, "--batch_size", "2",
+                              "--gradient_accumulation_steps", "2", "--output_dir", str(out),
+                              "--teacher_placement", placement, "--no-compile_loss"],
+                    tmp_path / "run.log")  # fmt: skip
+    assert "2 process(es) (DistributedType.DEEPSPEED)" in output
+    expected_placement = "replicate" if placement == "auto" else placement  # no GPU to save
+    assert f"Teacher placement: {expected_placement}" in output
+    expected, start = single_process_step
+    assert relative_difference(load_file(out / "model.safetensors"), expected, start) < 1e-3
+
+
+@pytest.mark.distributed
+def test_a_launch_config_that_disagrees_with_the_flags_stops_before_any_model_loads(
+    model_pair, text_dataset, tmp_path
+):
+    """The questionnaire's accumulation 1 against --gradient_accumulation_steps 4, and its
+    mixed_precision bf16 against a fp32 run: accelerate would silently train with its own
+    values."""
+    teacher, student = model_pair("llama")
+    config = questionnaire_config(tmp_path, 2)
+    config.write_text(config.read_text().replace("mixed_precision: 'no'", "mixed_precision: bf16"))
+    output = launch(accelerate_launch(config),
+                    ["--teacher_model", teacher, "--student_model", student, "--dataset",
+                     str(text_dataset), "--gradient_accumulation_steps", "4", "--output_dir",
+                     str(tmp_path / "out")], tmp_path / "run.log", returncode=1)  # fmt: skip
+    assert "gradient_accumulation_steps: the DeepSpeed settings have 1" in output
+    assert "kd-dist --gradient_accumulation_steps 4" in output
+    assert "mixed_precision: the launch asks for bf16, kd-dist runs fp32" in output
+    assert "Teacher placement" not in output and not (tmp_path / "out").exists()
