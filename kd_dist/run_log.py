@@ -124,9 +124,7 @@ def run_summary(
     zero = f"ZeRO stage {plugin.zero_stage}" if plugin is not None else "no ZeRO"
     teacher_sharded = any(hasattr(p, "ds_id") for p in teacher.parameters())
     sequences = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    label_length = cfg.max_length
-    if cfg.task_type == "seq2seq" and cfg.max_target_length is not None:
-        label_length = cfg.max_target_length
+    label_length = cfg.max_target_length if cfg.task_type == "seq2seq" else cfg.max_length
     if data.eval is None:
         evaluation = "no eval split"
     else:

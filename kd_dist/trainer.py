@@ -70,6 +70,7 @@ from kd_dist.models import (
     load_tokenizer,
     output_head,
     precision_dtype,
+    resolve_lengths,
 )
 from kd_dist.run_log import MetricsLog, run_summary
 
@@ -273,6 +274,9 @@ def run_training(
     causal = cfg.task_type == "causal"
 
     # --- output folder, tokenizer, data, models: cheapest checks first, weights last -----------
+    # Unset lengths are filled in from the model configs first: the resume check compares them,
+    # and kd_config.json records what ran.
+    cfg = resolve_lengths(cfg)
     checkpoint = check_output_dir(cfg, world_size=accelerator.num_processes)
     tokenizer = load_tokenizer(cfg)
     check_models(cfg, tokenizer)

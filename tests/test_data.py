@@ -233,6 +233,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def config(path, **overrides) -> TrainConfig:
+    # No models to resolve --max_length from: the run's default for 512-position models.
+    overrides = {"max_length": 512, **overrides}
     return TrainConfig(teacher_model="t", student_model="s", dataset=str(path), **overrides)
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import kd_dist.models
 from kd_dist.cli import main
-from kd_dist.tiny import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES
+from kd_dist.config import TrainConfig
+from kd_dist.models import load_models, resolve_lengths
+from kd_dist.tiny import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES, build_model, save_pair
 
 FINAL_FILES = {
     "config.json",
@@ -203,9 +206,6 @@ def test_resume_latest_without_checkpoint_is_a_clear_error(
 
 
 def test_teacher_is_frozen_in_eval_mode_and_student_trains(model_pair, tokenizer):
-    from kd_dist.config import TrainConfig
-    from kd_dist.models import load_models
-
     teacher, student = model_pair("gpt2")
     cfg = TrainConfig(teacher_model=teacher, student_model=student, dataset="unused", bf16=True)
     models = load_models(cfg, tokenizer)
@@ -322,3 +322,56 @@ def test_a_preempted_run_saves_exits_75_and_the_same_command_resumes_exactly(
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 193))
+
+
+def without_flag(argv: list[str], flag: str) -> list[str]:
+    index = argv.index(flag)
+    return argv[:index] + argv[index + 2 :]
+
+
+def test_without_max_length_a_short_model_gets_a_length_that_fits_and_resumes(
+    model_pair, text_dataset, tmp_path, caplog
+):
+    """The seed's basic command passes no --max_length: a 256-position student must train with
+    256 (not fail on 512), record it, and resume without the flag."""
+    teacher, student = model_pair("llama", max_position_embeddings=256)
+    out = tmp_path / "run"
+    argv = without_flag(train_args(teacher, student, text_dataset, out), "--max_length")
+    common = ("--save_steps", "1", "--save_every", "0")
+    with caplog.at_level(logging.INFO, logger="kd_dist"):
+        assert main([*argv, *common, "--max_steps", "1"]) == 0
+    assert "--max_length not set: using 256 (min of 512 and the student's 256 positions)" in (
+        caplog.text
+    )
+    assert json.loads((out / "kd_config.json").read_text())["max_length"] == 256
+    resumed = [*argv, *common, "--max_steps", "2", "--resume_from_checkpoint", "latest"]
+    assert main(resumed) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("family", "limit", "message"),
+    [
+        ("bart", 256, "using 256 (min of 512 and the models' 256 positions)"),
+        ("t5", None, "using 512 (the models have no position limit)"),
+    ],
+)
+def test_seq2seq_lengths_default_to_what_fits_the_target_too(
+    family, limit, message, tokenizer, tmp_path, caplog
+):
+    overrides = {"max_position_embeddings": limit} if limit else {}
+    folders = [
+        save_pair(tmp_path / role, build_model(family, tokenizer, "tiny", **overrides), tokenizer)
+        for role in ("teacher", "student")
+    ]
+    cfg = TrainConfig(teacher_model=folders[0], student_model=folders[1], dataset="unused",
+                      task_type="seq2seq")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="kd_dist"):
+        resolved = resolve_lengths(cfg)
+    assert message in caplog.text
+    expected = limit or 512
+    assert (resolved.max_length, resolved.max_target_length) == (expected, expected)
+    # Values the user set are kept (an explicit one that does not fit is check_models' error).
+    explicit = resolve_lengths(replace(cfg, max_length=64, max_target_length=16))
+    assert (explicit.max_length, explicit.max_target_length) == (64, 16)

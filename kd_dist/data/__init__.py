@@ -83,6 +83,8 @@ def build_datasets(
     ``main_process_first`` (e.g. ``accelerator.main_process_first``) lets the main process load
     and tokenize first, so the other processes read its ``datasets`` cache instead of redoing it.
     """
+    if cfg.max_length is None:  # unresolved, it would silently mean "not truncated"
+        raise ValueError("build_datasets needs --max_length: call models.resolve_lengths first.")
     with main_process_first():
         raw_train, raw_eval = select_splits(load_source(cfg), cfg)
         spec = as_conversational(resolve_format(raw_train.column_names, cfg), raw_train.features)
