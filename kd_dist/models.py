@@ -212,6 +212,24 @@ def load_models(
     return ModelPair(teacher=teacher, student=student)
 
 
+def stop_at_end_of_turn(model: PreTrainedModel, end_of_turn_id: int | None) -> None:
+    """Make ``model.generate`` stop at the chat template's end-of-turn token as well as at the
+    model's own eos: a base student trained on an instruct template (Llama-3's ``<|eot_id|>``)
+    would otherwise talk past the end of its answer. A list of both, as Llama-3-Instruct ships.
+    """
+    generation = model.generation_config
+    if end_of_turn_id is None or generation is None:
+        return
+    eos = generation.eos_token_id
+    stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if end_of_turn_id not in stops:
+        generation.eos_token_id = [*stops, end_of_turn_id]
+        logger.info(
+            "Generation stops at eos_token_id %s (the chat template's end of turn added).",
+            generation.eos_token_id,
+        )
+
+
 def decoder_inputs_from_labels(labels: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:
     """seq2seq decoder inputs: labels shifted right behind the decoder start token.
 

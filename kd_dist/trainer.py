@@ -71,6 +71,7 @@ from kd_dist.models import (
     output_head,
     precision_dtype,
     resolve_lengths,
+    stop_at_end_of_turn,
 )
 from kd_dist.run_log import MetricsLog, run_summary
 
@@ -474,5 +475,6 @@ def run_training(
         (Path(cfg.output_dir) / EVAL_RESULTS_FILE).write_text(
             json.dumps(json_safe(eval_metrics), indent=2) + "\n"
         )
+    stop_at_end_of_turn(accelerator.unwrap_model(student), data.end_of_turn_id)
     export_student(accelerator, student, tokenizer, cfg, state)
     return TrainResult(cfg.output_dir, state.global_step, last_loss, eval_metrics)

@@ -624,6 +624,22 @@ def test_student_without_a_chat_template_takes_the_teacher_s(tok, tmp_path):
     assert load_tokenizer(cfg).chat_template == CHATML
 
 
+def test_the_end_of_turn_token_is_the_first_special_token_after_an_answer(tok, tmp_path, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
+    plain = build_datasets(config(path), chat_tokenizer(tok, None))
+    assert plain.end_of_turn_id == tok.eos_token_id  # the plain template ends answers with eos
+    chatml = chat_tokenizer(tok, CHATML)
+    chatml.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    im_end = chatml.convert_tokens_to_ids("<|im_end|>")
+    assert build_datasets(config(path), chatml).end_of_turn_id == im_end
+    # seq2seq targets are the answers' text and end with eos, not with the template's marker.
+    assert build_datasets(config(path, task_type="seq2seq"), chatml).end_of_turn_id is None
+    with caplog.at_level(logging.WARNING, logger="kd_dist"):
+        markup = build_datasets(config(path), chat_tokenizer(tok, CHATML))  # <|im_end|> as text
+    assert markup.end_of_turn_id is None
+    assert "The chat template writes no special token after an answer" in caplog.text
+
+
 # --- tokenizers that add their own tokens, and token boundaries ------------------------------
 @pytest.fixture(scope="module")
 def sentencepiece_tok():

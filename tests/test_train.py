@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import signal
@@ -14,7 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 import kd_dist.models
 from kd_dist.cli import main
@@ -99,16 +105,20 @@ def test_instruction_data_bf16_gradient_accumulation_and_every_optimizer(
         assert (out / "model.safetensors").is_file()
 
 
-def test_chat_data_trains_and_the_student_keeps_its_chat_template(
-    model_pair, sentences, tmp_path, caplog
-):
-    teacher, student = model_pair("qwen2")
+def sharegpt_dataset(path: Path, sentences: list[str]) -> Path:
     rows = [
         {"conversations": [{"from": "human", "value": s[:12]}, {"from": "gpt", "value": s}]}
         for s in sentences[:16]
     ]
-    dataset = tmp_path / "sharegpt.jsonl"
-    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_chat_data_trains_and_the_student_keeps_its_chat_template(
+    model_pair, tokenizer, sentences, tmp_path, caplog
+):
+    teacher, student = model_pair("qwen2")
+    dataset = sharegpt_dataset(tmp_path / "sharegpt.jsonl", sentences)
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="kd_dist"):
         assert main(train_args(teacher, student, dataset, out, "--max_steps", "2")) == 0
@@ -120,6 +130,41 @@ def test_chat_data_trains_and_the_student_keeps_its_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert prompt == "<|user|>\nhi\n<|assistant|>\n"
+    # The plain template ends answers with eos: generation already stops there.
+    assert GenerationConfig.from_pretrained(out).eos_token_id == tokenizer.eos_token_id
+
+
+# Llama-3's template, reduced: each turn ends with <|eot_id|>, not with the eos token.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def test_a_base_student_trained_on_an_instruct_template_stops_at_its_end_of_turn(
+    tokenizer, sentences, tmp_path, caplog
+):
+    """Llama-3 shape: a base student (no template, eos <|end_of_text|>) takes the instruct
+    teacher's template, whose answers end with <|eot_id|>; the exported generation_config must
+    stop at both, as Llama-3-Instruct's does."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
+    end_of_turn = tok.convert_tokens_to_ids("<|eot_id|>")
+    student = save_pair(tmp_path / "student", build_model("llama", tok, "tiny"), tok)
+    tok.chat_template = LLAMA3_TEMPLATE
+    teacher = save_pair(tmp_path / "teacher", build_model("llama", tok, "small"), tok)
+    out = tmp_path / "run"
+    dataset = sharegpt_dataset(tmp_path / "sharegpt.jsonl", sentences)
+    with caplog.at_level(logging.INFO, logger="kd_dist"):
+        assert main(train_args(teacher, student, dataset, out, "--max_steps", "1")) == 0
+    assert "has no chat template: using the teacher's" in caplog.text
+    assert "<|eot_id|>" in caplog.text  # the first example: the answer trains <|eot_id|>
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [tok.eos_token_id, end_of_turn]
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [tok.eos_token_id, end_of_turn]
 
 
 def test_packed_text_trains_on_full_blocks(model_pair, text_dataset, tmp_path, caplog):
