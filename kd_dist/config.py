@@ -83,7 +83,10 @@ class TrainConfig:
     )
     eval_ratio: float = field(
         default=0.0,
-        metadata=_help("Hold out this fraction of the training split for evaluation (by seed)."),
+        metadata=_help(
+            "Hold out this fraction of the training split for evaluation (by seed), when there "
+            "is no --eval_split and no validation/test split (ignored, with a warning, otherwise)."
+        ),
     )
     dataset_format: DatasetFormat = field(
         default="auto", metadata=_help("Override the format detected from the columns.")

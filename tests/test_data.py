@@ -867,6 +867,27 @@ def test_eval_ratio_holds_out_deterministically(tok, tmp_path):
     assert held_out(1) != held_out(2)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({}, "--eval_ratio 0.25 is ignored: the dataset has a 'validation' split, which is "
+             "evaluated on instead. Pass --eval_split to evaluate on another split (one of "
+             "train, validation)."),
+        ({"eval_split": "validation"}, "--eval_ratio 0.25 is ignored: --eval_split "
+                                       "'validation' is evaluated on instead."),
+    ],
+)  # fmt: skip
+def test_eval_ratio_beside_an_eval_split_is_ignored_with_a_warning(
+    flags, message, tok, tmp_path, caplog
+):
+    """HF run_clm's rule: a held-out share only without a validation split; never silently."""
+    path = dict_folder(tmp_path, train=DOLLY_ROWS[:8], validation=DOLLY_ROWS[8:])
+    with caplog.at_level(logging.WARNING, logger="kd_dist"):
+        data = build_datasets(config(path, eval_ratio=0.25, **flags), tok)
+    assert (data.stats["train_examples"], data.stats["eval_examples"]) == (8, 4)
+    assert message in caplog.text
+
+
 def test_sample_caps_take_the_first_examples(tok, tmp_path):
     path = dict_folder(tmp_path, train=DOLLY_ROWS[:8], validation=DOLLY_ROWS[8:])
     data = build_datasets(config(path, max_train_samples=3, max_eval_samples=2), tok)
