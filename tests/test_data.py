@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from datasets.packaged_modules.json.json import Json
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import MBartTokenizer, NllbTokenizer, PreTrainedTokenizerFast
 
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import IGNORE_INDEX, DataSplits, build_datasets, make_collator
@@ -355,6 +355,38 @@ def test_seq2seq_truncation_keeps_eos(eos_tok, tmp_path):
     assert len(example["input_ids"]) == 6 and example["input_ids"][-1] == eos_tok.eos_token_id
     assert len(example["labels"]) == 4 and example["labels"][-1] == eos_tok.eos_token_id
     assert data.stats["truncated"] == 1
+
+
+def multilingual_tokenizer(kind: str):
+    """A real mBART or NLLB tokenizer class over a tiny vocabulary, English to Romanian: in
+    target mode they write the target language's code (mBART after the eos, NLLB first)."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    pieces = [f"▁{w}" for w in "the cat sees a dog".split()] + list("abcdefghijklmnopqrstuvwxyz▁")
+    if kind == "mbart":
+        vocab = [(token, 0.0) for token in specials] + [(piece, -1.0) for piece in pieces]
+        return MBartTokenizer(vocab=vocab, src_lang="en_XX", tgt_lang="ro_RO")
+    vocab = {token: index for index, token in enumerate(specials + pieces)}
+    return NllbTokenizer(vocab=vocab, merges=[], src_lang="eng_Latn", tgt_lang="ron_Latn")
+
+
+@pytest.mark.parametrize("kind", ["mbart", "nllb"])
+@pytest.mark.parametrize("limits", [(64, 64), (5, 4)], ids=["whole", "truncated"])
+def test_seq2seq_targets_are_tokenized_as_targets(kind, limits, tmp_path):
+    tokenizer = multilingual_tokenizer(kind)
+    row = {"source": "the cat sees a dog", "target": "a dog sees the cat"}
+    max_length, max_target_length = limits
+    # What the tokenizer itself gives, its own truncation keeping its special tokens.
+    source = tokenizer(row["source"], truncation=True, max_length=max_length).input_ids
+    target = tokenizer(
+        text_target=row["target"], truncation=True, max_length=max_target_length
+    ).input_ids
+    romanian = tokenizer.convert_tokens_to_ids(tokenizer.tgt_lang)
+    assert romanian in target and romanian not in tokenizer(row["target"]).input_ids
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    cfg = config(path, task_type="seq2seq", max_length=max_length,
+                 max_target_length=max_target_length)  # fmt: skip
+    example = build_datasets(cfg, tokenizer).train[0]
+    assert (example["input_ids"], example["labels"]) == (source, target)
 
 
 def test_causal_truncation_is_counted(tok, tmp_path):
