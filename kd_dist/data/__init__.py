@@ -104,9 +104,10 @@ def build_datasets(
             end_of_turn = end_of_turn_id(tokenizer)
             if end_of_turn is None:
                 logger.warning(
-                    "The chat template writes no special token after an answer, so the "
-                    "exported student's generation_config can stop only at its eos token "
-                    "(%s): pass a stop string when generating with it.",
+                    "The chat template writes no special token after an answer (or refuses a "
+                    "one-turn user/assistant conversation), so the exported student's "
+                    "generation_config can stop only at its eos token (%s): pass a stop string "
+                    "when generating with it.",
                     tokenizer.eos_token,
                 )
         train, train_stats = tokenize_split(raw_train, spec, tokenizer, cfg, "train")
