@@ -83,7 +83,10 @@ class TrainConfig:
     )
     eval_ratio: float = field(
         default=0.0,
-        metadata=_help("Hold out this fraction of the training split for evaluation (by seed)."),
+        metadata=_help(
+            "Hold out this fraction of the training split for evaluation (by seed), when there "
+            "is no --eval_split and no validation/test split (ignored, with a warning, otherwise)."
+        ),
     )
     dataset_format: DatasetFormat = field(
         default="auto", metadata=_help("Override the format detected from the columns.")
@@ -99,7 +102,13 @@ class TrainConfig:
     response_column: str | None = field(
         default=None, metadata=_help("Column holding the response/output/target.")
     )
-    max_length: int = field(default=512, metadata=_help("Maximum tokens per example (source)."))
+    max_length: int | None = field(
+        default=None,
+        metadata=_help(
+            "Maximum tokens per example (seq2seq: of the source). Default: 512, or the smaller "
+            "model's position limit when that is lower."
+        ),
+    )
     max_target_length: int | None = field(
         default=None, metadata=_help("seq2seq: maximum target tokens (default: max_length).")
     )
@@ -329,7 +338,7 @@ class TrainConfig:
             problems.append(f"--jsd_beta must be in [0, 1] (got {self.jsd_beta}).")
         if not 0.0 <= self.skew_alpha < 1.0:
             problems.append(f"--skew_alpha must be in [0, 1) (got {self.skew_alpha}).")
-        if self.max_length < 2:
+        if self.max_length is not None and self.max_length < 2:
             problems.append(f"--max_length must be at least 2 (got {self.max_length}).")
         if self.max_target_length is not None and self.max_target_length < 1:
             problems.append("--max_target_length must be at least 1.")

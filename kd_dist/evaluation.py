@@ -51,6 +51,7 @@ from kd_dist.models import (
     load_models,
     load_tokenizer,
     output_head,
+    resolve_lengths,
 )
 
 logger = logging.getLogger("kd_dist")
@@ -212,6 +213,7 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
             "kd-dist eval replicates both models on every process and does not run under a "
             "DeepSpeed config: launch it with torchrun or accelerate launch --multi_gpu."
         )
+    cfg = resolve_lengths(cfg)
     with accelerator_session(cfg) as accelerator:
         tokenizer = load_tokenizer(cfg)
         check_models(cfg, tokenizer)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import (
@@ -66,10 +66,15 @@ def check_vocab_covers_tokenizer(
         )
 
 
+def position_limit(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position embeddings allow; None for models with relative
+    positions, like T5, which have no such limit."""
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
 def check_positions(config: PretrainedConfig, role: str, name: str, cfg: TrainConfig) -> None:
-    """Sequences must fit the model's position embeddings (models with relative positions, like
-    T5, have no such limit)."""
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    """Sequences must fit the model's position embeddings."""
+    limit = position_limit(config)
     lengths = {"--max_length": cfg.max_length}
     if cfg.task_type == "seq2seq" and cfg.max_target_length is not None:
         lengths["--max_target_length"] = cfg.max_target_length
@@ -79,6 +84,39 @@ def check_positions(config: PretrainedConfig, role: str, name: str, cfg: TrainCo
                 f"{flag} {length} is longer than the {limit} positions of --{role}_model "
                 f"{name!r}: pass {flag} {limit} or less."
             )
+
+
+# --max_length when it is not set and the models allow more (the cap of HF's run_clm).
+DEFAULT_MAX_LENGTH = 512
+
+
+def resolve_lengths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the lengths the user left unset filled in (reading only the model configs).
+
+    --max_length: min(512, the smaller position limit of the two models), HF run_clm's rule, so
+    the default always fits. --max_target_length (seq2seq): --max_length, as documented. The run
+    saves the resolved values, so a resumed run without the flags compares equal.
+    """
+    if cfg.max_length is None:
+        limits = {
+            role: position_limit(_load_config(name, role, cfg))
+            for role, name in (("teacher", cfg.teacher_model), ("student", cfg.student_model))
+        }
+        known = {role: limit for role, limit in limits.items() if limit is not None}
+        length = min([DEFAULT_MAX_LENGTH, *known.values()])
+        if known:
+            smallest = min(known.values())
+            binding = [role for role, limit in known.items() if limit == smallest]
+            whose = "models'" if len(binding) == 2 else f"{binding[0]}'s"
+            why = f"min of {DEFAULT_MAX_LENGTH} and the {whose} {smallest} positions"
+        else:
+            why = "the models have no position limit"
+        logger.info("--max_length not set: using %d (%s).", length, why)
+        cfg = replace(cfg, max_length=length)
+    if cfg.task_type == "seq2seq" and cfg.max_target_length is None:
+        logger.info("--max_target_length not set: using --max_length (%d).", cfg.max_length)
+        cfg = replace(cfg, max_target_length=cfg.max_length)
+    return cfg
 
 
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
@@ -192,6 +230,24 @@ def load_models(
         if model.generation_config is not None and model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelPair(teacher=teacher, student=student)
+
+
+def stop_at_end_of_turn(model: PreTrainedModel, end_of_turn_id: int | None) -> None:
+    """Make ``model.generate`` stop at the chat template's end-of-turn token as well as at the
+    model's own eos: a base student trained on an instruct template (Llama-3's ``<|eot_id|>``)
+    would otherwise talk past the end of its answer. A list of both, as Llama-3-Instruct ships.
+    """
+    generation = model.generation_config
+    if end_of_turn_id is None or generation is None:
+        return
+    eos = generation.eos_token_id
+    stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if end_of_turn_id not in stops:
+        generation.eos_token_id = [*stops, end_of_turn_id]
+        logger.info(
+            "Generation stops at eos_token_id %s (the chat template's end of turn added).",
+            generation.eos_token_id,
+        )
 
 
 def decoder_inputs_from_labels(labels: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:

@@ -134,9 +134,7 @@ def run_summary(
             + ("sharded by its ZeRO-3 engine" if sharded else "replicated per process")
         )
     sequences = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    label_length = cfg.max_length
-    if cfg.task_type == "seq2seq" and cfg.max_target_length is not None:
-        label_length = cfg.max_target_length
+    label_length = cfg.max_target_length if cfg.task_type == "seq2seq" else cfg.max_length
     if data.eval is None:
         evaluation = "no eval split"
     else:

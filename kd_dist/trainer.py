@@ -73,6 +73,8 @@ from kd_dist.models import (
     load_tokenizer,
     output_head,
     precision_dtype,
+    resolve_lengths,
+    stop_at_end_of_turn,
     teacher_bytes,
 )
 from kd_dist.run_log import MetricsLog, run_summary
@@ -298,6 +300,9 @@ def run_training(
     causal = cfg.task_type == "causal"
 
     # --- output folder, tokenizer, data, models: cheapest checks first, weights last -----------
+    # Unset lengths are filled in from the model configs first: the resume check compares them,
+    # and kd_config.json records what ran.
+    cfg = resolve_lengths(cfg)
     checkpoint = check_output_dir(cfg, world_size=accelerator.num_processes)
     tokenizer = load_tokenizer(cfg)
     check_models(cfg, tokenizer)
@@ -518,5 +523,6 @@ def run_training(
         (Path(cfg.output_dir) / EVAL_RESULTS_FILE).write_text(
             json.dumps(json_safe(eval_metrics), indent=2) + "\n"
         )
+    stop_at_end_of_turn(accelerator.unwrap_model(student), data.end_of_turn_id)
     export_student(accelerator, student, tokenizer, cfg, state)
     return TrainResult(cfg.output_dir, state.global_step, last_loss, eval_metrics)

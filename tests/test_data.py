@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from datasets.packaged_modules.json.json import Json
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import MBartTokenizer, NllbTokenizer, PreTrainedTokenizerFast
 
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import IGNORE_INDEX, DataSplits, build_datasets, make_collator
@@ -233,6 +233,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def config(path, **overrides) -> TrainConfig:
+    # No models to resolve --max_length from: the run's default for 512-position models.
+    overrides = {"max_length": 512, **overrides}
     return TrainConfig(teacher_model="t", student_model="s", dataset=str(path), **overrides)
 
 
@@ -353,6 +355,38 @@ def test_seq2seq_truncation_keeps_eos(eos_tok, tmp_path):
     assert len(example["input_ids"]) == 6 and example["input_ids"][-1] == eos_tok.eos_token_id
     assert len(example["labels"]) == 4 and example["labels"][-1] == eos_tok.eos_token_id
     assert data.stats["truncated"] == 1
+
+
+def multilingual_tokenizer(kind: str):
+    """A real mBART or NLLB tokenizer class over a tiny vocabulary, English to Romanian: in
+    target mode they write the target language's code (mBART after the eos, NLLB first)."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    pieces = [f"▁{w}" for w in "the cat sees a dog".split()] + list("abcdefghijklmnopqrstuvwxyz▁")
+    if kind == "mbart":
+        vocab = [(token, 0.0) for token in specials] + [(piece, -1.0) for piece in pieces]
+        return MBartTokenizer(vocab=vocab, src_lang="en_XX", tgt_lang="ro_RO")
+    vocab = {token: index for index, token in enumerate(specials + pieces)}
+    return NllbTokenizer(vocab=vocab, merges=[], src_lang="eng_Latn", tgt_lang="ron_Latn")
+
+
+@pytest.mark.parametrize("kind", ["mbart", "nllb"])
+@pytest.mark.parametrize("limits", [(64, 64), (5, 4)], ids=["whole", "truncated"])
+def test_seq2seq_targets_are_tokenized_as_targets(kind, limits, tmp_path):
+    tokenizer = multilingual_tokenizer(kind)
+    row = {"source": "the cat sees a dog", "target": "a dog sees the cat"}
+    max_length, max_target_length = limits
+    # What the tokenizer itself gives, its own truncation keeping its special tokens.
+    source = tokenizer(row["source"], truncation=True, max_length=max_length).input_ids
+    target = tokenizer(
+        text_target=row["target"], truncation=True, max_length=max_target_length
+    ).input_ids
+    romanian = tokenizer.convert_tokens_to_ids(tokenizer.tgt_lang)
+    assert romanian in target and romanian not in tokenizer(row["target"]).input_ids
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    cfg = config(path, task_type="seq2seq", max_length=max_length,
+                 max_target_length=max_target_length)  # fmt: skip
+    example = build_datasets(cfg, tokenizer).train[0]
+    assert (example["input_ids"], example["labels"]) == (source, target)
 
 
 def test_causal_truncation_is_counted(tok, tmp_path):
@@ -622,6 +656,22 @@ def test_student_without_a_chat_template_takes_the_teacher_s(tok, tmp_path):
     assert load_tokenizer(cfg).chat_template == CHATML
 
 
+def test_the_end_of_turn_token_is_the_first_special_token_after_an_answer(tok, tmp_path, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": TWO_TURNS}])
+    plain = build_datasets(config(path), chat_tokenizer(tok, None))
+    assert plain.end_of_turn_id == tok.eos_token_id  # the plain template ends answers with eos
+    chatml = chat_tokenizer(tok, CHATML)
+    chatml.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    im_end = chatml.convert_tokens_to_ids("<|im_end|>")
+    assert build_datasets(config(path), chatml).end_of_turn_id == im_end
+    # seq2seq targets are the answers' text and end with eos, not with the template's marker.
+    assert build_datasets(config(path, task_type="seq2seq"), chatml).end_of_turn_id is None
+    with caplog.at_level(logging.WARNING, logger="kd_dist"):
+        markup = build_datasets(config(path), chat_tokenizer(tok, CHATML))  # <|im_end|> as text
+    assert markup.end_of_turn_id is None
+    assert "The chat template writes no special token after an answer" in caplog.text
+
+
 # --- tokenizers that add their own tokens, and token boundaries ------------------------------
 @pytest.fixture(scope="module")
 def sentencepiece_tok():
@@ -847,6 +897,27 @@ def test_eval_ratio_holds_out_deterministically(tok, tmp_path):
 
     assert held_out(1) == held_out(1)
     assert held_out(1) != held_out(2)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({}, "--eval_ratio 0.25 is ignored: the dataset has a 'validation' split, which is "
+             "evaluated on instead. Pass --eval_split to evaluate on another split (one of "
+             "train, validation)."),
+        ({"eval_split": "validation"}, "--eval_ratio 0.25 is ignored: --eval_split "
+                                       "'validation' is evaluated on instead."),
+    ],
+)  # fmt: skip
+def test_eval_ratio_beside_an_eval_split_is_ignored_with_a_warning(
+    flags, message, tok, tmp_path, caplog
+):
+    """HF run_clm's rule: a held-out share only without a validation split; never silently."""
+    path = dict_folder(tmp_path, train=DOLLY_ROWS[:8], validation=DOLLY_ROWS[8:])
+    with caplog.at_level(logging.WARNING, logger="kd_dist"):
+        data = build_datasets(config(path, eval_ratio=0.25, **flags), tok)
+    assert (data.stats["train_examples"], data.stats["eval_examples"]) == (8, 4)
+    assert message in caplog.text
 
 
 def test_sample_caps_take_the_first_examples(tok, tmp_path):

@@ -90,6 +90,11 @@ def small_vocabulary_student(tmp_path: Path, tokenizer) -> str:
     return save_pair(tmp_path / "student", small, tokenizer)
 
 
+def short_student(tmp_path: Path, tokenizer) -> str:
+    model = build_model("gpt2", tokenizer, "tiny", n_positions=256)
+    return save_pair(tmp_path / "student", model, tokenizer)
+
+
 def empty_dataset(tmp_path: Path) -> Path:
     (tmp_path / "empty.jsonl").write_text("")
     return tmp_path / "empty.jsonl"
@@ -125,6 +130,12 @@ BAD_INPUTS = {
     "empty dataset": BadInput("empty.jsonl", dataset=empty_dataset),
     "max_length beyond the positions": BadInput(
         "--max_length 1024 is longer than the 512 positions", ("--max_length", "1024")
+    ),
+    # The default fits a short model (min(512, its positions)); a value the user set does not.
+    "explicit max_length beyond a short student": BadInput(
+        "--max_length 512 is longer than the 256 positions of --student_model",
+        ("--max_length", "512"),
+        student=short_student,
     ),
     "non-empty output_dir": BadInput(
         "is not empty (notes.txt). Pass --resume_from_checkpoint latest",

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 import kd_dist.models
 from kd_dist.cli import main
-from kd_dist.tiny import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES
+from kd_dist.config import TrainConfig
+from kd_dist.models import load_models, resolve_lengths
+from kd_dist.tiny import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES, build_model, save_pair
 
 FINAL_FILES = {
     "config.json",
@@ -96,16 +105,20 @@ def test_instruction_data_bf16_gradient_accumulation_and_every_optimizer(
         assert (out / "model.safetensors").is_file()
 
 
-def test_chat_data_trains_and_the_student_keeps_its_chat_template(
-    model_pair, sentences, tmp_path, caplog
-):
-    teacher, student = model_pair("qwen2")
+def sharegpt_dataset(path: Path, sentences: list[str]) -> Path:
     rows = [
         {"conversations": [{"from": "human", "value": s[:12]}, {"from": "gpt", "value": s}]}
         for s in sentences[:16]
     ]
-    dataset = tmp_path / "sharegpt.jsonl"
-    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_chat_data_trains_and_the_student_keeps_its_chat_template(
+    model_pair, tokenizer, sentences, tmp_path, caplog
+):
+    teacher, student = model_pair("qwen2")
+    dataset = sharegpt_dataset(tmp_path / "sharegpt.jsonl", sentences)
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="kd_dist"):
         assert main(train_args(teacher, student, dataset, out, "--max_steps", "2")) == 0
@@ -117,6 +130,41 @@ def test_chat_data_trains_and_the_student_keeps_its_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert prompt == "<|user|>\nhi\n<|assistant|>\n"
+    # The plain template ends answers with eos: generation already stops there.
+    assert GenerationConfig.from_pretrained(out).eos_token_id == tokenizer.eos_token_id
+
+
+# Llama-3's template, reduced: each turn ends with <|eot_id|>, not with the eos token.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def test_a_base_student_trained_on_an_instruct_template_stops_at_its_end_of_turn(
+    tokenizer, sentences, tmp_path, caplog
+):
+    """Llama-3 shape: a base student (no template, eos <|end_of_text|>) takes the instruct
+    teacher's template, whose answers end with <|eot_id|>; the exported generation_config must
+    stop at both, as Llama-3-Instruct's does."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
+    end_of_turn = tok.convert_tokens_to_ids("<|eot_id|>")
+    student = save_pair(tmp_path / "student", build_model("llama", tok, "tiny"), tok)
+    tok.chat_template = LLAMA3_TEMPLATE
+    teacher = save_pair(tmp_path / "teacher", build_model("llama", tok, "small"), tok)
+    out = tmp_path / "run"
+    dataset = sharegpt_dataset(tmp_path / "sharegpt.jsonl", sentences)
+    with caplog.at_level(logging.INFO, logger="kd_dist"):
+        assert main(train_args(teacher, student, dataset, out, "--max_steps", "1")) == 0
+    assert "has no chat template: using the teacher's" in caplog.text
+    assert "<|eot_id|>" in caplog.text  # the first example: the answer trains <|eot_id|>
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [tok.eos_token_id, end_of_turn]
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [tok.eos_token_id, end_of_turn]
 
 
 def test_packed_text_trains_on_full_blocks(model_pair, text_dataset, tmp_path, caplog):
@@ -203,9 +251,6 @@ def test_resume_latest_without_checkpoint_is_a_clear_error(
 
 
 def test_teacher_is_frozen_in_eval_mode_and_student_trains(model_pair, tokenizer):
-    from kd_dist.config import TrainConfig
-    from kd_dist.models import load_models
-
     teacher, student = model_pair("gpt2")
     cfg = TrainConfig(teacher_model=teacher, student_model=student, dataset="unused", bf16=True)
     models = load_models(cfg, tokenizer)
@@ -322,3 +367,56 @@ def test_a_preempted_run_saves_exits_75_and_the_same_command_resumes_exactly(
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 193))
+
+
+def without_flag(argv: list[str], flag: str) -> list[str]:
+    index = argv.index(flag)
+    return argv[:index] + argv[index + 2 :]
+
+
+def test_without_max_length_a_short_model_gets_a_length_that_fits_and_resumes(
+    model_pair, text_dataset, tmp_path, caplog
+):
+    """The seed's basic command passes no --max_length: a 256-position student must train with
+    256 (not fail on 512), record it, and resume without the flag."""
+    teacher, student = model_pair("llama", max_position_embeddings=256)
+    out = tmp_path / "run"
+    argv = without_flag(train_args(teacher, student, text_dataset, out), "--max_length")
+    common = ("--save_steps", "1", "--save_every", "0")
+    with caplog.at_level(logging.INFO, logger="kd_dist"):
+        assert main([*argv, *common, "--max_steps", "1"]) == 0
+    assert "--max_length not set: using 256 (min of 512 and the student's 256 positions)" in (
+        caplog.text
+    )
+    assert json.loads((out / "kd_config.json").read_text())["max_length"] == 256
+    resumed = [*argv, *common, "--max_steps", "2", "--resume_from_checkpoint", "latest"]
+    assert main(resumed) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("family", "limit", "message"),
+    [
+        ("bart", 256, "using 256 (min of 512 and the models' 256 positions)"),
+        ("t5", None, "using 512 (the models have no position limit)"),
+    ],
+)
+def test_seq2seq_lengths_default_to_what_fits_the_target_too(
+    family, limit, message, tokenizer, tmp_path, caplog
+):
+    overrides = {"max_position_embeddings": limit} if limit else {}
+    folders = [
+        save_pair(tmp_path / role, build_model(family, tokenizer, "tiny", **overrides), tokenizer)
+        for role in ("teacher", "student")
+    ]
+    cfg = TrainConfig(teacher_model=folders[0], student_model=folders[1], dataset="unused",
+                      task_type="seq2seq")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="kd_dist"):
+        resolved = resolve_lengths(cfg)
+    assert message in caplog.text
+    expected = limit or 512
+    assert (resolved.max_length, resolved.max_target_length) == (expected, expected)
+    # Values the user set are kept (an explicit one that does not fit is check_models' error).
+    explicit = resolve_lengths(replace(cfg, max_length=64, max_target_length=16))
+    assert (explicit.max_length, explicit.max_target_length) == (64, 16)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import datasets
 import pyarrow.compute
 
 from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.data.chat import end_of_turn_id
 from kd_dist.data.collate import make_collator
 from kd_dist.data.formats import (
     CHAT,
@@ -34,6 +36,8 @@ from kd_dist.data.tokenization import (
     render_example,
     tokenize_split,
 )
+
+logger = logging.getLogger("kd_dist")
 
 __all__ = ["IGNORE_INDEX", "DataSplits", "build_datasets", "content_fingerprint", "make_collator"]
 
@@ -51,6 +55,9 @@ class DataSplits:
     # chat data: "tokenizer" (its own chat template, or the teacher's) or "plain" (the plain
     # template, given to the tokenizer, which is exported with it); None for other formats
     chat_template: str | None = None
+    # causal chat data: the token the template ends each trained answer with (generation must
+    # stop there); None for other data, or when the template writes no special token there
+    end_of_turn_id: int | None = None
 
     def summary(self) -> str:
         """What was loaded and what was dropped or cut, for the start-up log."""
@@ -83,6 +90,8 @@ def build_datasets(
     ``main_process_first`` (e.g. ``accelerator.main_process_first``) lets the main process load
     and tokenize first, so the other processes read its ``datasets`` cache instead of redoing it.
     """
+    if cfg.max_length is None:  # unresolved, it would silently mean "not truncated"
+        raise ValueError("build_datasets needs --max_length: call models.resolve_lengths first.")
     with main_process_first():
         raw_train, raw_eval = select_splits(load_source(cfg), cfg)
         spec = as_conversational(resolve_format(raw_train.column_names, cfg), raw_train.features)
@@ -90,6 +99,17 @@ def build_datasets(
         chat_template = (
             ensure_chat_template(tokenizer, cfg.task_type) if spec.kind == CHAT else None
         )
+        end_of_turn = None
+        if spec.kind == CHAT and cfg.task_type == "causal":  # seq2seq targets end with eos
+            end_of_turn = end_of_turn_id(tokenizer)
+            if end_of_turn is None:
+                logger.warning(
+                    "The chat template writes no special token after an answer (or refuses a "
+                    "one-turn user/assistant conversation), so the exported student's "
+                    "generation_config can stop only at its eos token (%s): pass a stop string "
+                    "when generating with it.",
+                    tokenizer.eos_token,
+                )
         train, train_stats = tokenize_split(raw_train, spec, tokenizer, cfg, "train")
         eval_, eval_stats = None, {}
         if raw_eval is not None:
@@ -113,6 +133,7 @@ def build_datasets(
         stats=stats,
         example=render_example(tokenizer, train[0], cfg.task_type),
         chat_template=chat_template,
+        end_of_turn_id=end_of_turn,
     )
 
 

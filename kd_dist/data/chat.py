@@ -211,3 +211,26 @@ def chat_pair(messages: list[Message], tokenizer: Any, where: str) -> tuple[str,
     last = answers[-1]
     source = _render(tokenizer, messages[:last], where, generation_prompt=True)
     return source, messages[last]["content"]
+
+
+# Any text the templates copy verbatim: it only marks where the answer's own text ends.
+_PROBE_ANSWER = "kd_dist probe answer"
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token the chat template ends an answer with, which the student learns to produce and
+    generation must stop at: the first special (or added) token after the answer's text in a
+    rendered one-turn conversation. None when the template writes none there, or refuses the
+    probe conversation."""
+    messages = [{"role": USER, "content": "Hi"}, {"role": ASSISTANT, "content": _PROBE_ANSWER}]
+    try:
+        answered = _render(tokenizer, messages, "the end-of-turn probe")
+    except ConfigError:
+        return None
+    end = answered.rfind(_PROBE_ANSWER)
+    if end < 0:
+        return None
+    after = answered[end + len(_PROBE_ANSWER) :]
+    specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return next((token for token in ids if token in specials), None)

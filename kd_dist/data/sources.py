@@ -186,12 +186,28 @@ def select_splits(splits: DatasetDict, cfg: TrainConfig) -> tuple[Dataset, Datas
     train = _split(splits, cfg.dataset_split, "--dataset_split")
     if cfg.eval_split:
         eval_ = _split(splits, cfg.eval_split, "--eval_split")
+        if cfg.eval_ratio > 0:
+            logger.warning(
+                "--eval_ratio %s is ignored: --eval_split %r is evaluated on instead. Drop one "
+                "of the two flags.",
+                cfg.eval_ratio,
+                cfg.eval_split,
+            )
     else:
         suffix = cfg.dataset_split.removeprefix("train")
         names = [s + suffix for s in AUTO_EVAL_SPLITS] + list(AUTO_EVAL_SPLITS)
         auto = [s for s in names if s in splits and s != cfg.dataset_split]
         if auto:
             eval_ = splits[auto[0]]
+            # HF run_clm's rule (a held-out share only without a validation split), said aloud.
+            if cfg.eval_ratio > 0:
+                logger.warning(
+                    "--eval_ratio %s is ignored: the dataset has a %r split, which is evaluated "
+                    "on instead. Pass --eval_split to evaluate on another split (one of %s).",
+                    cfg.eval_ratio,
+                    auto[0],
+                    ", ".join(splits),
+                )
         elif cfg.eval_ratio > 0:
             train, eval_ = hold_out(train, cfg.eval_ratio, cfg.seed)
         else:

@@ -9,15 +9,17 @@ after "Answer:") is never lost from the response. Special tokens the tokenizer a
 leading bos) are masked. Text and instruction examples end with a trained eos so that the student
 learns to stop; chat templates write their own end-of-turn markers.
 
-Seq2seq examples keep the source as ``input_ids`` and the target as ``labels``. Labels are not
-shifted: the loss does that. Every example also carries a status (kept, empty, no trainable
-label) and a truncation flag so that the dropped and truncated examples can be counted after the
-(possibly multi-process) ``datasets.map``.
+Seq2seq examples keep the source as ``input_ids`` and the target, tokenized as a target
+(``text_target=``: Marian, mBART and NLLB then write the target language's tokens), as
+``labels``. Labels are not shifted: the loss does that. Every example also carries a status
+(kept, empty, no trainable label) and a truncation flag so that the dropped and truncated
+examples can be counted after the (possibly multi-process) ``datasets.map``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -115,28 +117,55 @@ def trained_labels(
     ]
 
 
-def truncate(ids: list[int], limit: int, eos_id: int | None) -> tuple[list[int], bool]:
-    """Keep the first ``limit`` ids; a final eos stays final, as tokenizer truncation does."""
+def added_suffix(tokenizer: Any, target: bool = False) -> list[int]:
+    """The special tokens ``tokenizer`` ends a text with by itself, as a source or as a target
+    (``text_target``): T5, BART, Marian ``[eos]``, mBART ``[eos, language code]``, GPT-2 none."""
+    text = {"text_target" if target else "text": "a"}
+    bare = tokenizer(**text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(**text)["input_ids"]
+    starts = [i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare]
+    return full[starts[0] + len(bare) :] if starts else []
+
+
+@dataclass(frozen=True)
+class Seq2SeqEnds:
+    """How seq2seq sources and targets end, probed once per split: truncation keeps these
+    tokens at the end, as the tokenizer's own truncation does."""
+
+    source: tuple[int, ...]  # what the tokenizer puts after a source (mBART: eos, en_XX)
+    appended: tuple[int, ...]  # (eos,) when the tokenizer ends targets without one, else ()
+    target: tuple[int, ...]  # what ends a target: the tokenizer's end tokens, then `appended`
+
+
+def seq2seq_ends(tokenizer: Any) -> Seq2SeqEnds:
+    """A target the tokenizer ends without eos (a GPT-2-like one) gets eos appended, so that the
+    student learns to stop."""
+    eos = tokenizer.eos_token_id
+    target = tuple(added_suffix(tokenizer, target=True))
+    appended = (eos,) if eos is not None and eos not in target else ()
+    return Seq2SeqEnds(tuple(added_suffix(tokenizer)), appended, target + appended)
+
+
+def truncate(ids: list[int], limit: int, suffix: tuple[int, ...]) -> tuple[list[int], bool]:
+    """Keep the first ``limit`` ids; a final ``suffix`` (the tokenizer's end tokens) stays final."""
     if len(ids) <= limit:
         return ids, False
-    if eos_id is not None and ids and ids[-1] == eos_id:
-        return [*ids[: limit - 1], eos_id], True
+    if suffix and len(suffix) < limit and tuple(ids[-len(suffix) :]) == suffix:
+        return [*ids[: limit - len(suffix)], *suffix], True
     return ids[:limit], True
 
 
 def seq2seq_example(
     source_ids: list[int],
     target_ids: list[int],
-    eos_id: int | None,
-    append_eos: bool,
+    ends: Seq2SeqEnds,
     max_length: int,
     max_target_length: int,
 ) -> dict[str, Any]:
     """Source as ``input_ids``, target as ``labels`` (eos-terminated), each cut to its limit."""
-    if append_eos and eos_id is not None:
-        target_ids = [*target_ids, eos_id]
-    source_ids, source_cut = truncate(source_ids, max_length, eos_id)
-    target_ids, target_cut = truncate(target_ids, max_target_length, eos_id)
+    target_ids = [*target_ids, *ends.appended]
+    source_ids, source_cut = truncate(source_ids, max_length, ends.source)
+    target_ids, target_cut = truncate(target_ids, max_target_length, ends.target)
     return _example(source_ids, target_ids, source_cut or target_cut)
 
 
@@ -167,8 +196,12 @@ def render_seq2seq(
     return render(row, spec, "seq2seq")
 
 
-def _tokenize(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
+def _tokenize(tokenizer: Any, texts: list[str], target: bool = False) -> list[list[int]]:
+    """Ids with the tokenizer's special tokens. Targets are tokenized as targets: Marian, mBART
+    and NLLB tokenizers then write the target language's tokens, as the decoder must see them."""
+    if not texts:
+        return []
+    return tokenizer(**{"text_target" if target else "text": texts})["input_ids"]
 
 
 def encode_causal(
@@ -214,6 +247,7 @@ def encode_batch(
     max_target_length: int,
     train_on_prompt: bool,
     adds_eos: bool,
+    ends: Seq2SeqEnds | None,
     split_name: str,
 ) -> dict[str, list[Any]]:
     """The ``datasets.map`` function (batched, so the fast tokenizer works on whole batches).
@@ -249,13 +283,11 @@ def encode_batch(
         pairs = [
             render_seq2seq(row, spec, tokenizer, w) for row, w in zip(rows, wheres, strict=True)
         ]
-        source_ids = _tokenize(tokenizer, [p[0] if p else "" for p in pairs], True)
-        target_ids = _tokenize(tokenizer, [p[1] if p else "" for p in pairs], True)
-        assert max_length is not None  # packing is refused for seq2seq
+        source_ids = _tokenize(tokenizer, [p[0] if p else "" for p in pairs])
+        target_ids = _tokenize(tokenizer, [p[1] if p else "" for p in pairs], target=True)
+        assert max_length is not None and ends is not None  # seq2seq: never packed, ends probed
         examples = [
-            seq2seq_example(s, t, eos_id, not adds_eos, max_length, max_target_length)
-            if pair
-            else EMPTY_EXAMPLE
+            seq2seq_example(s, t, ends, max_length, max_target_length) if pair else EMPTY_EXAMPLE
             for pair, s, t in zip(pairs, source_ids, target_ids, strict=True)
         ]
     else:
@@ -290,6 +322,7 @@ def tokenize_split(
             max_target_length=cfg.max_target_length or cfg.max_length,
             train_on_prompt=cfg.train_on_prompt,
             adds_eos=tokenizer_adds_eos(tokenizer),
+            ends=seq2seq_ends(tokenizer) if cfg.task_type == "seq2seq" else None,
             split_name=name,
         ),
         remove_columns=split.column_names,
