@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from deepspeed.runtime.zero import GatheredParameters
+from torch.nn import Parameter
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -84,22 +85,52 @@ class TrainResult:
     eval_metrics: dict[str, float] | None
 
 
+def decay_split(model: torch.nn.Module) -> tuple[dict[str, Parameter], dict[str, Parameter]]:
+    """The trainable parameters, by name: (weight-decayed, not decayed).
+
+    Only the matrices of non-embedding layers are decayed. Biases and every norm's scales are
+    vectors (whatever the norm's class: LayerNorm, T5LayerNorm, LlamaRMSNorm ...), and shrinking
+    an embedding pulls rarely seen tokens' rows towards zero; a tied lm_head shares its
+    embedding's parameter, so it is not decayed either. A shared parameter is listed once, under
+    its first name. Under ZeRO-3's zero.Init a parameter is already partitioned here (its
+    ``.shape`` is empty): DeepSpeed keeps the real shape in ``ds_shape``.
+    """
+    embeddings = {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Embedding)
+        for p in module.parameters(recurse=False)
+    }
+    decayed, not_decayed = {}, {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
+        (decayed if matrix and id(p) not in embeddings else not_decayed)[name] = p
+    return decayed, not_decayed
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """--optimizer over ``model``'s trainable parameters, --weight_decay on ``decay_split``'s."""
+    decayed, not_decayed = decay_split(model)
+    # Empty groups are left out, so that every group the optimizer sees holds parameters (ZeRO
+    # flattens each group into one buffer).
+    groups = [
+        {"params": list(params.values()), "weight_decay": weight_decay}
+        for params, weight_decay in ((decayed, cfg.weight_decay), (not_decayed, 0.0))
+        if params
+    ]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
     # Adafactor with an external learning rate, so the warm-up/decay schedule applies to it too.
     return Adafactor(
-        params,
+        groups,
         lr=cfg.learning_rate,
         scale_parameter=False,
         relative_step=False,
         warmup_init=False,
-        weight_decay=cfg.weight_decay,
     )
 
 
