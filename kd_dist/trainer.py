@@ -71,6 +71,7 @@ from kd_dist.models import (
     load_tokenizer,
     output_head,
     precision_dtype,
+    projection_input,
 )
 from kd_dist.run_log import MetricsLog, run_summary
 
@@ -246,9 +247,7 @@ def make_micro_step(
             teacher_out, teacher_module = student_out.detach(), student_module
         s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
         if fused:
-            # The student's final norm leaves fp32 hidden states even under autocast; the
-            # projection's matrix products should run in the mixed precision, as lm_head would.
-            s = s.to(compute_dtype)
+            s = projection_input(s, compute_dtype)
         with GatheredParameters(output_weights):
             out = loss(s, t, labels, teacher_module, num_tokens)
             # The teacher's rows too: the divergences treat a NaN teacher probability like a
@@ -367,6 +366,7 @@ def run_training(
             eval_loader(accelerator, data.eval, cfg.batch_size, collate),
             task_type=cfg.task_type, vocab_size=vocab_size, chunk_rows=chunk_rows,
             autocast=accelerator.autocast, gather=accelerator.gather_for_metrics, fused=fused,
+            compute_dtype=precision_dtype(cfg),
         )  # fmt: skip
 
     state = TrainerState()
