@@ -41,6 +41,7 @@ from kd_dist.checkpoint import (
     read_trainer_state,
     refuse_mismatch,
     save_checkpoint,
+    set_aside_abandoned,
 )
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import build_datasets, content_fingerprint, make_collator
@@ -377,6 +378,7 @@ def run_training(
     if checkpoint is not None:
         if accelerator.is_main_process:
             drop_metrics_after(cfg.output_dir, state.global_step)
+            set_aside_abandoned(cfg.output_dir, checkpoint, state.global_step)
         logger.info("Resumed from %s at step %d", checkpoint, state.global_step)
 
     progress = tqdm(
