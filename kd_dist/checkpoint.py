@@ -11,6 +11,7 @@ Layout of ``output_dir``::
                                 + trainer_state.json + kd_config.json
                                 + checkpoint_complete.json (written last: files and sizes)
     checkpoints/latest          name of the newest complete checkpoint (written last, atomically)
+    checkpoints/abandoned/      checkpoints newer than the one a run resumed from, set aside
     model.safetensors, config.json, tokenizer files, generation_config.json   the final student
     export_manifest.json        written after the student: versions, config, data, checksums
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -51,6 +53,7 @@ logger = logging.getLogger("kd_dist")
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"
+ABANDONED_DIR = "abandoned"  # never matches step-*: invisible to resuming and pruning
 TRAINER_STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -109,7 +112,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, state: TrainerSt
     into place, and only then moves ``latest``.
     """
     root = Path(cfg.output_dir) / CHECKPOINTS_DIR
-    path = root / f"step-{state.global_step:08d}"
+    path = root / checkpoint_name(state.global_step)
     staging = root / f".{path.name}.partial"
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)  # left by a run that was killed while saving this step
@@ -132,6 +135,11 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, state: TrainerSt
     return path
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder name of step ``step``'s checkpoint; names sort like steps."""
+    return f"step-{step:08d}"
+
+
 def _write_marker(folder: Path, step: int) -> None:
     files = {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -142,17 +150,10 @@ def _write_marker(folder: Path, step: int) -> None:
 
 
 def _move_into_place(staging: Path, path: Path) -> None:
-    """Rename ``staging`` to ``path``; an existing ``path`` (the same step saved again after
-    resuming from an older checkpoint) is replaced."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-        os.replace(staging, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, path)
+    """Rename ``staging`` to ``path``. A resumed run has set aside every checkpoint newer than
+    its own (``set_aside_abandoned``), so ``path`` never exists: were it there, the rename
+    fails rather than replace it."""
+    os.replace(staging, path)
     _fsync(path.parent)
 
 
@@ -186,6 +187,47 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     checkpoints = [p for p in _step_folders(root) if p.name != latest]
     for old in checkpoints[max(0, keep - 1) :]:
         shutil.rmtree(old)
+
+
+def set_aside_abandoned(output_dir: str, checkpoint: Path, step: int) -> list[Path]:
+    """After resuming from ``checkpoint`` (of step ``step``; main process): move the
+    checkpoints newer than it, the line of the run it abandons, into ``checkpoints/abandoned/``
+    and point ``latest`` at it. ``latest``, --save_total_limit's pruning (by name) and the
+    fallback to the newest complete checkpoint then all follow the resumed run, and nothing is
+    deleted. Returns where the moved folders went (oldest first).
+
+    ``latest`` moves first: a kill during the moves leaves it naming ``checkpoint``, and the
+    next resume from it moves the rest. A checkpoint outside ``checkpoints/`` cannot be named by
+    ``latest``, which is left as it is.
+    """
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    newer = [p for p in reversed(_step_folders(root)) if p.name > checkpoint_name(step)]
+    if not newer:
+        return []
+    if checkpoint.parent.resolve() == root.resolve():
+        _write_atomically(root / LATEST_POINTER, checkpoint.name + "\n")
+    aside = root / ABANDONED_DIR
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for folder in newer:
+        moved.append(_unused_path(aside, folder.name))
+        os.replace(folder, moved[-1])
+    _fsync(aside)
+    _fsync(root)
+    logger.warning(
+        "Resumed from %s, older than the checkpoints the abandoned run saved after it: moved "
+        "%s into %s, so that `latest`, --save_total_limit and the resume fallback follow this "
+        "run. Nothing was deleted; delete them if you do not need them.",
+        checkpoint, ", ".join(p.name for p in newer), aside,
+    )  # fmt: skip
+    return moved
+
+
+def _unused_path(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``folder/name.1``, ``.2``... when a run resumed from an older
+    checkpoint again and set aside the same step twice."""
+    candidates = (folder / (f"{name}.{n}" if n else name) for n in itertools.count())
+    return next(path for path in candidates if not path.exists())
 
 
 def resolve_checkpoint(cfg: TrainConfig) -> Path | None:

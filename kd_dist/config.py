@@ -145,7 +145,13 @@ class TrainConfig:
     )
     optimizer: OptimizerName = field(default="adamw", metadata=_help("adamw, sgd or adafactor."))
     learning_rate: float = field(default=5e-5, metadata=_help("Peak learning rate."))
-    weight_decay: float = field(default=0.0, metadata=_help("Weight decay (AdamW, SGD)."))
+    weight_decay: float = field(
+        default=0.0,
+        metadata=_help(
+            "Weight decay (AdamW, SGD, Adafactor) of linear layers' matrices only: never biases, "
+            "norms or embeddings."
+        ),
+    )
     warmup_ratio: float = field(
         default=0.1, metadata=_help("Fraction of steps with linear warm-up.")
     )

@@ -51,6 +51,8 @@ from kd_dist.models import (
     load_models,
     load_tokenizer,
     output_head,
+    precision_dtype,
+    projection_input,
     resolve_lengths,
 )
 
@@ -98,10 +100,12 @@ def batch_sums(
     chunk_rows: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     fused: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """[B, 5] float64 sums of one batch's examples, in METRIC_SUMS order. ``fused``: project
     hidden states chunk by chunk when both models' output heads are known (--fused_loss), else
-    chunk the models' own logits."""
+    chunk the models' own logits; the student's are projected in ``compute_dtype``, as in
+    training (``projection_input``). The metrics' math is fp32 either way."""
     causal = task_type == "causal"
     fused = fused and output_head(student) is not None and output_head(teacher) is not None
     forward = forward_hidden if fused else forward_logits
@@ -111,6 +115,8 @@ def batch_sums(
     mask = valid_mask(batch["labels"], causal)  # [B, L']
     example_of_row = mask.nonzero()[:, 0]  # [N]: which example each valid row belongs to
     s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
+    if fused:
+        s = projection_input(s, compute_dtype)
     row_sums = torch.zeros(mask.shape[0], 4, dtype=torch.float64, device=mask.device)
     # Under ZeRO-3 the output weights are shards: gathered while the chunks are projected.
     projections = (student.get_output_embeddings(), teacher.get_output_embeddings())
@@ -164,12 +170,15 @@ def evaluate(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
     fused: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """Student-vs-teacher metrics over ``batches`` (means over the valid tokens of all ranks).
 
     ``student`` and ``teacher`` are the models themselves (not DDP/DeepSpeed wrappers);
     ``autocast`` is entered around their forwards; ``gather`` collects every rank's [B, 5]
-    per-example sums and drops padding duplicates (``accelerator.gather_for_metrics``).
+    per-example sums and drops padding duplicates (``accelerator.gather_for_metrics``);
+    ``compute_dtype`` is the run's mixed precision (``precision_dtype``), which the fused path
+    projects the student's hidden states in.
     """
     was_training = student.training
     student.eval()
@@ -178,7 +187,7 @@ def evaluate(
         for batch in batches:
             sums = batch_sums(
                 student, teacher, batch, task_type=task_type, vocab_size=vocab_size,
-                chunk_rows=chunk_rows, autocast=autocast, fused=fused,
+                chunk_rows=chunk_rows, autocast=autocast, fused=fused, compute_dtype=compute_dtype,
             )  # fmt: skip
             totals += gather(sums).sum(0).cpu()
     finally:
@@ -244,6 +253,7 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
             autocast=accelerator.autocast,
             gather=accelerator.gather_for_metrics,
             fused=cfg.fused_loss,
+            compute_dtype=precision_dtype(cfg),
         )
 
 

@@ -173,6 +173,14 @@ def precision_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else torch.float32
 
 
+def projection_input(student_hidden: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """The student's final hidden states as the fused path projects them: in ``compute_dtype``
+    (``precision_dtype``). Its final norm leaves fp32 hidden states even under autocast, where
+    lm_head's matrix product would run in the mixed precision; training and evaluation both
+    project through here, so evaluation measures the logits training optimises."""
+    return student_hidden.to(compute_dtype)
+
+
 @dataclass
 class ModelPair:
     teacher: PreTrainedModel | None  # None when the run needs no teacher (--alpha 1)

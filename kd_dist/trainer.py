@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from deepspeed.runtime.zero import GatheredParameters
+from torch.nn import Parameter
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -40,6 +41,7 @@ from kd_dist.checkpoint import (
     read_trainer_state,
     refuse_mismatch,
     save_checkpoint,
+    set_aside_abandoned,
 )
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import build_datasets, content_fingerprint, make_collator
@@ -73,6 +75,7 @@ from kd_dist.models import (
     load_tokenizer,
     output_head,
     precision_dtype,
+    projection_input,
     resolve_lengths,
     stop_at_end_of_turn,
     teacher_bytes,
@@ -90,22 +93,52 @@ class TrainResult:
     eval_metrics: dict[str, float] | None
 
 
+def decay_split(model: torch.nn.Module) -> tuple[dict[str, Parameter], dict[str, Parameter]]:
+    """The trainable parameters, by name: (weight-decayed, not decayed).
+
+    Only the matrices of non-embedding layers are decayed. Biases and every norm's scales are
+    vectors (whatever the norm's class: LayerNorm, T5LayerNorm, LlamaRMSNorm ...), and shrinking
+    an embedding pulls rarely seen tokens' rows towards zero; a tied lm_head shares its
+    embedding's parameter, so it is not decayed either. A shared parameter is listed once, under
+    its first name. Under ZeRO-3's zero.Init a parameter is already partitioned here (its
+    ``.shape`` is empty): DeepSpeed keeps the real shape in ``ds_shape``.
+    """
+    embeddings = {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Embedding)
+        for p in module.parameters(recurse=False)
+    }
+    decayed, not_decayed = {}, {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
+        (decayed if matrix and id(p) not in embeddings else not_decayed)[name] = p
+    return decayed, not_decayed
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """--optimizer over ``model``'s trainable parameters, --weight_decay on ``decay_split``'s."""
+    decayed, not_decayed = decay_split(model)
+    # Empty groups are left out, so that every group the optimizer sees holds parameters (ZeRO
+    # flattens each group into one buffer).
+    groups = [
+        {"params": list(params.values()), "weight_decay": weight_decay}
+        for params, weight_decay in ((decayed, cfg.weight_decay), (not_decayed, 0.0))
+        if params
+    ]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
     # Adafactor with an external learning rate, so the warm-up/decay schedule applies to it too.
     return Adafactor(
-        params,
+        groups,
         lr=cfg.learning_rate,
         scale_parameter=False,
         relative_step=False,
         warmup_init=False,
-        weight_decay=cfg.weight_decay,
     )
 
 
@@ -243,9 +276,7 @@ def make_micro_step(
             teacher_out, teacher_module = student_out.detach(), student_module
         s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
         if fused:
-            # The student's final norm leaves fp32 hidden states even under autocast; the
-            # projection's matrix products should run in the mixed precision, as lm_head would.
-            s = s.to(compute_dtype)
+            s = projection_input(s, compute_dtype)
         with GatheredParameters(output_weights):
             out = loss(s, t, labels, teacher_module, num_tokens)
             # The teacher's rows too: the divergences treat a NaN teacher probability like a
@@ -381,6 +412,7 @@ def run_training(
             eval_loader(accelerator, data.eval, cfg.batch_size, collate),
             task_type=cfg.task_type, vocab_size=vocab_size, chunk_rows=chunk_rows,
             autocast=accelerator.autocast, gather=accelerator.gather_for_metrics, fused=fused,
+            compute_dtype=precision_dtype(cfg),
         )  # fmt: skip
 
     state = TrainerState()
@@ -391,6 +423,7 @@ def run_training(
     if checkpoint is not None:
         if accelerator.is_main_process:
             drop_metrics_after(cfg.output_dir, state.global_step)
+            set_aside_abandoned(cfg.output_dir, checkpoint, state.global_step)
         logger.info("Resumed from %s at step %d", checkpoint, state.global_step)
 
     progress = tqdm(

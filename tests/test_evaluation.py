@@ -22,7 +22,7 @@ from kd_dist.cli import main
 from kd_dist.config import TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.evaluation import METRIC_KEYS, evaluate
-from kd_dist.tiny import SEQ2SEQ_FAMILIES, build_model
+from kd_dist.tiny import SEQ2SEQ_FAMILIES, build_model, save_pair
 from tests.test_distributed import BIN, accelerate_launch, deepspeed_config, free_port, launch
 
 IGNORE = -100
@@ -36,24 +36,34 @@ def reference_metrics(student, teacher, batches, vocab_size: int, causal: bool) 
     argmax q == argmax p; the logits are cut to the tokenizer's vocabulary first.
     """
     student, teacher = (copy.deepcopy(m).double().eval() for m in (student, teacher))
-    sums = dict(student_ce=0.0, teacher_ce=0.0, kl=0.0, agreement=0.0, tokens=0)
+
+    def logits(batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if not causal:  # the models build their decoder inputs from the labels themselves
+            inputs["labels"] = batch["labels"]
+        return student(**inputs).logits, teacher(**inputs).logits
+
     with torch.no_grad():
-        for batch in batches:
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if not causal:  # the models build their decoder inputs from the labels themselves
-                inputs["labels"] = batch["labels"]
-            s, t = (m(**inputs).logits[..., :vocab_size] for m in (student, teacher))
-            labels = batch["labels"]
-            if causal:
-                s, t, labels = s[:, :-1], t[:, :-1], labels[:, 1:]
-            valid = labels != IGNORE
-            s, t, labels = s[valid], t[valid], labels[valid]
-            log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)
-            sums["student_ce"] -= log_q.gather(-1, labels[:, None]).sum().item()
-            sums["teacher_ce"] -= log_p.gather(-1, labels[:, None]).sum().item()
-            sums["kl"] += (log_p.exp() * (log_p - log_q)).sum().item()
-            sums["agreement"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
-            sums["tokens"] += int(valid.sum())
+        return metrics_of_logits(batches, logits, vocab_size, causal)
+
+
+def metrics_of_logits(batches, logits, vocab_size: int, causal: bool) -> dict:
+    """The metrics (as above) of the student and teacher logits ``logits(batch)`` returns, in
+    float64 whatever their dtype."""
+    sums = dict(student_ce=0.0, teacher_ce=0.0, kl=0.0, agreement=0.0, tokens=0)
+    for batch in batches:
+        s, t = (values[..., :vocab_size].double() for values in logits(batch))
+        labels = batch["labels"]
+        if causal:
+            s, t, labels = s[:, :-1], t[:, :-1], labels[:, 1:]
+        valid = labels != IGNORE
+        s, t, labels = s[valid], t[valid], labels[valid]
+        log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)
+        sums["student_ce"] -= log_q.gather(-1, labels[:, None]).sum().item()
+        sums["teacher_ce"] -= log_p.gather(-1, labels[:, None]).sum().item()
+        sums["kl"] += (log_p.exp() * (log_p - log_q)).sum().item()
+        sums["agreement"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
+        sums["tokens"] += int(valid.sum())
     n = sums["tokens"]
     return {
         "student_ce": sums["student_ce"] / n,
@@ -62,6 +72,29 @@ def reference_metrics(student, teacher, batches, vocab_size: int, causal: bool) 
         "top1_agreement": sums["agreement"] / n,
         "tokens": n,
     }
+
+
+def bf16_reference(student, teacher, batches, vocab_size: int, projection: torch.dtype) -> dict:
+    """The metrics of a causal --bf16 run by definition: both forwards under bf16 autocast (pass
+    the teacher in bf16, as kd_dist loads it), the student's final hidden states (its lm_head's
+    input) projected by lm_head's weight in ``projection``, the teacher's logits its own; the
+    metrics' math in float64."""
+    captured = []
+    student_head = student.get_output_embeddings()
+    hook = student_head.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+
+    def logits(batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            student(**inputs)
+            teacher_logits = teacher(**inputs).logits
+        return captured.pop().to(projection) @ student_head.weight.to(projection).T, teacher_logits
+
+    try:
+        with torch.no_grad():
+            return metrics_of_logits(batches, logits, vocab_size, causal=True)
+    finally:
+        hook.remove()
 
 
 def assert_metrics_match(actual: dict, expected: dict) -> None:
@@ -136,6 +169,32 @@ def test_metrics_equal_a_float64_reference(family, path, tokenizer, monkeypatch)
     assert 0.1 < expected["top1_agreement"] < 0.9 and expected["kl_to_teacher"] > 0.005
 
 
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def assert_projected_in_bf16(actual: dict, student, teacher, batches, vocab_size: int) -> None:
+    """``actual`` equals the reference with the student's projection in bf16, as training
+    computes it (the same bf16 products: to 1e-6), and not the one in fp32 (over 1e-4 off)."""
+    expected = bf16_reference(student, teacher, batches, vocab_size, torch.bfloat16)
+    assert_metrics_match(actual, expected)
+    assert actual["kl_to_teacher"] == pytest.approx(expected["kl_to_teacher"], rel=1e-6)
+    fp32 = bf16_reference(student, teacher, batches, vocab_size, torch.float32)
+    assert actual["kl_to_teacher"] != pytest.approx(fp32["kl_to_teacher"], rel=1e-4)
+
+
+def test_under_bf16_the_student_s_hidden_states_are_projected_in_bf16(tokenizer):
+    """As in training (``projection_input``): its final norm leaves fp32 hidden states under
+    autocast, and they are projected in the run's precision; the metrics' math stays fp32."""
+    teacher, student = teacher_and_student("llama", tokenizer)
+    teacher.to(torch.bfloat16)
+    batches = random_batches(len(tokenizer), True, torch.Generator().manual_seed(5))
+    actual = evaluate(student, teacher, batches,
+                      task_type="causal", vocab_size=len(tokenizer), chunk_rows=5,
+                      autocast=bf16_autocast, compute_dtype=torch.bfloat16)  # fmt: skip
+    assert_projected_in_bf16(actual, student, teacher, batches, len(tokenizer))
+
+
 def test_an_all_masked_evaluation_gives_zeros_not_nan(tokenizer):
     student, teacher = (build_model("llama", tokenizer, size) for size in ("tiny", "small"))
     batch = random_batches(len(tokenizer), True, torch.Generator().manual_seed(0))[-1]
@@ -151,11 +210,20 @@ def saved_tokenizer(path) -> AutoTokenizer:
     return tokenizer
 
 
+def eval_split_batches(cfg: TrainConfig, student_dir, batch_size: int | None = None) -> list:
+    """The eval split ``cfg`` selects, collated in order in batches of ``batch_size`` (None:
+    one batch)."""
+    tokenizer = saved_tokenizer(student_dir)
+    examples = build_datasets(cfg, tokenizer).eval
+    collate, size = make_collator(tokenizer), batch_size or len(examples)
+    return [collate([examples[i] for i in range(start, min(start + size, len(examples)))])
+            for start in range(0, len(examples), size)]  # fmt: skip
+
+
 def eval_split_reference(cfg: TrainConfig, student_dir, teacher_dir) -> dict:
     """The reference metrics of a saved student on the eval split ``cfg`` selects."""
     tokenizer = saved_tokenizer(student_dir)
-    data = build_datasets(cfg, tokenizer)
-    batches = [make_collator(tokenizer)([data.eval[i] for i in range(len(data.eval))])]
+    batches = eval_split_batches(cfg, student_dir)
     auto = AutoModelForSeq2SeqLM if cfg.task_type == "seq2seq" else AutoModelForCausalLM
     student, teacher = auto.from_pretrained(student_dir), auto.from_pretrained(teacher_dir)
     return reference_metrics(student, teacher, batches, len(tokenizer), cfg.task_type == "causal")
@@ -394,6 +462,32 @@ def test_eval_command_defaults_to_the_run_s_own_eval_split(evaluated_run, capsys
     printed = capsys.readouterr().out
     final = json.loads((out / "eval_results.json").read_text())
     assert f"{final['kl_to_teacher']:.4f}" in printed and f"{final['student_ppl']:.3f}" in printed
+
+
+def test_a_bf16_run_and_kd_dist_eval_on_it_project_the_student_in_bf16(tokenizer, text_dataset,
+                                                                      tmp_path):  # fmt: skip
+    """--bf16: the evaluation in training and `kd-dist eval` (which takes the run's --bf16)
+    project the student's hidden states in bf16, as the training loss does. (A pair whose
+    logits spread over a few nats: on nearly uniform ones the two projections barely differ.)"""
+    teacher, student = (save_pair(tmp_path / name, model, tokenizer) for name, model
+                        in zip(("teacher", "student"), teacher_and_student("llama", tokenizer),
+                               strict=True))  # fmt: skip
+    out = tmp_path / "run"
+    argv = ["train", "--teacher_model", teacher, "--student_model", student, "--dataset",
+            str(text_dataset), "--output_dir", str(out), *RUN_FLAGS, "--bf16",
+            "--learning_rate", "1e-4"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = TrainConfig(**json.loads((out / "kd_config.json").read_text()))
+    batches = eval_split_batches(cfg, out, cfg.batch_size)  # as the run's eval loader has them
+    models = [AutoModelForCausalLM.from_pretrained(out),
+              AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16)]  # fmt: skip
+    vocab_size = len(saved_tokenizer(out))
+    final = json.loads((out / "eval_results.json").read_text())
+    assert_projected_in_bf16(final, *models, batches, vocab_size)
+    result = tmp_path / "eval.json"
+    assert main(["eval", "--student", str(out), "--teacher", teacher, "--output_json",
+                 str(result)]) == 0  # fmt: skip
+    assert_projected_in_bf16(json.loads(result.read_text()), *models, batches, vocab_size)
 
 
 def test_eval_command_refuses_a_checkpoint_and_a_missing_output_folder(evaluated_run, tmp_path,

@@ -27,8 +27,10 @@ from kd_dist.checkpoint import (
     EXPORT_MANIFEST,
     TRAINER_STATE_FILE,
     check_safe_to_load,
+    checkpoint_name,
     drop_metrics_after,
     resolve_checkpoint,
+    set_aside_abandoned,
 )
 from kd_dist.cli import main
 from kd_dist.config import ConfigError, TrainConfig
@@ -106,8 +108,9 @@ def test_kills_at_every_point_of_a_save_lose_nothing_and_the_run_resumes_exactly
             "step-00000004",
             ["step-00000002", "step-00000004", "step-00000006"],
         ),
-        # resumed from 4 (`latest`), saved 6 again over the old one; killed while writing
-        # `latest` for step 8 (its temporary file written, not yet renamed)
+        # resumed from 4 (`latest`): the step 6 `latest` never named is set aside in
+        # abandoned/, and saved again; killed while writing `latest` for step 8 (its
+        # temporary file written, not yet renamed)
         (
             "kill_save_latest@8",
             "step-00000006",
@@ -125,15 +128,116 @@ def test_kills_at_every_point_of_a_save_lose_nothing_and_the_run_resumes_exactly
             if name != "step-00000006":  # 6 is legitimately saved again in the last round
                 assert digests(checkpoints / name) == before, (fault, name)  # not a byte lost
     assert (checkpoints / "latest.tmp").read_text().strip() == "step-00000008"
+    assert digests(checkpoints / "abandoned" / "step-00000006") == kept["step-00000006"]
 
     result = run(None)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stderr and "step-00000006" in result.stderr
+    # (`latest` named 6: the complete step 8 after it was set aside, and saved again.)
+    assert sorted(p.name for p in (checkpoints / "abandoned").iterdir()) == [
+        "step-00000006", "step-00000008"
+    ]  # fmt: skip
     assert_same_weights(load_file(out / "model.safetensors"),
                         load_file(straight_run / "model.safetensors"))  # fmt: skip
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
     assert not list(checkpoints.glob(".*"))  # no staging folders left behind
+
+
+def step_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside_and_prunes_its_own_line(
+    model_pair, text_dataset, straight_run, tmp_path, caplog
+):
+    """Resumed from step 2 of a run that saved 2, 4, 6 and 8, and run to step 6 only with
+    --save_total_limit 2: the kept checkpoints are the resumed run's 4 and 6 (pruned by name,
+    the abandoned 8 would outrank them), `latest` names its 6, and the abandoned run's 4, 6
+    and 8 are in checkpoints/abandoned/, byte for byte."""
+    teacher, student = model_pair("gpt2")
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    checkpoints = out / "checkpoints"
+    argv = train_args(teacher, student, text_dataset, out, *RUN, "--resume_from_checkpoint",
+                      str(checkpoints / "step-00000002"), "--max_steps", "6",
+                      "--save_total_limit", "2")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="kd_dist"):
+        assert main(argv) == 0
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000004", "step-00000006"]
+    assert latest(out) == "step-00000006"
+    for name in ("step-00000004", "step-00000006"):  # the resumed run's, not the abandoned ones
+        assert json.loads((checkpoints / name / "kd_config.json").read_text())["max_steps"] == 6
+    abandoned = checkpoints / "abandoned"
+    assert step_names(abandoned) == ["step-00000004", "step-00000006", "step-00000008"]
+    for name in step_names(abandoned):
+        assert digests(abandoned / name) == digests(straight_run / "checkpoints" / name), name
+    assert "moved step-00000004, step-00000006, step-00000008 into" in caplog.text
+    assert "Nothing was deleted" in caplog.text
+
+
+def test_a_resumed_run_killed_before_its_first_save_resumes_from_its_own_checkpoint(
+    model_pair, text_dataset, straight_run, tmp_path
+):
+    """Resumed from step 2 (while 4, 6 and 8 exist) and killed in its first save: `latest`
+    and, with `latest` lost, the fallback to the newest complete checkpoint both give step 2,
+    and the run then ends exactly as the uninterrupted one."""
+    teacher, student = model_pair("gpt2")
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    checkpoints = out / "checkpoints"
+    argv = train_args(teacher, student, text_dataset, out, *RUN, "--resume_from_checkpoint",
+                      str(checkpoints / "step-00000002"))  # fmt: skip
+    env = {**os.environ, FAULT_ENV: "kill_save_state@4"}
+    result = subprocess.run([sys.executable, "-m", "kd_dist", *argv], env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert latest(out) == "step-00000002"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002"]
+    assert step_names(checkpoints / "abandoned") == [checkpoint_name(n) for n in (4, 6, 8)]
+    cfg = TrainConfig(output_dir=str(out), resume_from_checkpoint="latest")
+    assert resolve_checkpoint(cfg) == checkpoints / "step-00000002"
+    (checkpoints / "latest").unlink()
+    assert resolve_checkpoint(cfg) == checkpoints / "step-00000002"
+
+    assert main([*argv[:-2], "--resume_from_checkpoint", "latest"]) == 0
+    assert_same_weights(load_file(out / "model.safetensors"),
+                        load_file(straight_run / "model.safetensors"))  # fmt: skip
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_setting_aside_the_same_step_twice_keeps_both_copies(tmp_path, caplog):
+    """Resumed from step 2 twice: the second time, the resumed run's own step 4 joins the first
+    run's in abandoned/ under another name. A checkpoint resumed from outside checkpoints/
+    sets the newer ones aside too, but `latest` cannot name it and is left alone."""
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+
+    def save(step: int, run: str) -> None:
+        (checkpoints / checkpoint_name(step)).mkdir(parents=True)
+        (checkpoints / checkpoint_name(step) / "run").write_text(run)
+        (checkpoints / "latest").write_text(checkpoint_name(step) + "\n")
+
+    for step in (2, 4, 6):
+        save(step, "first")
+    caplog.set_level(logging.WARNING, logger="kd_dist")
+    assert set_aside_abandoned(str(out), checkpoints / "step-00000006", 6) == []  # the newest
+    assert latest(out) == "step-00000006" and not caplog.text
+    set_aside_abandoned(str(out), checkpoints / "step-00000002", 2)
+    save(4, "second")
+    set_aside_abandoned(str(out), checkpoints / "step-00000002", 2)
+    abandoned = checkpoints / "abandoned"
+    assert {name: (abandoned / name / "run").read_text() for name in step_names(abandoned)} == {
+        "step-00000004": "first", "step-00000006": "first", "step-00000004.1": "second"
+    }  # fmt: skip
+    assert step_names(checkpoints) == ["abandoned", "step-00000002"]
+    assert latest(out) == "step-00000002"
+    save(4, "third")
+    assert set_aside_abandoned(str(out), tmp_path / "elsewhere" / "step-00000002", 2) == [
+        abandoned / "step-00000004.2"
+    ]  # fmt: skip
+    assert latest(out) == "step-00000004"  # left alone: it cannot name a folder elsewhere
 
 
 def test_a_damaged_latest_pointer_falls_back_to_the_newest_complete_checkpoint(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from kd_dist.cli import main
 from kd_dist.config import TrainConfig
 from kd_dist.models import load_models, resolve_lengths
 from kd_dist.tiny import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES, build_model, save_pair
+from kd_dist.trainer import build_optimizer, decay_split
 
 FINAL_FILES = {
     "config.json",
@@ -420,3 +422,115 @@ def test_seq2seq_lengths_default_to_what_fits_the_target_too(
     # Values the user set are kept (an explicit one that does not fit is check_models' error).
     explicit = resolve_lengths(replace(cfg, max_length=64, max_target_length=16))
     assert (explicit.max_length, explicit.max_target_length) == (64, 16)
+
+
+def weights(prefix: str, *layers: str) -> set[str]:
+    return {f"{prefix}.{layer}.weight" for layer in layers}
+
+
+QKVO, BART_ATTENTION = ("q", "k", "v", "o"), ("k_proj", "v_proj", "q_proj", "out_proj")
+# The weight-decayed parameters of each tiny ("tiny": one layer) model: the matrices of its
+# linear layers. Everything else (biases, LayerNorm/RMSNorm/T5LayerNorm scales, token, position
+# and relative-attention embeddings, tied heads) is not decayed.
+DECAYED = {
+    "gpt2": weights("transformer.h.0", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    "llama": weights("model.layers.0", "self_attn.q_proj", "self_attn.k_proj",
+                     "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                     "mlp.down_proj") | {"lm_head.weight"},  # untied: a plain linear layer
+    "t5": weights("encoder.block.0.layer.0.SelfAttention", *QKVO)
+    | weights("encoder.block.0.layer.1.DenseReluDense", "wi", "wo")
+    | weights("decoder.block.0.layer.0.SelfAttention", *QKVO)
+    | weights("decoder.block.0.layer.1.EncDecAttention", *QKVO)
+    | weights("decoder.block.0.layer.2.DenseReluDense", "wi", "wo"),
+    "bart": weights("model.encoder.layers.0.self_attn", *BART_ATTENTION)
+    | weights("model.encoder.layers.0", "fc1", "fc2")
+    | weights("model.decoder.layers.0.self_attn", *BART_ATTENTION)
+    | weights("model.decoder.layers.0.encoder_attn", *BART_ATTENTION)
+    | weights("model.decoder.layers.0", "fc1", "fc2"),
+}  # fmt: skip
+# Among what is not decayed, the embeddings (token, position, T5's relative attention bias).
+EMBEDDINGS = {
+    "gpt2": {"transformer.wte.weight", "transformer.wpe.weight"},  # wte is also the tied lm_head
+    "llama": {"model.embed_tokens.weight"},
+    "t5": {"shared.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+           "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"},
+    "bart": {"model.shared.weight", "model.encoder.embed_positions.weight",
+             "model.decoder.embed_positions.weight"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(DECAYED))
+def test_weight_decay_applies_only_to_the_matrices_of_non_embedding_layers(family, tokenizer):
+    model = build_model(family, tokenizer, "tiny")
+    decayed, not_decayed = decay_split(model)
+    names = {name for name, _ in model.named_parameters()}  # a tied weight under one name
+    assert set(decayed) == DECAYED[family]
+    assert set(not_decayed) == names - DECAYED[family]
+    assert EMBEDDINGS[family] <= set(not_decayed)
+    assert all(p.dim() == 1 for n, p in not_decayed.items() if n not in EMBEDDINGS[family])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adafactor"])
+def test_every_optimizer_gets_the_two_groups_and_no_empty_one(optimizer, tokenizer):
+    model = build_model("gpt2", tokenizer, "tiny")
+    cfg = TrainConfig(optimizer=optimizer, weight_decay=0.3)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = [(g["weight_decay"], {name_of[id(p)] for p in g["params"]})
+              for g in build_optimizer(cfg, model).param_groups]  # fmt: skip
+    decayed, not_decayed = (set(group) for group in decay_split(model))
+    assert groups == [(0.3, decayed), (0.0, not_decayed)]
+    # Nothing to decay (a model of embeddings only): one group, not an empty one beside it.
+    (only,) = build_optimizer(cfg, torch.nn.Embedding(8, 4)).param_groups
+    assert only["weight_decay"] == 0.0 and len(only["params"]) == 1
+
+
+ZERO3_SPLIT = """
+import json, sys, deepspeed, torch
+from kd_dist.tiny import build_model, build_tokenizer
+from kd_dist.trainer import decay_split
+from tests.conftest import make_sentences
+deepspeed.init_distributed(dist_backend="gloo")
+tokenizer = build_tokenizer(make_sentences(64), vocab_size=300, with_pad=False)
+zero3 = {"train_micro_batch_size_per_gpu": 1,
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+with deepspeed.zero.Init(config_dict_or_path=zero3):
+    model = build_model("gpt2", tokenizer, "tiny")
+assert all(p.numel() == 0 for p in model.parameters())  # partitioned: no shape left
+print(json.dumps([sorted(group) for group in decay_split(model)]))
+"""
+
+
+def test_weight_decay_groups_are_the_same_under_zero3_partitioning(tokenizer):
+    """Under zero.Init every parameter is partitioned before the optimizer is built; the split
+    reads the real shapes DeepSpeed keeps."""
+    from tests.test_distributed import free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", ZERO3_SPLIT], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    partitioned = json.loads(result.stdout.strip().splitlines()[-1])
+    whole = [sorted(group) for group in decay_split(build_model("gpt2", tokenizer, "tiny"))]
+    assert partitioned == whole and set(partitioned[0]) == DECAYED["gpt2"]
+
+
+def test_a_large_weight_decay_shrinks_only_the_decayed_matrices(model_pair, text_dataset,
+                                                                 tmp_path):  # fmt: skip
+    """One AdamW step at lr 1e-3 with --weight_decay 100: decayed weights are multiplied by
+    1 - lr * wd = 0.9 besides Adam's own update (at most lr per entry in its first step); the
+    others (GPT-2's biases, LayerNorms, token and position embeddings) move by Adam's only."""
+    teacher, student = model_pair("gpt2")
+    out = tmp_path / "run"
+    argv = train_args(teacher, student, text_dataset, out, "--max_steps", "1",
+                      "--weight_decay", "100", "--warmup_ratio", "0", "--lr_scheduler",
+                      "constant", "--save_every", "0")  # fmt: skip
+    assert main(argv) == 0
+    before = load_file(Path(student) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and DECAYED["gpt2"] < set(before)
+    adam_step = 1e-3 * (1 + 1e-5)
+    for name in before:
+        shrunk = 0.9 if name in DECAYED["gpt2"] else 1.0
+        torch.testing.assert_close(after[name], shrunk * before[name], rtol=0, atol=adam_step,
+                                   msg=name)  # fmt: skip
