@@ -504,18 +504,24 @@ def fused_distillation_loss(
 
 
 def valid_rows(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Rows of both models' outputs (logits or hidden states) that predict a non-masked label.
 
     [B, L, D_s], [B, L, D_t] and [B, L] -> [N, D_s], [N, D_t] and [N]. Causal models predict
     token t+1 at position t, so outputs drop their last position and labels their first;
-    seq2seq decoders are already aligned with their labels.
+    seq2seq decoders are already aligned with their labels. No teacher (None) gives None.
     """
     valid = valid_mask(labels, causal)
-    if causal:
-        student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
-    return student[valid], teacher[valid], labels[valid]
+
+    def rows(outputs: torch.Tensor) -> torch.Tensor:
+        return (outputs[:, :-1] if causal else outputs)[valid]
+
+    return (
+        rows(student),
+        None if teacher is None else rows(teacher),
+        (labels[:, 1:] if causal else labels)[valid],
+    )
 
 
 def valid_mask(labels: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -531,40 +537,41 @@ def count_valid_tokens(labels: torch.Tensor, causal: bool) -> int:
 
 def logit_chunks(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: torch.Tensor | None,
     *,
     vocab_size: int,
     chunk_rows: int,
     student_head: OutputHead | None = None,
     teacher_head: OutputHead | None = None,
-) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
     """Both models' logits over the valid rows, one chunk at a time: (rows, [C, V], [C, V]) fp32.
 
     With heads, ``student`` and ``teacher`` are final hidden states ([N, Hs], [N, Ht]) and each
     chunk's logits are projected here, so they exist only while the caller uses that chunk;
     without, they are the models' logits ([N, V_rows]). Either way the logits are cut to the
-    tokenizer's vocabulary and transformed as each model does (soft-capping, scaling).
+    tokenizer's vocabulary and transformed as each model does (soft-capping, scaling). No
+    teacher (None): the student's logits alone, with None in the teacher's place.
     """
-    for name, values, head in (
-        ("student", student, student_head),
-        ("teacher", teacher, teacher_head),
-    ):
+    models = {"student": (student, student_head)}
+    if teacher is not None:
+        models["teacher"] = (teacher, teacher_head)
+    for name, (values, head) in models.items():
         columns = values.shape[-1] if head is None else head.weight.shape[0]
         _check_vocab(f"the {name}'s output layer", columns, vocab_size)
     # The projections write into buffers made once (fresh [C x V] tensors per chunk cost page
     # faults on a CPU): each chunk is valid until the next one is made.
     buffer_rows = min(chunk_rows, student.shape[0])
-    buffers = [
-        None if head is None else values.new_empty(buffer_rows, vocab_size)
-        for values, head in ((student, student_head), (teacher, teacher_head))
-    ]
+    buffers = {
+        name: None if head is None else values.new_empty(buffer_rows, vocab_size)
+        for name, (values, head) in models.items()
+    }
     for start in range(0, student.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        yield (
-            rows,
-            _chunk_logits(student[rows], student_head, vocab_size, buffers[0]),
-            _chunk_logits(teacher[rows], teacher_head, vocab_size, buffers[1]),
-        )
+        logits = {
+            name: _chunk_logits(values[rows], head, vocab_size, buffers[name])
+            for name, (values, head) in models.items()
+        }
+        yield rows, logits["student"], logits.get("teacher")
 
 
 def _chunk_logits(
