@@ -5,6 +5,10 @@
 - KL(teacher || student) at temperature 1;
 - top-1 agreement: how often the student's most likely token is the teacher's.
 
+A run without a teacher (--alpha 1: plain fine-tuning, the teacher never loads) is measured on
+the student's cross-entropy and perplexity alone; the teacher's metrics are None (null in JSON),
+not values of the student against itself.
+
 One function, ``evaluate``, computes them for the evaluation during training, ``kd-dist eval``
 (``evaluate_saved``) and the demo's table.
 
@@ -58,8 +62,10 @@ from kd_dist.models import (
 
 logger = logging.getLogger("kd_dist")
 
-# Per-example sums, in this order; the metrics are ratios of their totals.
+# Per-example sums, in this order; the metrics are ratios of their totals. Without a teacher its
+# three columns stay 0 (never computed) and its metrics are reported as None.
 METRIC_SUMS = ("student_ce", "teacher_ce", "kl", "agreement", "tokens")
+TEACHER_KEYS = ("teacher_ce", "teacher_ppl", "kl_to_teacher", "top1_agreement")
 # The keys of ``evaluate``'s result.
 METRIC_KEYS = (
     "student_ce",
@@ -73,15 +79,19 @@ METRIC_KEYS = (
 
 
 def row_metrics(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor
 ) -> torch.Tensor:
     """[C, V] x 2 fp32 logits and [C] labels -> [C, 4]: student NLL, teacher NLL,
-    KL(teacher || student) and top-1 agreement (0/1) of each row."""
+    KL(teacher || student) and top-1 agreement (0/1) of each row; no teacher (None) -> [C, 1],
+    the student NLL alone."""
     log_q = torch.log_softmax(student_logits, dim=-1)
+    student_nll = -log_q.gather(-1, labels[:, None]).squeeze(-1)
+    if teacher_logits is None:
+        return student_nll[:, None]
     p, log_p = softmax_and_log_softmax(teacher_logits)
     return torch.stack(
         [
-            -log_q.gather(-1, labels[:, None]).squeeze(-1),
+            student_nll,
             -log_p.gather(-1, labels[:, None]).squeeze(-1),
             plogx(p, log_p - log_q),
             (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float(),
@@ -92,7 +102,7 @@ def row_metrics(
 
 def batch_sums(
     student: PreTrainedModel,
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | None,
     batch: dict[str, torch.Tensor],
     *,
     task_type: str,
@@ -105,13 +115,15 @@ def batch_sums(
     """[B, 5] float64 sums of one batch's examples, in METRIC_SUMS order. ``fused``: project
     hidden states chunk by chunk when both models' output heads are known (--fused_loss), else
     chunk the models' own logits; the student's are projected in ``compute_dtype``, as in
-    training (``projection_input``). The metrics' math is fp32 either way."""
+    training (``projection_input``). The metrics' math is fp32 either way. No teacher (None):
+    the student's forward alone, and its NLL; the teacher's columns stay 0."""
     causal = task_type == "causal"
-    fused = fused and output_head(student) is not None and output_head(teacher) is not None
+    models = [student] if teacher is None else [student, teacher]
+    fused = fused and all(output_head(model) is not None for model in models)
     forward = forward_hidden if fused else forward_logits
     with autocast():
         student_out = forward(student, student, batch, task_type)  # [B, L, H] or [B, L, V]
-        teacher_out = forward(teacher, teacher, batch, task_type)
+        teacher_out = None if teacher is None else forward(teacher, teacher, batch, task_type)
     mask = valid_mask(batch["labels"], causal)  # [B, L']
     example_of_row = mask.nonzero()[:, 0]  # [N]: which example each valid row belongs to
     s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
@@ -119,13 +131,14 @@ def batch_sums(
         s = projection_input(s, compute_dtype)
     row_sums = torch.zeros(mask.shape[0], 4, dtype=torch.float64, device=mask.device)
     # Under ZeRO-3 the output weights are shards: gathered while the chunks are projected.
-    projections = (student.get_output_embeddings(), teacher.get_output_embeddings())
+    projections = [model.get_output_embeddings() for model in models]
     weights = [p for module in projections for p in module.parameters()] if fused else []
     with GatheredParameters(weights):
-        heads = (output_head(student), output_head(teacher)) if fused else (None, None)
+        student_head = output_head(student) if fused else None
+        teacher_head = output_head(teacher) if fused and teacher is not None else None
         chunks = logit_chunks(
             s, t, vocab_size=vocab_size, chunk_rows=chunk_rows,
-            student_head=heads[0], teacher_head=heads[1],
+            student_head=student_head, teacher_head=teacher_head,
         )  # fmt: skip
         # The metrics' math makes about 6 fp32 [rows x V] temporaries: on a quarter of a chunk
         # at a time they stay smaller than the chunk's own two [C x V] logits.
@@ -133,25 +146,42 @@ def batch_sums(
         for rows, student_logits, teacher_logits in chunks:
             for start in range(0, student_logits.shape[0], block):
                 part = slice(start, start + block)
-                values = row_metrics(student_logits[part], teacher_logits[part], labels[rows][part])
-                row_sums.index_add_(0, example_of_row[rows][part], values.double())
+                teacher_part = None if teacher_logits is None else teacher_logits[part]
+                values = row_metrics(student_logits[part], teacher_part, labels[rows][part])
+                # [B, 4], or its first column without a teacher (a view: added in place)
+                row_sums[:, : values.shape[1]].index_add_(
+                    0, example_of_row[rows][part], values.double()
+                )
     return torch.cat([row_sums, mask.sum(1, keepdim=True).double()], dim=1)
 
 
-def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
-    """Means over all valid tokens from the [5] totals (an empty set gives zeros, not NaN)."""
+def metrics_from_sums(sums: torch.Tensor, with_teacher: bool = True) -> dict[str, float | None]:
+    """Means over all valid tokens from the [5] totals (an empty set gives zeros, not NaN);
+    ``with_teacher=False``: the teacher's metrics are None (there was none to measure)."""
     totals = dict(zip(METRIC_SUMS, sums.tolist(), strict=True))
     tokens = max(totals["tokens"], 1.0)
-    student_ce, teacher_ce = totals["student_ce"] / tokens, totals["teacher_ce"] / tokens
-    return {
+    student_ce = totals["student_ce"] / tokens
+    metrics = {
         "student_ce": student_ce,
         "student_ppl": perplexity(student_ce),
-        "teacher_ce": teacher_ce,
-        "teacher_ppl": perplexity(teacher_ce),
-        "kl_to_teacher": totals["kl"] / tokens,
-        "top1_agreement": totals["agreement"] / tokens,
+        **dict.fromkeys(TEACHER_KEYS),
         "tokens": int(totals["tokens"]),
     }
+    if with_teacher:
+        teacher_ce = totals["teacher_ce"] / tokens
+        metrics.update(
+            teacher_ce=teacher_ce,
+            teacher_ppl=perplexity(teacher_ce),
+            kl_to_teacher=totals["kl"] / tokens,
+            top1_agreement=totals["agreement"] / tokens,
+        )
+    return metrics
+
+
+def has_teacher(metrics: dict[str, Any]) -> bool:
+    """Whether ``metrics`` (``evaluate``'s keys) measured a teacher. Top-1 agreement is a
+    fraction, always finite: None (null) only where there was no teacher (--alpha 1)."""
+    return metrics["top1_agreement"] is not None
 
 
 def perplexity(cross_entropy: float) -> float:
@@ -161,7 +191,7 @@ def perplexity(cross_entropy: float) -> float:
 @torch.no_grad()
 def evaluate(
     student: PreTrainedModel,
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | None,
     batches: Iterable[dict[str, torch.Tensor]],
     *,
     task_type: str,
@@ -171,10 +201,11 @@ def evaluate(
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
     fused: bool = True,
     compute_dtype: torch.dtype = torch.float32,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Student-vs-teacher metrics over ``batches`` (means over the valid tokens of all ranks).
 
-    ``student`` and ``teacher`` are the models themselves (not DDP/DeepSpeed wrappers);
+    ``student`` and ``teacher`` are the models themselves (not DDP/DeepSpeed wrappers); no
+    teacher (None, --alpha 1) gives the student's metrics and None for the teacher's;
     ``autocast`` is entered around their forwards; ``gather`` collects every rank's [B, 5]
     per-example sums and drops padding duplicates (``accelerator.gather_for_metrics``);
     ``compute_dtype`` is the run's mixed precision (``precision_dtype``), which the fused path
@@ -192,7 +223,7 @@ def evaluate(
             totals += gather(sums).sum(0).cpu()
     finally:
         student.train(was_training)
-    return metrics_from_sums(totals)
+    return metrics_from_sums(totals, with_teacher=teacher is not None)
 
 
 def eval_loader(
@@ -270,8 +301,8 @@ def format_metric(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def metrics_table(results: dict[str, dict[str, float]], markdown: bool = False) -> str:
-    """Students' metrics side by side, the teacher's perplexity as the last row.
+def metrics_table(results: dict[str, dict[str, float | None]], markdown: bool = False) -> str:
+    """Students' metrics side by side, the teacher's perplexity as the last row (if any).
 
     ``results`` maps a name to ``evaluate``'s output; plain text for a console, or Markdown.
     """
@@ -288,11 +319,12 @@ def metrics_table(results: dict[str, dict[str, float]], markdown: bool = False) 
         for name, m in results.items()
     ]
     reference = next(iter(results.values()))
-    teacher = [
-        format_metric(reference["teacher_ce"], ".4f"),
-        format_metric(reference["teacher_ppl"], ".3f"),
-    ]
-    rows.append(["teacher", *teacher, "-", "-"])
+    if has_teacher(reference):  # a run without one (--alpha 1) has no teacher row to show
+        teacher = [
+            format_metric(reference["teacher_ce"], ".4f"),
+            format_metric(reference["teacher_ppl"], ".3f"),
+        ]
+        rows.append(["teacher", *teacher, "-", "-"])
     if markdown:
         lines = [header, ["---"] + ["---:"] * (len(header) - 1), *rows]
         return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)

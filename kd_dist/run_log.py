@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from kd_dist.config import TrainConfig
 from kd_dist.data import DataSplits
-from kd_dist.evaluation import json_safe
+from kd_dist.evaluation import has_teacher, json_safe
 
 logger = logging.getLogger("kd_dist")
 
@@ -70,7 +70,7 @@ class MetricsLog:
         finally:
             self.since += time.perf_counter() - start
 
-    def log_eval(self, step: int, epoch: int, run: Callable[[], dict[str, float]]) -> dict:
+    def log_eval(self, step: int, epoch: int, run: Callable[[], dict[str, float | None]]) -> dict:
         """Run an evaluation (on every rank) and log its metrics, prefixed ``eval_``."""
         start = time.perf_counter()
         with self.paused():
@@ -92,11 +92,14 @@ class MetricsLog:
             self.accelerator.log(numbers, step=record["step"])
 
 
-def _format_metrics(metrics: dict[str, float]) -> str:
+def _format_metrics(metrics: dict[str, float | None]) -> str:
+    tokens = f"over {metrics['tokens']} tokens"
+    if not has_teacher(metrics):  # --alpha 1: no teacher was loaded to compare with
+        return f"student ppl {metrics['student_ppl']:.3f} {tokens} (no teacher: --alpha 1)"
     return (
         f"student ppl {metrics['student_ppl']:.3f} (teacher {metrics['teacher_ppl']:.3f}), "
         f"KL to teacher {metrics['kl_to_teacher']:.4f}, "
-        f"top-1 agreement {metrics['top1_agreement']:.1%} over {metrics['tokens']} tokens"
+        f"top-1 agreement {metrics['top1_agreement']:.1%} {tokens}"
     )
 
 

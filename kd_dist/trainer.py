@@ -90,7 +90,7 @@ class TrainResult:
     output_dir: str
     global_step: int
     last_loss: float | None
-    eval_metrics: dict[str, float] | None
+    eval_metrics: dict[str, float | None] | None
 
 
 def decay_split(model: torch.nn.Module) -> tuple[dict[str, Parameter], dict[str, Parameter]]:

@@ -21,7 +21,7 @@ import kd_dist.models
 from kd_dist.cli import main
 from kd_dist.config import TrainConfig
 from kd_dist.data import build_datasets, make_collator
-from kd_dist.evaluation import METRIC_KEYS, evaluate
+from kd_dist.evaluation import METRIC_KEYS, TEACHER_KEYS, evaluate, json_safe
 from kd_dist.tiny import SEQ2SEQ_FAMILIES, build_model, save_pair
 from tests.test_distributed import BIN, accelerate_launch, deepspeed_config, free_port, launch
 
@@ -167,6 +167,28 @@ def test_metrics_equal_a_float64_reference(family, path, tokenizer, monkeypatch)
     expected = reference_metrics(student, teacher, batches, len(tokenizer), causal)
     assert_metrics_match(actual, expected)
     assert 0.1 < expected["top1_agreement"] < 0.9 and expected["kl_to_teacher"] > 0.005
+
+
+@pytest.mark.parametrize(("family", "fused"), [("llama", True), ("t5", True), ("llama", False)])
+def test_without_a_teacher_the_student_alone_is_measured_in_one_forward(family, fused,
+                                                                         tokenizer):  # fmt: skip
+    """--alpha 1 loads no teacher: the student's cross-entropy equals the float64 reference,
+    the teacher's metrics are None (not the student against itself), and each batch runs the
+    student's forward once."""
+    teacher, student = teacher_and_student(family, tokenizer)
+    causal = family not in SEQ2SEQ_FAMILIES
+    batches = random_batches(len(tokenizer), causal, torch.Generator().manual_seed(5))
+    forwards = []
+    student.register_forward_hook(lambda *_: forwards.append(1))
+    actual = evaluate(student, None, batches, task_type="causal" if causal else "seq2seq",
+                      vocab_size=len(tokenizer), chunk_rows=5, fused=fused)  # fmt: skip
+    assert len(forwards) == len(batches)
+    expected = reference_metrics(student, teacher, batches, len(tokenizer), causal)
+    assert set(actual) == set(METRIC_KEYS) and actual["tokens"] == expected["tokens"]
+    assert actual["student_ce"] == pytest.approx(expected["student_ce"], rel=1e-4)
+    assert actual["student_ppl"] == pytest.approx(math.exp(expected["student_ce"]), rel=1e-4)
+    assert {key: actual[key] for key in TEACHER_KEYS} == dict.fromkeys(TEACHER_KEYS)
+    assert json_safe(actual) == actual  # None stays None: null in metrics.jsonl
 
 
 def bf16_autocast():
