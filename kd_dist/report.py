@@ -10,6 +10,9 @@ distillation run, and ``report.md`` with the before/after table of the held-out 
     learning_rate.png    the schedule as run
     throughput.png       tokens and sequences per second
 
+A run without a teacher (--alpha 1: plain fine-tuning) logs null teacher metrics: its report
+has no KL or agreement plot, no teacher line on the perplexity plot and no teacher row.
+
 matplotlib is an optional extra (``pip install 'kd_dist[report]'``); nothing else needs it.
 """
 
@@ -21,11 +24,12 @@ from typing import Any
 
 from kd_dist.checkpoint import EVAL_RECORD_KEY, METRICS_FILE, REPORT_DIR, read_metrics_records
 from kd_dist.config import CONFIG_FILE_NAME, ConfigError
-from kd_dist.evaluation import METRIC_KEYS, format_metric, metrics_table
+from kd_dist.evaluation import METRIC_KEYS, format_metric, has_teacher, metrics_table
 
 REPORT_FILE = "report.md"
 FIGURE_INCHES, FIGURE_DPI = (6.4, 4.0), 100  # every plot is 640 x 400 pixels
-EVAL_PLOTS = ("eval_kl.png", "eval_agreement.png", "eval_perplexity.png")
+TEACHER_PLOTS = ("eval_kl.png", "eval_agreement.png")  # the student against its teacher
+PERPLEXITY_PLOT = "eval_perplexity.png"
 TRAIN_PLOTS = ("train_loss.png", "learning_rate.png", "throughput.png")
 
 
@@ -104,17 +108,42 @@ def draw_plots(plt: Any, train: list[dict], evals: list[dict], out: Path) -> lis
               {"tokens/s": _column(train, "tokens_per_s"),
                "sequences/s": _column(train, "samples_per_s")}, log_y=True)  # fmt: skip
         written += TRAIN_PLOTS
-    if evals:
-        teacher_ppl = evals[-1]["eval_teacher_ppl"]
+    if evals and has_teacher(eval_metrics(evals[-1])):
         _plot(plt, out / "eval_kl.png", "Held-out KL(teacher || student), T = 1", "nats / token",
               {"student": _column(evals, "eval_kl_to_teacher")})  # fmt: skip
         _plot(plt, out / "eval_agreement.png", "Held-out top-1 agreement with the teacher",
               "fraction of tokens", {"student": _column(evals, "eval_top1_agreement")})  # fmt: skip
-        _plot(plt, out / "eval_perplexity.png", "Held-out perplexity", "perplexity",
-              {"student": _column(evals, "eval_student_ppl")},
-              reference=[(teacher_ppl, f"teacher ({teacher_ppl:.3f})")], log_y=True)  # fmt: skip
-        written += EVAL_PLOTS
+        written += TEACHER_PLOTS
+    if evals:
+        # The teacher's line where it has a finite perplexity (null: none, or an infinite one).
+        teacher_ppl = evals[-1]["eval_teacher_ppl"]
+        teacher = [] if teacher_ppl is None else [(teacher_ppl, f"teacher ({teacher_ppl:.3f})")]
+        _plot(plt, out / PERPLEXITY_PLOT, "Held-out perplexity", "perplexity",
+              {"student": _column(evals, "eval_student_ppl")}, reference=teacher,
+              log_y=True)  # fmt: skip
+        written.append(PERPLEXITY_PLOT)
     return written
+
+
+def progress_sentence(first: dict, last: dict) -> str:
+    """How the held-out metrics moved from the ``first`` evaluation record to the ``last``."""
+
+    def change(key: str, spec: str) -> str:
+        return f"from {format_metric(first[key], spec)} to {format_metric(last[key], spec)}"
+
+    perplexity = change("eval_student_ppl", ".3f")
+    if not has_teacher(eval_metrics(last)):
+        return f"Perplexity went {perplexity} (no teacher: --alpha 1 is plain fine-tuning)."
+    kl_start, kl_end = first["eval_kl_to_teacher"], last["eval_kl_to_teacher"]
+    # A ratio to a start at (or within rounding of) zero says nothing.
+    known = kl_start is not None and kl_end is not None and kl_start > 1e-6
+    ratio = f" ({kl_end / kl_start:.0%} of its first value)" if known else ""
+    teacher = format_metric(last["eval_teacher_ppl"], ".3f")
+    return (
+        f"KL to the teacher went {change('eval_kl_to_teacher', '.4f')}{ratio}; top-1 "
+        f"agreement {change('eval_top1_agreement', '.1%')}; perplexity {perplexity} "
+        f"(teacher {teacher})."
+    )
 
 
 def summary_markdown(
@@ -150,21 +179,7 @@ def summary_markdown(
                 "",
             ]
         if last is not first:
-
-            def change(key: str, spec: str) -> str:
-                return f"from {format_metric(first[key], spec)} to {format_metric(last[key], spec)}"
-
-            kl_start, kl_end = first["eval_kl_to_teacher"], last["eval_kl_to_teacher"]
-            # A ratio to a start at (or within rounding of) zero says nothing.
-            known = kl_start is not None and kl_end is not None and kl_start > 1e-6
-            ratio = f" ({kl_end / kl_start:.0%} of its first value)" if known else ""
-            teacher = format_metric(last["eval_teacher_ppl"], ".3f")
-            lines += [
-                f"KL to the teacher went {change('eval_kl_to_teacher', '.4f')}{ratio}; top-1 "
-                f"agreement {change('eval_top1_agreement', '.1%')}; perplexity "
-                f"{change('eval_student_ppl', '.3f')} (teacher {teacher}).",
-                "",
-            ]
+            lines += [progress_sentence(first, last), ""]
     if train:
         final = train[-1]
         peak = max(r.get("peak_memory_mb", 0.0) for r in train)
