@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,9 +28,12 @@ from transformers import (
 import kd_dist.models
 from kd_dist.cli import main
 from kd_dist.config import TrainConfig
+from kd_dist.data import build_datasets, make_collator
+from kd_dist.evaluation import METRIC_KEYS, TEACHER_KEYS
 from kd_dist.models import load_models, resolve_lengths
 from kd_dist.tiny import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES, build_model, save_pair
 from kd_dist.trainer import build_optimizer, decay_split
+from tests.test_evaluation import run_reference, saved_tokenizer
 
 FINAL_FILES = {
     "config.json",
@@ -534,3 +539,118 @@ def test_a_large_weight_decay_shrinks_only_the_decayed_matrices(model_pair, text
         shrunk = 0.9 if name in DECAYED["gpt2"] else 1.0
         torch.testing.assert_close(after[name], shrunk * before[name], rtol=0, atol=adam_step,
                                    msg=name)  # fmt: skip
+
+
+ALPHA_1_RUN = ("--alpha", "1", "--eval_ratio", "0.2", "--eval_steps", "2",
+               "--eval_before_training", "--max_steps", "3", "--learning_rate", "1e-2",
+               "--save_every", "0", "--no-compile_loss")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fine_tuning_runs(model_pair, text_dataset, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """The same --alpha 1 run (evaluated before, during and after training) with a teacher whose
+    weights cannot load (config and tokenizer intact, model.safetensors corrupt) and with a
+    loadable one: name -> (output folder, its kd_dist log)."""
+    teacher, student = model_pair("llama")
+    root = tmp_path_factory.mktemp("alpha1")
+    broken = root / "broken_teacher"
+    shutil.copytree(teacher, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    logger, level = logging.getLogger("kd_dist"), logging.getLogger("kd_dist").level
+    runs = {}
+    for name, teacher_dir in (("broken", broken), ("loadable", teacher)):
+        out, log = root / name, io.StringIO()
+        handler = logging.StreamHandler(log)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            assert main(train_args(str(teacher_dir), student, text_dataset, out,
+                                   *ALPHA_1_RUN)) == 0  # fmt: skip
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        runs[name] = (out, log.getvalue())
+    return runs
+
+
+def test_alpha_1_never_loads_the_teacher_and_evaluates_the_student_alone(fine_tuning_runs,
+                                                                         model_pair):  # fmt: skip
+    """A teacher that cannot load does not matter: the run says it fine-tunes, its evaluations
+    hold the student's cross-entropy (the float64 reference, at the start and on the exported
+    student) and null teacher metrics, and it trains exactly as with a loadable teacher."""
+    teacher, student = model_pair("llama")
+    out, log = fine_tuning_runs["broken"]
+    assert (
+        "Teacher placement: none (--alpha 1 trains on the labels alone: plain fine-tuning)" in log
+    )
+    assert f"teacher  {out.parent / 'broken_teacher'}: not loaded (--alpha 1: plain " in log
+    assert "Evaluation at step 3: student ppl " in log and "(no teacher: --alpha 1)" in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_tokens" in r]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    for record in evals:
+        assert all(record[f"eval_{key}"] is None for key in TEACHER_KEYS), record
+    final = json.loads((out / "eval_results.json").read_text())
+    assert final == {key: evals[-1][f"eval_{key}"] for key in METRIC_KEYS}
+    for metrics, trained in ((evals[0], student), (evals[-1], out)):
+        expected = run_reference(out, trained, teacher)
+        assert metrics["eval_tokens"] == expected["tokens"] > 0
+        assert metrics["eval_student_ce"] == pytest.approx(expected["student_ce"], rel=1e-4)
+    assert evals[-1]["eval_student_ce"] < evals[0]["eval_student_ce"]
+    assert all(r["kd_loss"] == 0 and r["loss"] == r["ce_loss"] > 0 for r in records if "loss" in r)
+    loadable, _ = fine_tuning_runs["loadable"]
+    expected = load_file(loadable / "model.safetensors")
+    actual = load_file(out / "model.safetensors")
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_report_of_a_run_without_a_teacher_shows_the_student_alone(fine_tuning_runs):
+    out, _ = fine_tuning_runs["broken"]
+    assert main(["report", str(out)]) == 0
+    written = sorted(p.name for p in (out / "report").iterdir())
+    assert written == sorted(["train_loss.png", "learning_rate.png", "throughput.png",
+                              "eval_perplexity.png", "report.md"])  # fmt: skip
+    summary = (out / "report" / "report.md").read_text()
+    assert "| teacher |" not in summary and "| n/a | n/a |" in summary
+    assert "(no teacher: --alpha 1 is plain fine-tuning)" in summary
+
+
+def one_sgd_step_of_cross_entropy(student_dir: str, batch: dict, vocab_size: int,
+                                  learning_rate: float) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The student's weights after one SGD step (momentum's first is lr * gradient) on the mean
+    cross-entropy of the batch's valid next tokens, by the definition, in float64."""
+    model = AutoModelForCausalLM.from_pretrained(student_dir).double()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, labels = logits[:, :-1, :vocab_size], batch["labels"][:, 1:]
+    valid = labels != -100
+    log_q = logits[valid].log_softmax(-1)
+    (-log_q.gather(-1, labels[valid][:, None])).mean().backward()
+    return {name: p.detach() - learning_rate * p.grad for name, p in model.named_parameters()}
+
+
+def test_alpha_1_with_a_loadable_teacher_is_one_step_of_plain_cross_entropy(model_pair,
+                                                                            text_dataset,
+                                                                            tmp_path):  # fmt: skip
+    """--alpha 1 trains on the labels alone: one SGD step over all 64 examples lands where the
+    float64 gradient of the mean cross-entropy says, whatever the teacher."""
+    teacher, student = model_pair("llama")  # no dropout
+    out = tmp_path / "run"
+    argv = train_args(teacher, student, text_dataset, out, "--alpha", "1", "--optimizer", "sgd",
+                      "--max_steps", "1", "--batch_size", "64", "--clip_grad_norm", "0",
+                      "--warmup_ratio", "0", "--lr_scheduler", "constant", "--learning_rate",
+                      "0.5", "--save_every", "0", "--no-compile_loss")  # fmt: skip
+    assert main(argv) == 0
+    cfg = TrainConfig(**json.loads((out / "kd_config.json").read_text()))
+    tokenizer = saved_tokenizer(student)
+    examples = build_datasets(cfg, tokenizer).train
+    assert len(examples) == 64  # one batch: the whole step
+    batch = make_collator(tokenizer)([examples[i] for i in range(len(examples))])
+    expected = one_sgd_step_of_cross_entropy(student, batch, len(tokenizer), 0.5)
+    before = load_file(Path(student) / "model.safetensors")
+    actual = load_file(out / "model.safetensors")
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value.float(), rtol=1e-5, atol=1e-6, msg=key)
+    assert max((expected[k].float() - before[k]).abs().max() for k in before) > 1e-3
