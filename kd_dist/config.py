@@ -255,7 +255,10 @@ class TrainConfig:
     )
     alpha: float = field(
         default=0.0,
-        metadata=_help("Weight of ground-truth cross-entropy: (1-alpha)*KD + alpha*CE."),
+        metadata=_help(
+            "Weight of ground-truth cross-entropy: (1-alpha)*KD + alpha*CE; 1 is plain "
+            "fine-tuning and the teacher is not loaded."
+        ),
     )
     jsd_beta: float = field(
         default=0.5,
