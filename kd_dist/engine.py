@@ -184,6 +184,11 @@ def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
     zero = teacher_config.setdefault("zero_optimization", {})
     zero["stage"] = 3
     zero.pop("offload_optimizer", None)
+    # An inference-only engine: release each layer's gathered weights right after its forward
+    # (a reuse distance of 0), so a process holds its shards plus the layers in flight, never
+    # the whole teacher (the student's settings may keep every layer it will use again).
+    zero["stage3_max_reuse_distance"] = 0
+    zero["stage3_prefetch_bucket_size"] = 0
     if cfg.teacher_placement == "zero3_offload":
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     teacher_config["train_micro_batch_size_per_gpu"] = cfg.batch_size

@@ -21,9 +21,11 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.losses import IGNORE_INDEX, LogitTransform, OutputHead
+from kd_dist.zero3_loading import load_partitioned
 
 logger = logging.getLogger("kd_dist")
 
@@ -200,6 +202,14 @@ def teacher_bytes(cfg: TrainConfig) -> int:
     return sum(p.numel() for p in model.parameters()) * precision_dtype(cfg).itemsize
 
 
+def pretrained(model_class: type, name: str, dtype: torch.dtype, cfg: TrainConfig):
+    """``model_class.from_pretrained``, partitioned as it loads, module by module, while a ZeRO-3
+    config is registered with transformers (see ``zero3_loading``)."""
+    if is_deepspeed_zero3_enabled():
+        return load_partitioned(model_class, name, dtype, cfg.trust_remote_code)
+    return model_class.from_pretrained(name, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+
+
 def load_models(
     cfg: TrainConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -219,16 +229,11 @@ def load_models(
         # The teacher only runs forward, so it is stored in the run's precision to halve its
         # memory; the student keeps fp32 weights and mixed precision autocasts its forward.
         with loading("teacher"):
-            teacher = auto.from_pretrained(
-                cfg.teacher_model, dtype=precision_dtype(cfg),
-                trust_remote_code=cfg.trust_remote_code,
-            )  # fmt: skip
+            teacher = pretrained(auto, cfg.teacher_model, precision_dtype(cfg), cfg)
         teacher.eval()
         teacher.requires_grad_(False)
     with loading("student"):
-        student = auto.from_pretrained(
-            cfg.student_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-        )
+        student = pretrained(auto, cfg.student_model, torch.float32, cfg)
     student.train()
     for model in (teacher, student):
         if model is None:

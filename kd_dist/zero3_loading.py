@@ -1,0 +1,131 @@
+"""Load a pretrained model partitioned by ZeRO-3 so that no process ever holds all of it.
+
+transformers' own ZeRO-3 loading partitions the model as it is built (zero.Init), but then reads
+the *whole* checkpoint into the first process's memory before copying it in: for a 70B teacher
+that is 140 GB on one process, the memory sharding exists to avoid. Here the model is built the
+same way, and the checkpoint's tensors are read one module at a time: every process holds its
+shards plus the one module being filled (gathered, copied on the first process, re-partitioned).
+
+Only local safetensors checkpoints whose tensor names are the model's parameter names take this
+path (what ``save_pretrained`` writes); anything else (.bin files, checkpoints transformers
+renames or converts while loading) goes through ``from_pretrained``, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.zero import GatheredParameters
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from transformers import AutoConfig, GenerationConfig, PreTrainedModel
+
+logger = logging.getLogger("kd_dist")
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def checkpoint_files(name: str) -> list[Path]:
+    """The safetensors files of a local folder or a cached hub model (none when it has none)."""
+    folder = Path(name)
+    if not folder.is_dir():
+        try:
+            folder = Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # not cached: from_pretrained will say so
+            return []
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def tensor_locations(files: list[Path]) -> dict[str, Path]:
+    """Each tensor name of the checkpoint -> the file holding it (headers only are read)."""
+    locations = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            locations.update(dict.fromkeys(handle.keys(), file))
+    return locations
+
+
+def read_tensor(locations: dict[str, Path], name: str) -> torch.Tensor:
+    with safe_open(locations[name], framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def checkpoint_names(model: torch.nn.Module, locations: dict[str, Path]) -> dict[str, str] | None:
+    """For every parameter (by its first name) and persistent buffer of ``model``, the name it
+    has in the checkpoint: itself or, for a tied weight, any of its other names (a tied lm_head
+    is usually not saved). None when something is missing: the checkpoint is not in the form
+    this loader reads."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    names = {}
+    for names_of_one in aliases.values():
+        stored = next((alias for alias in names_of_one if alias in locations), None)
+        if stored is None:
+            return None
+        names[names_of_one[0]] = stored
+    persistent = set(model.state_dict()) - {n for group in aliases.values() for n in group}
+    for name in persistent:
+        if name not in locations:
+            return None
+        names[name] = name
+    return names
+
+
+def copy_checkpoint(
+    model: torch.nn.Module, locations: dict[str, Path], names: dict[str, str]
+) -> None:
+    """Fill a partitioned ``model`` from the checkpoint, one module at a time: its parameters are
+    gathered, the first process copies the stored tensors in, and ZeRO re-partitions them as the
+    gathering ends (``modifier_rank=0`` broadcasts the first process's values). Buffers are
+    never partitioned: every process reads its own."""
+    rank = torch.distributed.get_rank()
+    for prefix, module in model.named_modules():
+        full = f"{prefix}." if prefix else ""
+        own = module.named_parameters(recurse=False)
+        params = {full + n: p for n, p in own if full + n in names}
+        if params:
+            with GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
+                if rank == 0:
+                    for name, param in params.items():
+                        param.copy_(read_tensor(locations, names[name]))
+        for name, buffer in module.named_buffers(recurse=False):
+            if full + name in names:
+                with torch.no_grad():
+                    buffer.copy_(read_tensor(locations, names[full + name]))
+
+
+def load_partitioned(
+    model_class: type, name: str, dtype: torch.dtype, trust_remote_code: bool
+) -> PreTrainedModel:
+    """``model_class.from_pretrained(name, dtype=dtype)`` for a ZeRO-3 config registered with
+    transformers (see engine.partitioned_loading), reading the checkpoint module by module."""
+    files = checkpoint_files(name)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if files:
+        # Built under zero.Init: each module is partitioned as soon as it exists (transformers
+        # initialises it gathered, one module at a time, before the checkpoint overwrites it).
+        model = model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        locations = tensor_locations(files)
+        names = checkpoint_names(model, locations)
+        if names is not None:
+            copy_checkpoint(model, locations, names)
+            if (Path(files[0]).parent / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(files[0].parent)
+            return model
+        del model
+    logger.warning(
+        "%s: its checkpoint is not a set of safetensors files named like the model's "
+        "parameters, so transformers loads it, holding the whole checkpoint in the first "
+        "process's memory while it is partitioned.",
+        name,
+    )
+    return model_class.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
