@@ -118,7 +118,8 @@ def launch_conflicts(
     for key, (flag, value) in ours.items():
         theirs = deepspeed_config.get(key, "auto")
         if theirs != "auto" and float(theirs) != float(value):
-            default = " (accelerate's value when it is left out)" if key.startswith("grad") else ""
+            left_out = key == "gradient_accumulation_steps" and theirs == 1
+            default = " (accelerate's value when it is left out)" if left_out else ""
             conflicts.append(
                 f"{key}: the DeepSpeed settings have {theirs}{default}, kd-dist {flag} {value}"
             )
