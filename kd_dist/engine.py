@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import signal
@@ -49,7 +50,7 @@ def _build_accelerator(cfg: TrainConfig) -> Accelerator:
         int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     )
     deepspeed = deepspeed_launch()
-    if cfg.teacher_placement.startswith("zero3") and not deepspeed:
+    if cfg.teacher_placement.startswith("zero3") and cfg.alpha < 1.0 and not deepspeed:
         raise ConfigError(
             f"--teacher_placement {cfg.teacher_placement} shards the teacher with DeepSpeed: "
             "launch with `accelerate launch --config_file "
@@ -90,7 +91,10 @@ def deepspeed_launch() -> bool:
 
 
 def launch_conflicts(
-    cfg: TrainConfig, launch_precision: str, deepspeed_config: dict[str, Any] | None
+    cfg: TrainConfig,
+    launch_precision: str,
+    deepspeed_config: dict[str, Any] | None,
+    world_size: int = 1,
 ) -> list[str]:
     """Settings the launch (accelerate's config file, its flags, the DeepSpeed JSON) gives a
     value that disagrees with kd-dist's flags.
@@ -123,6 +127,13 @@ def launch_conflicts(
             conflicts.append(
                 f"{key}: the DeepSpeed settings have {theirs}{default}, kd-dist {flag} {value}"
             )
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    theirs = deepspeed_config.get("train_batch_size", "auto")
+    if theirs != "auto" and int(theirs) != global_batch:
+        conflicts.append(
+            f"train_batch_size: the DeepSpeed settings have {theirs}, kd-dist's --batch_size x "
+            f"--gradient_accumulation_steps x {world_size} processes is {global_batch}"
+        )
     for precision in ("bf16", "fp16"):
         enabled = deepspeed_config.get(precision, {}).get("enabled", "auto")
         if enabled != "auto" and bool(enabled) != (cfg.mixed_precision == precision):
@@ -136,7 +147,10 @@ def launch_conflicts(
 
 def check_launch_agrees(cfg: TrainConfig, deepspeed_config: dict[str, Any] | None) -> None:
     conflicts = launch_conflicts(
-        cfg, os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(), deepspeed_config
+        cfg,
+        os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(),
+        deepspeed_config,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
     if conflicts:
         raise ConfigError(
@@ -161,14 +175,24 @@ def _deepspeed_fields_hidden() -> Iterator[None]:
             os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = fields
 
 
+def _launch_json() -> dict[str, Any] | None:
+    """The DeepSpeed JSON file the launch names, as written (None without one)."""
+    path = Path(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"))
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
     """The launch's DeepSpeed settings for the student (a JSON file, accelerate config fields or
     launch flags: accelerate reads them from the environment), completed from kd-dist's flags,
     and, unless the teacher is replicated, a ZeRO-3 inference config derived from them for the
     teacher (no optimizer, no accumulation)."""
     student = DeepSpeedPlugin()
-    check_launch_agrees(cfg, student.deepspeed_config)
     student_config = student.deepspeed_config
+    written = _launch_json()
+    if written is not None and "gradient_accumulation_steps" not in written:
+        # accelerate writes 1 where the JSON says nothing; left out, it is kd-dist's to fill.
+        student_config["gradient_accumulation_steps"] = "auto"
+    check_launch_agrees(cfg, student_config)
     # "auto" or absent: DeepSpeed's own default would be no clipping, accelerate's 1.0.
     student_config["gradient_clipping"] = cfg.clip_grad_norm
     if student.zero_stage == 3:
@@ -185,6 +209,7 @@ def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
     zero = teacher_config.setdefault("zero_optimization", {})
     zero["stage"] = 3
     zero.pop("offload_optimizer", None)
+    zero.pop("offload_param", None)  # the student's: the teacher's is --teacher_placement's
     # An inference-only engine: release each layer's gathered weights right after its forward
     # (a reuse distance of 0), so a process holds its shards plus the layers in flight, never
     # the whole teacher (the student's settings may keep every layer it will use again).
@@ -192,8 +217,10 @@ def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
     zero["stage3_prefetch_bucket_size"] = 0
     if cfg.teacher_placement == "zero3_offload":
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    # No optimizer, so accumulation means nothing to this engine; the run's value keeps
+    # accelerate from "correcting" its own accumulation setting to the teacher's when preparing.
     teacher_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    teacher_config["gradient_accumulation_steps"] = 1
+    teacher_config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     with _deepspeed_fields_hidden():
         teacher = DeepSpeedPlugin(hf_ds_config=teacher_config, zero3_init_flag=True)
     return {STUDENT: student, TEACHER: teacher}

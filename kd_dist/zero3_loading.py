@@ -29,12 +29,13 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def checkpoint_files(name: str) -> list[Path]:
-    """The safetensors files of a local folder or a cached hub model (none when it has none)."""
+    """The safetensors files of a local folder or a hub model (fetched into the cache as
+    from_pretrained would, offline under HF_HUB_OFFLINE); none when it has none."""
     folder = Path(name)
     if not folder.is_dir():
         try:
-            folder = Path(snapshot_download(name, local_files_only=True))
-        except Exception:  # not cached: from_pretrained will say so
+            folder = Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception:  # not to be had: from_pretrained will say why
             return []
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
@@ -103,6 +104,14 @@ def copy_checkpoint(
                     buffer.copy_(read_tensor(locations, names[full + name]))
 
 
+def on_every_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (a collective). Each process must take the same
+    loading path, as their collectives differ; node-local caches could disagree."""
+    flags = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(flags, flag)
+    return all(flags)
+
+
 def load_partitioned(
     model_class: type, name: str, dtype: torch.dtype, trust_remote_code: bool
 ) -> PreTrainedModel:
@@ -110,15 +119,15 @@ def load_partitioned(
     transformers (see engine.partitioned_loading), reading the checkpoint module by module."""
     files = checkpoint_files(name)
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if files:
+    if on_every_process(bool(files)):
         # Built under zero.Init: each module is partitioned as soon as it exists (transformers
         # initialises it gathered, one module at a time, before the checkpoint overwrites it).
         model = model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         locations = tensor_locations(files)
         names = checkpoint_names(model, locations)
-        if names is not None:
+        if on_every_process(names is not None):
             copy_checkpoint(model, locations, names)
-            if (Path(files[0]).parent / "generation_config.json").is_file():
+            if (files[0].parent / "generation_config.json").is_file():
                 model.generation_config = GenerationConfig.from_pretrained(files[0].parent)
             return model
         del model

@@ -237,7 +237,7 @@ def test_epochs_on_two_processes_pass_over_the_data_once_each(model_pair, text_d
     common = ["--teacher_model", teacher, "--student_model", student, "--dataset",
               str(text_dataset), "--max_train_samples", "61", "--max_length", "32",
               "--epochs", "2", "--logging_steps", "1", "--save_every", "0",
-              "--no-compile_loss"]  # fmt: skip
+              "--save_steps", "4", "--no-compile_loss"]  # fmt: skip
     single = tmp_path / "single"
     launch([sys.executable], [*common, "--batch_size", "6", "--output_dir", str(single)],
            tmp_path / "single.log", env={TRACE_ENV: str(tmp_path / "single.trace")})  # fmt: skip
@@ -263,6 +263,22 @@ def test_epochs_on_two_processes_pass_over_the_data_once_each(model_pair, text_d
         assert epoch_of_step == epochs, name
         assert seen == expected, name  # each example once per epoch, none repeated or missed
 
+    # Resumed mid-epoch (step 4 of 6), the ZeRO-3 run trains on the same examples, rank by rank
+    # and step by step, and ends on the same weights.
+    resumed = tmp_path / "resumed"
+    launch(accelerate_launch(deepspeed_config(tmp_path, 3)),
+           [*common, "--batch_size", "3", "--gradient_accumulation_steps", "2",
+            "--output_dir", str(resumed), "--resume_from_checkpoint",
+            str(tmp_path / "zero3" / "checkpoints" / "step-00000004")],
+           tmp_path / "resumed.log", env={TRACE_ENV: str(tmp_path / "resumed.trace")})  # fmt: skip
+    for rank in (0, 1):
+        straight = (tmp_path / f"zero3.trace.rank{rank}").read_text().splitlines()
+        again = (tmp_path / f"resumed.trace.rank{rank}").read_text().splitlines()
+        assert again == [line for line in straight if json.loads(line)["step"] > 4]
+    expected_weights = load_file(tmp_path / "zero3" / "model.safetensors")
+    for key, tensor in load_file(resumed / "model.safetensors").items():
+        torch.testing.assert_close(tensor, expected_weights[key], rtol=1e-6, atol=1e-7, msg=key)
+
 
 LAUNCH_FORMS = ("json_file", "yaml_fields", "launch_flags")
 PLACEMENTS = ("auto", "replicate", "zero3", "zero3_offload")
@@ -286,17 +302,18 @@ def test_every_way_of_configuring_deepspeed_works_with_every_teacher_placement(
     form, placement, single_process_step, model_pair, text_dataset, tmp_path
 ):
     """DeepSpeed settings as a JSON file (the shipped ZeRO-2 config), as the questionnaire's
-    accelerate fields (ZeRO-3, with its default answers: zero3_init on, 16-bit save off) or as
-    launch flags (ZeRO-2), each with accumulation 2 set on both sides: 2 processes x batch 2 x
-    accumulation 2 take the single process's step on batch 8, and the student exports."""
+    accelerate fields (ZeRO-2) or as launch flags (ZeRO-3, with accelerate's defaults:
+    zero3_init on, 16-bit save off), each with accumulation 2 set on both sides: 2 processes x
+    batch 2 x accumulation 2 take the single process's step on batch 8, and the student
+    exports."""
     teacher, student = model_pair("llama")
     command = {
         "json_file": lambda: accelerate_launch(deepspeed_config(tmp_path, 2)),
         "yaml_fields": lambda: accelerate_launch(
-            questionnaire_config(tmp_path, 3, gradient_accumulation_steps=2)
+            questionnaire_config(tmp_path, 2, gradient_accumulation_steps=2)
         ),
         "launch_flags": lambda: accelerate_launch(
-            None, "--use_deepspeed", "--zero_stage", "2", "--gradient_accumulation_steps", "2"
+            None, "--use_deepspeed", "--zero_stage", "3", "--gradient_accumulation_steps", "2"
         ),
     }[form]()
     out = tmp_path / "out"
@@ -330,3 +347,37 @@ def test_a_launch_config_that_disagrees_with_the_flags_stops_before_any_model_lo
     assert "kd-dist --gradient_accumulation_steps 4" in output
     assert "mixed_precision: the launch asks for bf16, kd-dist runs fp32" in output
     assert "Teacher placement" not in output and not (tmp_path / "out").exists()
+
+
+AUTO_PLACEMENT = """
+import logging, torch
+from kd_dist.config import TrainConfig
+from kd_dist.engine import accelerator_session, choose_teacher_placement
+logging.basicConfig(level=logging.INFO)
+cfg = TrainConfig(teacher_model="t", student_model="s", dataset="d", batch_size=2)
+with accelerator_session(cfg) as accelerator:
+    # What two GPUs near the threshold would report: a 3 GiB teacher against 5 GiB free on
+    # rank 0 (over half: shard it) and 7 GiB free on rank 1 (under half: replicate it).
+    free = (5 if accelerator.process_index == 0 else 7) * 2**30
+    torch.cuda.is_available = lambda: True
+    torch.cuda.mem_get_info = lambda: (free, 80 * 2**30)
+    placement = choose_teacher_placement(cfg, accelerator, lambda: 3 * 2**30)
+    print(f"rank {accelerator.process_index} chose {placement}", flush=True)
+"""
+
+
+@pytest.mark.distributed
+def test_auto_placement_is_the_same_on_every_rank_near_the_threshold(tmp_path):
+    """Each rank's own free memory would make them choose differently (and then hang in
+    mismatched collectives); the least free memory of any rank decides for all. The GPUs'
+    memory query is the only thing stood in for: the collective is real."""
+    script = tmp_path / "auto_placement.py"
+    script.write_text(AUTO_PLACEMENT)
+    command = accelerate_launch(deepspeed_config(tmp_path, 2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run([*command, str(script)], env=env, cwd=REPO, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "rank 0 chose zero3" in output and "rank 1 chose zero3" in output
+    assert "the least free on any process 5.0 GiB" in output

@@ -83,11 +83,12 @@ print(json.dumps({"partitioned": partitioned}))
 
 
 def load_in_one_zero3_process(
-    folder: str, task: str, tmp_path: Path
+    folder: str, task: str, tmp_path: Path, **env_vars: str
 ) -> tuple[dict[str, torch.Tensor], str]:
     """(the gathered state dict of load_partitioned's model, the process's log)."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1",
+           **env_vars}  # fmt: skip
     saved = tmp_path / "state.pt"
     result = subprocess.run([sys.executable, "-c", LOAD_PARTITIONED, folder, task, str(saved)],
                             env=env, capture_output=True, text=True, timeout=300,
@@ -128,4 +129,23 @@ def test_a_checkpoint_in_another_form_falls_back_to_transformers_with_a_warning(
     loaded, log = load_in_one_zero3_process(str(folder), "causal", tmp_path)
     assert "transformers loads it, holding the whole checkpoint" in log
     for name, tensor in saved.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_hub_model_from_the_cache_loads_partitioned_too(model_pair, tmp_path):
+    """A teacher named like a hub model is found in the Hugging Face cache (offline here) and
+    read module by module, not handed to transformers' whole-checkpoint loading."""
+    teacher, _ = model_pair("llama")
+    hub = tmp_path / "hf_home" / "hub" / "models--kd-test--teacher"
+    snapshot = hub / "snapshots" / "0123456789abcdef"
+    snapshot.mkdir(parents=True)
+    for file in Path(teacher).iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("0123456789abcdef")
+    loaded, log = load_in_one_zero3_process("kd-test/teacher", "causal", tmp_path,
+                                            HF_HOME=str(tmp_path / "hf_home"),
+                                            HF_HUB_OFFLINE="1")  # fmt: skip
+    assert "transformers loads it" not in log
+    for name, tensor in load_file(Path(teacher) / "model.safetensors").items():
         torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
