@@ -202,7 +202,9 @@ def teacher_bytes(cfg: TrainConfig) -> int:
     return sum(p.numel() for p in model.parameters()) * precision_dtype(cfg).itemsize
 
 
-def pretrained(model_class: type, name: str, dtype: torch.dtype, cfg: TrainConfig):
+def pretrained(
+    model_class: type, name: str, dtype: torch.dtype, cfg: TrainConfig
+) -> PreTrainedModel:
     """``model_class.from_pretrained``, partitioned as it loads, module by module, while a ZeRO-3
     config is registered with transformers (see ``zero3_loading``)."""
     if is_deepspeed_zero3_enabled():
