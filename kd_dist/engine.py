@@ -402,11 +402,3 @@ def place_teacher(
     # Calling the module (not the engine) still gathers each layer's shards: ZeRO-3's hooks
     # live on the module's layers.
     return engine.module.eval()
-
-
-def held_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(parameters this process holds, the model's parameters): ZeRO-3 shards count at their
-    shard size and full size respectively."""
-    params = list(model.parameters())
-    held = sum(getattr(p, "ds_tensor", p).numel() for p in params)
-    return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from kd_dist.losses import valid_mask
+
 FAULT_ENV = "KD_DIST_FAULT"
 TRACE_ENV = "KD_DIST_TRACE"
 
@@ -73,8 +75,7 @@ def trace_examples(step: int, epoch: int, window: list[dict[str, torch.Tensor]],
         return
     with open(f"{path}.rank{os.environ.get('RANK', '0')}", "a") as handle:
         for batch in window:
-            labels = batch["labels"][:, 1:] if causal else batch["labels"]
-            trained = (labels != -100).any(1)
+            trained = valid_mask(batch["labels"], causal).any(1)
             ids, mask = batch["input_ids"][trained], batch["attention_mask"][trained].bool()
             examples = [row[keep].tolist() for row, keep in zip(ids, mask, strict=True)]
             handle.write(json.dumps({"step": step, "epoch": epoch, "examples": examples}) + "\n")

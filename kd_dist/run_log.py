@@ -112,6 +112,12 @@ def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int
     )
 
 
+def held_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters this process holds, all of the model's): ZeRO-3 shards at their shard size."""
+    held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
+    return held, parameter_count(model)
+
+
 def run_summary(
     cfg: TrainConfig,
     accelerator: Accelerator,

@@ -53,7 +53,6 @@ from kd_dist.engine import (
     agree_on_minimum,
     choose_teacher_placement,
     exit_on_collective_timeout,
-    held_parameters,
     partitioned_loading,
     place_teacher,
 )
@@ -80,7 +79,7 @@ from kd_dist.models import (
     stop_at_end_of_turn,
     teacher_bytes,
 )
-from kd_dist.run_log import MetricsLog, run_summary
+from kd_dist.run_log import MetricsLog, held_parameters, run_summary
 
 logger = logging.getLogger("kd_dist")
 
@@ -453,12 +452,13 @@ def run_training(
                 break
             step = state.global_step + 1  # 1-based, as logged
             # This rank's micro-batch b of the epoch is global batch b * ranks + rank.
-            window = [
-                mask_repeated_examples(batch, first_position=cfg.batch_size * (
-                    (state.batches_done + index) * accelerator.num_processes
-                    + accelerator.process_index), dataset_size=len(data.train))
-                for index, batch in enumerate(window)
-            ]  # fmt: skip
+            for index, batch in enumerate(window):
+                rank = accelerator.process_index
+                global_batch = (state.batches_done + index) * accelerator.num_processes + rank
+                window[index] = mask_repeated_examples(
+                    batch, first_position=global_batch * cfg.batch_size,
+                    dataset_size=len(data.train),
+                )  # fmt: skip
             if faults.wants("mask_labels", step):
                 window[0] = without_labels(window[0])
             faults.trace_examples(step, state.epoch, window, causal)
