@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import torch
 import yaml
 
 from kd_dist.losses import DEFAULT_CHUNK_MEMORY_MB, LossSpec, Objective, auto_chunk_rows
@@ -25,6 +26,8 @@ OptimizerName = Literal["adamw", "sgd", "adafactor"]
 SchedulerName = Literal["linear", "cosine", "constant"]
 DatasetFormat = Literal["auto", "text", "instruction", "chat", "seq2seq"]
 TeacherPlacement = Literal["auto", "replicate", "zero3", "zero3_offload"]
+TeacherDtype = Literal["auto", "bfloat16", "float16", "float32"]
+AttnImplementation = Literal["auto", "sdpa", "flash_attention_2", "eager"]
 PreemptionSignal = Literal["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 
@@ -59,6 +62,20 @@ class TrainConfig:
             "own DeepSpeed ZeRO-3 inference engine (needs a DeepSpeed launch); zero3_offload: the "
             "same with its shards in CPU memory; auto: zero3 under DeepSpeed when the teacher "
             "would take over half the free GPU memory, else replicate."
+        ),
+    )
+    teacher_dtype: TeacherDtype = field(
+        default="auto",
+        metadata=_help(
+            "The dtype the frozen teacher is stored and run in: auto is bfloat16 under --bf16, "
+            "float16 under --fp16, and otherwise the checkpoint's own dtype (or float32)."
+        ),
+    )
+    attn_implementation: AttnImplementation = field(
+        default="auto",
+        metadata=_help(
+            "Attention kernel of both models: sdpa, flash_attention_2 (needs the flash-attn "
+            "package and a CUDA GPU) or eager; auto: sdpa where the model supports it, else eager."
         ),
     )
     trust_remote_code: bool = field(
@@ -164,6 +181,14 @@ class TrainConfig:
     )
     clip_grad_norm: float = field(
         default=1.0, metadata=_help("Clip the gradient norm to this (0 disables).")
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_help(
+            "Recompute the student's layer activations in the backward pass instead of keeping "
+            "them (HF's non-reentrant checkpointing): far less activation memory for about "
+            "one more forward of the student per step."
+        ),
     )
     fp16: bool = field(default=False, metadata=_help("fp16 mixed precision (GPU)."))
     bf16: bool = field(default=False, metadata=_help("bf16 mixed precision."))
@@ -321,6 +346,8 @@ class TrainConfig:
             ("dataset_format", DatasetFormat),
             ("loss", Objective),
             ("teacher_placement", TeacherPlacement),
+            ("teacher_dtype", TeacherDtype),
+            ("attn_implementation", AttnImplementation),
             ("preemption_signal", PreemptionSignal),
             ("report_to", ReportTo),
         ):
@@ -391,6 +418,15 @@ class TrainConfig:
             problems.append(f"--dist_timeout must be at least 1 second (got {self.dist_timeout}).")
         if self.fp16 and self.bf16:
             problems.append("--fp16 and --bf16 are exclusive: choose one.")
+        other_half = {"bfloat16": self.fp16, "float16": self.bf16}.get(self.teacher_dtype)
+        if other_half:
+            problems.append(
+                f"--teacher_dtype {self.teacher_dtype} with --{self.mixed_precision}: a run "
+                "computes in one half precision (DeepSpeed refuses two); pass --teacher_dtype "
+                "auto (the run's) or float32."
+            )
+        if self.attn_implementation == "flash_attention_2":
+            problems.extend(flash_attention_problems())
         if problems:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -407,6 +443,22 @@ class TrainConfig:
         temporary.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         os.replace(temporary, path)
         return path
+
+
+def flash_attention_problems() -> list[str]:
+    """Why --attn_implementation flash_attention_2 cannot run here (empty when it can)."""
+    problems = []
+    if importlib.util.find_spec("flash_attn") is None:
+        problems.append(
+            "--attn_implementation flash_attention_2 needs the flash-attn package: "
+            "pip install flash-attn --no-build-isolation (or pass sdpa)."
+        )
+    if not torch.cuda.is_available():
+        problems.append(
+            "--attn_implementation flash_attention_2 needs a CUDA GPU and none is available: "
+            "pass sdpa or eager (or leave it at auto)."
+        )
+    return problems
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -28,6 +28,7 @@ from transformers.integrations import unset_hf_deepspeed_config
 
 from kd_dist.checkpoint import TRACKER_DIR
 from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.models import teacher_dtype
 
 logger = logging.getLogger("kd_dist")
 
@@ -221,6 +222,11 @@ def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
     # accelerate from "correcting" its own accumulation setting to the teacher's when preparing.
     teacher_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     teacher_config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    # The teacher is kept in --teacher_dtype, which may differ from the run's precision:
+    # zero.Init builds its shards in the dtype this config enables, and the engine casts to it.
+    dtype = teacher_dtype(cfg)
+    teacher_config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    teacher_config["fp16"] = {"enabled": dtype == torch.float16}
     with _deepspeed_fields_hidden():
         teacher = DeepSpeedPlugin(hf_ds_config=teacher_config, zero3_init_flag=True)
     return {STUDENT: student, TEACHER: teacher}

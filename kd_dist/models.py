@@ -168,11 +168,65 @@ def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         check_task_type(config, role, name, cfg.task_type)
         check_vocab_covers_tokenizer(config, role, tokenizer)
         check_positions(config, role, name, cfg)
+        check_model_features(concrete_class(cfg, config), role, name, cfg)
+
+
+def concrete_class(cfg: TrainConfig, config: PretrainedConfig) -> type | None:
+    """The class ``model_class(cfg)`` builds for ``config`` (None for remote code: unknown until
+    its code is loaded)."""
+    return model_class(cfg)._model_mapping.get(type(config), None)
+
+
+# The class attribute saying a transformers model supports each --attn_implementation.
+_ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+
+
+def check_model_features(model: type | None, role: str, name: str, cfg: TrainConfig) -> None:
+    """The attention kernel asked for, and the student's activation checkpointing, must be
+    supported by the model's class (what from_pretrained would refuse after loading)."""
+    if model is None:
+        return
+    support = _ATTENTION_SUPPORT.get(cfg.attn_implementation)
+    if support is not None and not getattr(model, support, False):
+        raise ConfigError(
+            f"--attn_implementation {cfg.attn_implementation}: --{role}_model {name!r} "
+            f"({model.__name__}) does not support it; pass eager, or auto to use what it "
+            "supports."
+        )
+    if (
+        role == "student"
+        and cfg.gradient_checkpointing
+        and not model.supports_gradient_checkpointing
+    ):
+        raise ConfigError(
+            f"--gradient_checkpointing: --student_model {name!r} ({model.__name__}) does not "
+            "support activation checkpointing; drop the flag."
+        )
 
 
 def precision_dtype(cfg: TrainConfig) -> torch.dtype:
     """The dtype mixed precision computes in (fp32 without it)."""
     return torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else torch.float32
+
+
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype | None:
+    """The dtype a model's checkpoint was saved in (config.json's ``dtype``), if it says."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def teacher_dtype(cfg: TrainConfig) -> torch.dtype:
+    """--teacher_dtype as a torch dtype. auto: the run's half precision under --bf16/--fp16
+    (transformers keeps a model's fp32-only modules, like T5's ``wo``, in fp32 under fp16), else
+    the checkpoint's own dtype, else fp32. The teacher is frozen: no master copy, no gradients."""
+    if cfg.teacher_dtype != "auto":
+        return getattr(torch, cfg.teacher_dtype)
+    if cfg.fp16 or cfg.bf16:
+        return precision_dtype(cfg)
+    saved = checkpoint_dtype(_load_config(cfg.teacher_model, "teacher", cfg))
+    return saved or torch.float32
 
 
 def projection_input(student_hidden: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
@@ -199,7 +253,7 @@ def teacher_bytes(cfg: TrainConfig) -> int:
     config = _load_config(cfg.teacher_model, "teacher", cfg)
     with torch.device("meta"):
         model = model_class(cfg).from_config(config, trust_remote_code=cfg.trust_remote_code)
-    return sum(p.numel() for p in model.parameters()) * precision_dtype(cfg).itemsize
+    return sum(p.numel() for p in model.parameters()) * teacher_dtype(cfg).itemsize
 
 
 def pretrained(
@@ -207,9 +261,12 @@ def pretrained(
 ) -> PreTrainedModel:
     """``model_class.from_pretrained``, partitioned as it loads, module by module, while a ZeRO-3
     config is registered with transformers (see ``zero3_loading``)."""
+    options = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation != "auto":  # auto: transformers' choice, sdpa where supported
+        options["attn_implementation"] = cfg.attn_implementation
     if is_deepspeed_zero3_enabled():
-        return load_partitioned(model_class, name, dtype, cfg.trust_remote_code)
-    return model_class.from_pretrained(name, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        return load_partitioned(model_class, name, options)
+    return model_class.from_pretrained(name, **options)
 
 
 def load_models(
@@ -218,7 +275,8 @@ def load_models(
     loading: Callable[[str], AbstractContextManager] = lambda role: nullcontext(),
     with_teacher: bool = True,
 ) -> ModelPair:
-    """Teacher (frozen, eval, in the run's precision) and student (fp32 master weights, train).
+    """Teacher (frozen, eval, in ``teacher_dtype``) and student (fp32 master weights, train,
+    with activation checkpointing under --gradient_checkpointing).
 
     Call ``check_models`` first: it catches mismatches before any weights load. ``loading(role)``
     is entered around each ``from_pretrained`` ("teacher", "student"), e.g. to decide whether
@@ -228,15 +286,17 @@ def load_models(
     auto = model_class(cfg)
     teacher = None
     if with_teacher:
-        # The teacher only runs forward, so it is stored in the run's precision to halve its
-        # memory; the student keeps fp32 weights and mixed precision autocasts its forward.
+        # The teacher only runs forward, so it is stored in half precision where the run allows;
+        # the student keeps fp32 weights and mixed precision autocasts its forward.
         with loading("teacher"):
-            teacher = pretrained(auto, cfg.teacher_model, precision_dtype(cfg), cfg)
+            teacher = pretrained(auto, cfg.teacher_model, teacher_dtype(cfg), cfg)
         teacher.eval()
         teacher.requires_grad_(False)
     with loading("student"):
         student = pretrained(auto, cfg.student_model, torch.float32, cfg)
     student.train()
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(student)
     for model in (teacher, student):
         if model is None:
             continue
@@ -245,6 +305,14 @@ def load_models(
         if model.generation_config is not None and model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelPair(teacher=teacher, student=student)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them
+    (--gradient_checkpointing). Non-reentrant: it works with inputs that need no gradient (token
+    ids), with ZeRO-3's hooks and DDP, and it restores the RNG state, so the replay draws the
+    same dropout masks."""
+    model.activation_checkpointing_enable({"use_reentrant": False})
 
 
 def stop_at_end_of_turn(model: PreTrainedModel, end_of_turn_id: int | None) -> None:

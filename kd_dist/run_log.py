@@ -118,6 +118,17 @@ def held_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return held, parameter_count(model)
 
 
+def weights(model: PreTrainedModel) -> str:
+    """A model's family, parameters, weight dtype(s) and their size: "llama, 1,024 parameters,
+    bfloat16, 0.00 GB" (a model keeping some modules in fp32 lists both dtypes)."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    return (
+        f"{model.config.model_type}, {parameter_count(model):,} parameters, "
+        f"{'/'.join(dtypes)}, {size / 1e9:.2f} GB"
+    )
+
+
 def run_summary(
     cfg: TrainConfig,
     accelerator: Accelerator,
@@ -136,11 +147,8 @@ def run_summary(
         teacher_line = f"  teacher  {cfg.teacher_model}: not loaded (--alpha 1: plain fine-tuning)"
     else:
         sharded = any(hasattr(p, "ds_id") for p in teacher.parameters())
-        teacher_line = (
-            f"  teacher  {cfg.teacher_model} ({teacher.config.model_type}, "
-            f"{parameter_count(teacher):,} parameters, "
-            f"{str(next(teacher.parameters()).dtype).removeprefix('torch.')}), "
-            + ("sharded by its ZeRO-3 engine" if sharded else "replicated per process")
+        teacher_line = f"  teacher  {cfg.teacher_model} ({weights(teacher)}), " + (
+            "sharded by its ZeRO-3 engine" if sharded else "replicated per process"
         )
     sequences = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     label_length = cfg.max_target_length if cfg.task_type == "seq2seq" else cfg.max_length
@@ -155,9 +163,10 @@ def run_summary(
         [
             "Run summary",
             teacher_line,
-            f"  student  {cfg.student_model} ({student.config.model_type}, "
-            f"{parameter_count(student):,} parameters, "
-            f"{parameter_count(student, trainable_only=True):,} trainable)",
+            f"  student  {cfg.student_model} ({weights(student)}, "
+            f"{parameter_count(student, trainable_only=True):,} trainable"
+            + (", activation checkpointing" if cfg.gradient_checkpointing else "")
+            + ")",
             f"  launch   {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
             f"{zero}, precision {cfg.mixed_precision if cfg.mixed_precision != 'no' else 'fp32'}",
             f"  batch    {cfg.batch_size} per process x {cfg.gradient_accumulation_steps} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from deepspeed.runtime.zero import GatheredParameters
@@ -112,17 +113,16 @@ def on_every_process(flag: bool) -> bool:
     return all(flags)
 
 
-def load_partitioned(
-    model_class: type, name: str, dtype: torch.dtype, trust_remote_code: bool
-) -> PreTrainedModel:
-    """``model_class.from_pretrained(name, dtype=dtype)`` for a ZeRO-3 config registered with
-    transformers (see engine.partitioned_loading), reading the checkpoint module by module."""
+def load_partitioned(model_class: type, name: str, options: dict[str, Any]) -> PreTrainedModel:
+    """``model_class.from_pretrained(name, **options)`` (dtype, attn_implementation,
+    trust_remote_code) for a ZeRO-3 config registered with transformers (see
+    engine.partitioned_loading), reading the checkpoint module by module."""
     files = checkpoint_files(name)
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=options["trust_remote_code"])
     if on_every_process(bool(files)):
         # Built under zero.Init: each module is partitioned as soon as it exists (transformers
         # initialises it gathered, one module at a time, before the checkpoint overwrites it).
-        model = model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = model_class.from_config(config, **options)
         locations = tensor_locations(files)
         names = checkpoint_names(model, locations)
         if on_every_process(names is not None):
@@ -137,4 +137,4 @@ def load_partitioned(
         "process's memory while it is partitioned.",
         name,
     )
-    return model_class.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model_class.from_pretrained(name, **options)

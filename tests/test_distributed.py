@@ -129,8 +129,10 @@ def test_two_processes_zero3_zero2_and_ddp_take_the_single_process_step(model_pa
     }  # fmt: skip
     for name, (command, kind) in launchers.items():
         out = tmp_path / name
-        # 2 processes x batch 2 x accumulation 2 = the single process's batch of 8
-        split = ["--batch_size", "2", "--gradient_accumulation_steps", "2"]
+        # 2 processes x batch 2 x accumulation 2 = the single process's batch of 8, with the
+        # student's activations recomputed in the backward pass: the gradient is the same.
+        split = ["--batch_size", "2", "--gradient_accumulation_steps", "2",
+                 "--gradient_checkpointing"]  # fmt: skip
         output = launch(command, [*common, *split, "--output_dir", str(out)],
                         tmp_path / f"{name}.log")  # fmt: skip
         assert re.search(rf"2 process\(es\) \({re.escape(kind)}\)", output), name
@@ -150,13 +152,16 @@ def test_zero3_resume_with_two_processes_reproduces_the_uninterrupted_run(
     model_pair, text_dataset, tmp_path
 ):
     """8 steps straight vs 4 steps, resume, 4 steps: 2 ranks, ZeRO-3 shards, a model with
-    dropout (every rank's RNG restored), a mid-epoch data position: the same losses and weights.
+    dropout (every rank's RNG restored) whose activations are recomputed in the backward pass
+    (--gradient_checkpointing: the replay draws the same dropout masks), a mid-epoch data
+    position: the same losses and weights.
     The ZeRO-3 export gathers the shards into one safetensors student that loads."""
     teacher, student = model_pair("gpt2")
     common = ["--teacher_model", teacher, "--student_model", student, "--dataset",
               str(text_dataset), "--max_length", "32", "--batch_size", "2",
               "--gradient_accumulation_steps", "2", "--max_steps", "8", "--save_every", "0",
-              "--save_steps", "4", "--logging_steps", "1", "--seed", "4"]  # fmt: skip
+              "--save_steps", "4", "--logging_steps", "1", "--seed", "4",
+              "--gradient_checkpointing"]  # fmt: skip
     config = deepspeed_config(tmp_path, 3)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     launch(accelerate_launch(config), [*common, "--output_dir", str(straight)],
@@ -186,10 +191,11 @@ def test_zero3_resume_with_two_processes_reproduces_the_uninterrupted_run(
 @pytest.mark.distributed
 def test_replicated_sharded_and_offloaded_teacher_give_the_same_loss(model_pair, text_dataset,
                                                                  tmp_path):  # fmt: skip
+    """An fp32 run with a bf16 teacher: the teacher's own ZeRO-3 engine keeps it in bf16."""
     teacher, student = model_pair("llama")
     common = ["--teacher_model", teacher, "--student_model", student, "--dataset",
               str(text_dataset), *ONE_SGD_STEP, "--batch_size", "4",
-              "--save_steps", "1"]  # fmt: skip
+              "--save_steps", "1", "--teacher_dtype", "bfloat16"]  # fmt: skip
     config = deepspeed_config(tmp_path, 3)
     runs = {}
     for placement in ("replicate", "zero3", "zero3_offload"):
@@ -198,6 +204,7 @@ def test_replicated_sharded_and_offloaded_teacher_give_the_same_loss(model_pair,
                         [*common, "--output_dir", str(out), "--teacher_placement", placement],
                         tmp_path / f"{placement}.log")  # fmt: skip
         assert f"Teacher placement: {placement}" in output
+        assert re.search(r"teacher .*\(llama, [\d,]+ parameters, bfloat16, ", output), placement
         runs[placement] = out
     held, total = map(int, re.search(r"holds (\d+) of its (\d+) parameters",
                                      (tmp_path / "zero3.log").read_text()).groups())  # fmt: skip

@@ -73,7 +73,7 @@ folder, seq2seq = sys.argv[1], sys.argv[2] == "seq2seq"
 model_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
 registered = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization":
                                 {"stage": 3, "stage3_param_persistence_threshold": 0}})
-model = load_partitioned(model_class, folder, torch.float32, trust_remote_code=False)
+model = load_partitioned(model_class, folder, {"dtype": torch.float32, "trust_remote_code": False})
 partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
 with GatheredParameters(list(model.parameters())):
     state = {k: v.clone() for k, v in model.state_dict().items()}
