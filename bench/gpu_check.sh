@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks that CPU CI cannot make: bf16 training under DeepSpeed ZeRO-2 and ZeRO-3 (replicated
-# and ZeRO-3-sharded teacher) on tiny models, then the loss and step benchmarks in bf16.
+# and ZeRO-3-sharded teacher, activation checkpointing, flash-attention when installed) on tiny
+# models, then the loss and step benchmarks in bf16 at real shapes.
 #
 #   bash bench/gpu_check.sh            # from the repository root, with the package installed
 #
@@ -42,6 +43,13 @@ run zero3 accelerate_configs/deepspeed_zero3.yaml --teacher_placement replicate
 run zero3_teacher accelerate_configs/deepspeed_zero3.yaml --teacher_placement zero3
 run zero3_resume accelerate_configs/deepspeed_zero3.yaml --teacher_placement zero3 \
   --resume_from_checkpoint "$WORK/zero3_teacher/checkpoints/step-00000010" --overwrite_output_dir
+run zero3_checkpointing accelerate_configs/deepspeed_zero3.yaml --teacher_placement zero3 \
+  --gradient_checkpointing --teacher_dtype bfloat16
+if "$PYTHON" -c "import flash_attn" 2>/dev/null; then
+  run flash_attention accelerate_configs/deepspeed_zero2.yaml --attn_implementation flash_attention_2
+fi
 
 "$PYTHON" bench/loss_bench.py --repeats 5
-"$PYTHON" bench/step_bench.py --repeats 10
+# Real shapes in bf16: SmolLM2-135M's shape and a 10-layer cut, then the 1.7B-shaped pair.
+"$PYTHON" bench/step_bench.py --bf16 --batch 8 --seq 2048 --repeats 10
+"$PYTHON" bench/step_bench.py --bf16 --pair larger --batch 4 --seq 2048 --repeats 5
