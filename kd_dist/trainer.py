@@ -436,6 +436,36 @@ def agree_on_step(
     )
 
 
+def take_step(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    report: StepReport,
+    step: int,
+    micro_batches: int,
+) -> None:
+    """The non-finite policy, then the optimizer step, from the step's report: every rank has
+    the same report, so all of them count, skip or stop alike."""
+    for index, ranks in enumerate(report.nonfinite_ranks):
+        if ranks:
+            batch = state.batches_done + index
+            where = f"the loss of step {step} (epoch {state.epoch}, batch {batch} of the epoch)"
+            count_nonfinite(cfg, state, f"{where} on rank(s) {ranks}")
+    finite_gradient = report.grad_norm is None or math.isfinite(report.grad_norm)
+    if finite_gradient or cfg.fp16:  # fp16: the loss scaler skips an overflowing step
+        optimizer.step()  # (under DeepSpeed its step already ran, or was discarded)
+    optimizer.zero_grad(set_to_none=True)
+    if cfg.fp16 and accelerator.optimizer_step_was_skipped:
+        state.overflow_steps += 1
+        logger.warning("fp16 overflow: step %d skipped by the loss scaler (%d so far).",
+                       step, state.overflow_steps)  # fmt: skip
+    elif not finite_gradient:
+        batches = f"{state.batches_done}-{state.batches_done + micro_batches - 1}"
+        count_nonfinite(cfg, state, f"the gradient norm ({report.grad_norm}) of step {step} "
+                        f"(epoch {state.epoch}, batches {batches} of the epoch)")  # fmt: skip
+
+
 def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 
@@ -616,25 +646,7 @@ def run_training(
                 grad_norm=grad_norm, preempted=preemption.received is not None,
             )  # fmt: skip
             step_counts = report.next_counts
-
-            for index, ranks in enumerate(report.nonfinite_ranks):
-                if ranks:  # every rank has the same report: they all count (or stop) alike
-                    count_nonfinite(cfg, state, f"the loss of step {step} (epoch {state.epoch}, "
-                                    f"batch {state.batches_done + index} of the epoch) on "
-                                    f"rank(s) {ranks}")  # fmt: skip
-            finite_gradient = report.grad_norm is None or math.isfinite(report.grad_norm)
-            if finite_gradient or cfg.fp16:  # fp16: the loss scaler skips an overflowing step
-                optimizer.step()  # (under DeepSpeed its step already ran, or was discarded)
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.fp16 and accelerator.optimizer_step_was_skipped:
-                state.overflow_steps += 1
-                logger.warning("fp16 overflow: step %d skipped by the loss scaler (%d so far).",
-                               step, state.overflow_steps)  # fmt: skip
-            elif not finite_gradient:
-                batches = f"{state.batches_done}-{state.batches_done + len(window) - 1}"
-                where = (f"the gradient norm ({report.grad_norm}) of step {step} (epoch "
-                         f"{state.epoch}, batches {batches} of the epoch)")  # fmt: skip
-                count_nonfinite(cfg, state, where)
+            take_step(cfg, accelerator, optimizer, state, report, step, len(window))
             progress.update(1)
 
             state.global_step += 1
