@@ -329,8 +329,9 @@ class PreemptionWatch:
     next step boundary. SIGUSR1 is always watched: the launch/ scripts forward SLURM's warning
     to the ranks as SIGUSR1 whatever signal SLURM sent.
 
-    A signal can reach one rank or all of them at different moments; ``agreed`` makes every rank
-    take the same decision at the same step, so they all save and stop together.
+    A signal can reach one rank or all of them at different moments; the trainer sends
+    ``received`` with each step's collective (``trainer.agree_on_step``), so that every rank
+    takes the same decision at the same step, and they all save and stop together.
     """
 
     def __init__(self, early_warning: str = "SIGUSR1") -> None:
@@ -350,11 +351,6 @@ class PreemptionWatch:
 
     def _remember(self, signum: int, _frame: object) -> None:
         self.received = signum
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """Whether any rank received a signal (a collective: every rank must call it)."""
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum") > 0)
 
 
 def choose_teacher_placement(

@@ -292,8 +292,7 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_totals):
         (grad_student,) = ctx.saved_tensors
-        grad = (grad_student.float() * grad_loss.float()).to(grad_student.dtype)
-        return grad, None, None, None, None, None
+        return _scaled(grad_student, grad_loss), None, None, None, None, None
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -367,14 +366,26 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_totals):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_loss.float()
-        grad_bias = None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype)
         return (
-            (grad_hidden.float() * scale).to(grad_hidden.dtype),
-            (grad_weight * scale).to(ctx.weight_dtype),
-            grad_bias,
+            _scaled(grad_hidden, grad_loss),
+            _scaled(grad_weight, grad_loss, ctx.weight_dtype),
+            None if grad_bias is None else _scaled(grad_bias, grad_loss, ctx.weight_dtype),
             *(None,) * 9,
         )
+
+
+def _scaled(
+    gradient: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A saved gradient times the upstream one (a scalar), in fp32, returned in ``dtype``
+    (default: the saved gradient's).
+
+    A zero upstream gradient gives exact zeros even where the saved gradient is not finite
+    (0 * NaN would be NaN): the trainer backpropagates a zero through a micro-batch whose loss
+    or teacher is not finite, to skip it without waiting for the host (``make_micro_step``).
+    """
+    scaled = gradient.float() * grad_loss.float()
+    return scaled.masked_fill_(grad_loss == 0, 0.0).to(dtype or gradient.dtype)
 
 
 def _accumulate_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:

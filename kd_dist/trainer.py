@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from deepspeed.runtime.zero import GatheredParameters
 from torch.nn import Parameter
 from torch.utils.data import DataLoader
@@ -60,7 +60,6 @@ from kd_dist.evaluation import eval_loader, evaluate, json_safe
 from kd_dist.losses import (
     IGNORE_INDEX,
     LossOutput,
-    count_valid_tokens,
     distillation_loss,
     fused_distillation_loss,
     valid_mask,
@@ -171,14 +170,6 @@ def micro_batch_context(accelerator: Accelerator, model: torch.nn.Module, last: 
         yield
 
 
-def nonfinite_ranks(accelerator: Accelerator, *values: torch.Tensor) -> list[int]:
-    """The ranks where any of ``values`` holds a NaN or an infinity (a collective: every rank
-    must call it, so all of them take the same decision)."""
-    finite = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all()
-    flags = accelerator.gather(finite.reshape(1).float())
-    return [rank for rank, ok in enumerate(flags.tolist()) if not ok]
-
-
 def without_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch with every label masked: its loss and gradient are exactly zero, and its
     forward and backward run the same collectives as any other batch (ZeRO-3 included)."""
@@ -195,13 +186,57 @@ def mask_repeated_examples(
     A batch starting at global position ``first_position`` of the epoch holds positions
     first_position, first_position + 1, ...; those from ``dataset_size`` on are the repeats.
     Masked, they add no loss, tokens or samples, and every example counts once per epoch, while
-    the rank still runs the same forward and backward as the others.
+    the rank still runs the same forward and backward as the others. (Decided from the positions
+    alone, on the host: asking the device would wait for the work queued before.)
     """
-    positions = first_position + torch.arange(len(batch["labels"]), device=batch["labels"].device)
-    repeated = positions >= dataset_size  # [B]
-    if not repeated.any():
+    first_repeat = dataset_size - first_position  # the batch's first row that is a repeat
+    if first_repeat >= len(batch["labels"]):
         return batch
-    return {**batch, "labels": batch["labels"].masked_fill(repeated[:, None], IGNORE_INDEX)}
+    rows = torch.arange(len(batch["labels"]), device=batch["labels"].device)
+    return {
+        **batch,
+        "labels": batch["labels"].masked_fill(rows[:, None] >= first_repeat, IGNORE_INDEX),
+    }
+
+
+def step_windows(
+    batches: Iterator[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    first_batch: int,
+    first_step: int,
+    dataset_size: int,
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """The micro-batches of each optimizer step of an epoch, from this rank's batch
+    ``first_batch`` of the epoch (optimizer step ``first_step``) on, with accelerate's repeated
+    examples masked (and the ``mask_labels`` fault applied)."""
+    ranks, rank = accelerator.num_processes, accelerator.process_index
+    windows = accumulation_windows(batches, cfg.gradient_accumulation_steps)
+    for offset, window in enumerate(windows):
+        start = first_batch + offset * cfg.gradient_accumulation_steps
+        # This rank's micro-batch b of the epoch is global batch b * ranks + rank.
+        window = [
+            mask_repeated_examples(
+                batch, ((start + index) * ranks + rank) * cfg.batch_size, dataset_size
+            )
+            for index, batch in enumerate(window)
+        ]
+        if faults.wants("mask_labels", first_step + offset):
+            window[0] = without_labels(window[0])
+        yield window
+
+
+def local_counts(
+    window: list[dict[str, torch.Tensor]] | None, causal: bool, device: torch.device
+) -> torch.Tensor:
+    """[valid tokens, sequences with any] of this rank's micro-batches: [2] float64 on the device
+    (exact to 2^53; zeros for no window). Counted on the device: nothing waits for it."""
+    if window is None:
+        return torch.zeros(2, dtype=torch.float64, device=device)
+    valid = [valid_mask(batch["labels"], causal) for batch in window]  # [B, L'] each
+    tokens = sum(mask.sum() for mask in valid)
+    samples = sum(mask.any(1).sum() for mask in valid)
+    return torch.stack([tokens, samples]).double()
 
 
 def use_fused_loss(
@@ -227,12 +262,16 @@ def make_micro_step(
     vocab_size: int,
     chunk_rows: int,
     fused: bool,
-) -> Callable[..., tuple[LossOutput, list[int]]]:
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """One micro-batch: both forwards, the fused loss (or the logits loss), the backward.
     Without a teacher (--alpha 1) the loss is the cross-entropy alone.
 
-    The backward runs only when the loss is finite on every rank; otherwise the ranks where it
-    is not are returned (with no backward anywhere) and the caller decides.
+    Returns ([kd_sum, ce_sum], skipped) on the device, without waiting for them. A micro-batch
+    whose loss or teacher rows are not finite on this rank is skipped here: its backward still
+    runs (the same collectives as on every other rank, and under DeepSpeed the optimizer step
+    inside the window's last one) but carries an exact zero gradient, its sums are zero, and
+    ``skipped`` is True; the step's collective (``agree_on_step``) then counts it on every rank.
+    (A NaN in the student's own activations still shows, as a non-finite gradient norm.)
     """
     causal = cfg.task_type == "causal"
     spec = cfg.loss_spec
@@ -263,7 +302,7 @@ def make_micro_step(
 
     def micro_step(
         batch: dict[str, torch.Tensor], num_tokens: torch.Tensor, backward_scale: float, step: int
-    ) -> tuple[LossOutput, list[int]]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         student_out = outputs(student, student_module, batch)
         if teacher is not None:
             teacher_module = teacher
@@ -280,11 +319,14 @@ def make_micro_step(
             out = loss(s, t, labels, teacher_module, num_tokens)
             # The teacher's rows too: the divergences treat a NaN teacher probability like a
             # zero one (0 * log 0 = 0), so it would only surface later, in the gradient.
-            bad_ranks = nonfinite_ranks(accelerator, out.loss, t)
-            if not bad_ranks:
-                overflow = 1e30 if faults.wants("overflow", step) else 1.0
-                accelerator.backward(out.loss * (backward_scale * overflow))
-        return out, bad_ranks
+            finite = torch.isfinite(out.loss) & torch.isfinite(t.detach()).all()
+            # where() sends an exact zero upstream; the loss's backward keeps it exact (see
+            # losses._scaled) even where the gradients it saved are NaN.
+            kept = torch.where(finite, out.loss, 0.0)
+            overflow = 1e30 if faults.wants("overflow", step) else 1.0
+            accelerator.backward(kept * (backward_scale * overflow))
+        sums = torch.where(finite, torch.stack([out.kd_sum, out.ce_sum]), 0.0)
+        return sums, ~finite
 
     return micro_step
 
@@ -302,6 +344,126 @@ def count_nonfinite(cfg: TrainConfig, state: TrainerState, where: str) -> None:
         )
     logger.warning("%s is not finite: skipped (%d of at most %d).", where[0].upper() + where[1:],
                    state.skipped_nonfinite, cfg.skip_nonfinite)  # fmt: skip
+
+
+def run_window(
+    accelerator: Accelerator,
+    student: torch.nn.Module,
+    micro_step: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    window: list[dict[str, torch.Tensor]],
+    step_tokens: torch.Tensor,
+    backward_scale: float,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's forward and backward passes, micro-batch by micro-batch, with no wait on the
+    host: ([kd_sum, ce_sum] over this rank's finite micro-batches, [micro-batches] bool: which
+    were skipped here, see ``make_micro_step``)."""
+    sums, skipped = [], []
+    for index, batch in enumerate(window):
+        with micro_batch_context(accelerator, student, last=index == len(window) - 1):
+            batch_sums, batch_skipped = micro_step(batch, step_tokens, backward_scale, step)
+        sums.append(batch_sums)
+        skipped.append(batch_skipped)
+    return torch.stack(sums).sum(0), torch.stack(skipped)
+
+
+def gradient_norm(
+    accelerator: Accelerator, student: torch.nn.Module, max_norm: float
+) -> torch.Tensor | float | None:
+    """The step's gradient norm, after clipping to ``max_norm`` (no clipping at infinity), kept
+    on the device where it is a tensor. The same on every rank: DDP averages the gradients,
+    DeepSpeed the norm. None where DeepSpeed does not compute it."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed clipped inside the window's last backward; accelerate's clip_grad_norm_
+        # would hand its norm over with .item(), a wait: the engine's own value is read later.
+        return student.get_global_grad_norm()
+    return accelerator.clip_grad_norm_(student.parameters(), max_norm)
+
+
+@dataclass
+class StepReport:
+    """An optimizer step as ``agree_on_step`` tells it: the same numbers on every rank."""
+
+    tokens: int  # valid (loss) tokens of the step over all ranks: the loss's normaliser
+    samples: int  # sequences with at least one of them
+    kd_sum: float  # over every rank's finite micro-batches
+    ce_sum: float
+    nonfinite_ranks: list[list[int]]  # per micro-batch: the ranks that skipped it
+    grad_norm: float | None
+    preempted: bool  # some rank received a preemption signal
+    next_counts: torch.Tensor  # [2] float64 on the device: the next step's [tokens, samples]
+
+
+def agree_on_step(
+    accelerator: Accelerator,
+    step_counts: torch.Tensor,
+    sums: torch.Tensor,
+    skipped: torch.Tensor,
+    next_counts: torch.Tensor,
+    grad_norm: torch.Tensor | float | None,
+    preempted: bool,
+) -> StepReport:
+    """The step's one collective and its one wait on the host, after its backward passes.
+
+    Each rank sends [kd_sum, ce_sum, next step's tokens, next step's samples, preempted,
+    skipped per micro-batch]; the all-gather hands every rank all of them, so that each takes
+    the same decisions (count a skip, stop, save) from the same numbers. The next step's counts
+    stay on the device, as its normaliser. ``step_counts``: this step's [tokens, samples].
+    """
+    preempted_flag = sums.new_full((1,), float(preempted), dtype=torch.float64)  # no copy
+    local = torch.cat([sums.double(), next_counts, preempted_flag, skipped.double()])
+    gathered = accelerator.gather(local[None])  # [ranks, 5 + micro-batches]
+    totals = gathered[:, :5].sum(0)
+    norm = [] if grad_norm is None else [torch.as_tensor(grad_norm, device=sums.device)]
+    host = torch.cat([
+        step_counts, totals, *(n.double().reshape(1) for n in norm), gathered[:, 5:].t().flatten()
+    ]).tolist()  # fmt: skip
+    tokens, samples, kd_sum, ce_sum, _, _, preempted_ranks = host[:7]
+    flags = host[7 + len(norm) :]  # micro-batch by micro-batch, rank by rank
+    ranks = len(gathered)
+    return StepReport(
+        tokens=int(tokens),
+        samples=int(samples),
+        kd_sum=kd_sum,
+        ce_sum=ce_sum,
+        nonfinite_ranks=[
+            [rank for rank in range(ranks) if flags[start + rank]]
+            for start in range(0, len(flags), ranks)
+        ],
+        grad_norm=host[7] if norm else None,
+        preempted=preempted_ranks > 0,
+        next_counts=totals[2:4],
+    )
+
+
+def take_step(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    report: StepReport,
+    step: int,
+    micro_batches: int,
+) -> None:
+    """The non-finite policy, then the optimizer step, from the step's report: every rank has
+    the same report, so all of them count, skip or stop alike."""
+    for index, ranks in enumerate(report.nonfinite_ranks):
+        if ranks:
+            batch = state.batches_done + index
+            where = f"the loss of step {step} (epoch {state.epoch}, batch {batch} of the epoch)"
+            count_nonfinite(cfg, state, f"{where} on rank(s) {ranks}")
+    finite_gradient = report.grad_norm is None or math.isfinite(report.grad_norm)
+    if finite_gradient or cfg.fp16:  # fp16: the loss scaler skips an overflowing step
+        optimizer.step()  # (under DeepSpeed its step already ran, or was discarded)
+    optimizer.zero_grad(set_to_none=True)
+    if cfg.fp16 and accelerator.optimizer_step_was_skipped:
+        state.overflow_steps += 1
+        logger.warning("fp16 overflow: step %d skipped by the loss scaler (%d so far).",
+                       step, state.overflow_steps)  # fmt: skip
+    elif not finite_gradient:
+        batches = f"{state.batches_done}-{state.batches_done + micro_batches - 1}"
+        count_nonfinite(cfg, state, f"the gradient norm ({report.grad_norm}) of step {step} "
+                        f"(epoch {state.epoch}, batches {batches} of the epoch)")  # fmt: skip
 
 
 def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -442,95 +604,69 @@ def run_training(
         evaluated_at = 0
 
     # --- the loop ---------------------------------------------------------------------------
+    # An optimizer step waits on the host once and runs one small collective of its own, at its
+    # end (agree_on_step): every decision that must be the same on every rank is taken there.
+    # accelerate divides each backward by the accumulation steps and DDP/ZeRO average over
+    # ranks; this undoes both so the step's gradient is sum(loss) / the step's tokens.
+    backward_scale = cfg.gradient_accumulation_steps * accelerator.num_processes
     while state.global_step < total_steps:
         # Each epoch's order is a function of (seed, epoch); a resumed epoch skips what was seen.
         epoch_loader = accelerator.skip_first_batches(train_loader, state.batches_done)
         epoch_loader.set_epoch(state.epoch)
-        batches = iter(epoch_loader)
-        for window in accumulation_windows(batches, cfg.gradient_accumulation_steps):
+        windows = step_windows(
+            iter(epoch_loader), cfg, accelerator, first_batch=state.batches_done,
+            first_step=state.global_step + 1, dataset_size=len(data.train),
+        )  # fmt: skip
+        # [tokens, samples] of the coming step over all ranks, on the device. The loss is
+        # normalised by the valid tokens of the whole optimizer step, over every micro-batch and
+        # rank, so the gradient does not depend on how the step's batch was split; each step's
+        # collective counts the next one's (whose window is drawn a step ahead for it).
+        step_counts = None
+        for window, upcoming in itertools.pairwise(itertools.chain(windows, [None])):
             if state.global_step >= total_steps:  # --max_steps reached mid-epoch
                 break
             step = state.global_step + 1  # 1-based, as logged
-            # This rank's micro-batch b of the epoch is global batch b * ranks + rank.
-            for index, batch in enumerate(window):
-                rank = accelerator.process_index
-                global_batch = (state.batches_done + index) * accelerator.num_processes + rank
-                window[index] = mask_repeated_examples(
-                    batch, first_position=global_batch * cfg.batch_size,
-                    dataset_size=len(data.train),
-                )  # fmt: skip
-            if faults.wants("mask_labels", step):
-                window[0] = without_labels(window[0])
             faults.trace_examples(step, state.epoch, window, causal)
-            # Normalise by the valid tokens of the whole optimizer step, over every micro-batch
-            # and rank, so the gradient does not depend on how the step's batch was split.
-            local_tokens = sum(count_valid_tokens(b["labels"], causal) for b in window)
-            local_samples = sum(int(valid_mask(b["labels"], causal).any(1).sum()) for b in window)
-            step_tokens, step_samples = accelerator.reduce(
-                torch.tensor([local_tokens, local_samples], device=accelerator.device),
-                reduction="sum",
-            )
-            # accelerate divides each backward by the accumulation steps and DDP/ZeRO average
-            # over ranks; this undoes both so the step's gradient is sum(loss) / step_tokens.
-            backward_scale = cfg.gradient_accumulation_steps * accelerator.num_processes
+            if step_counts is None:  # an epoch's first step: no step before it counted it
+                step_counts = accelerator.reduce(
+                    local_counts(window, causal, accelerator.device), reduction="sum"
+                )
             # Set before the backward passes: DeepSpeed steps inside the window's last one.
             learning_rate = learning_rate_at(state.global_step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
-            step_sums = torch.zeros(2, device=accelerator.device)
-            for index, batch in enumerate(window):
-                with micro_batch_context(accelerator, student, last=index == len(window) - 1):
-                    out, bad_ranks = micro_step(batch, step_tokens, backward_scale, step)
-                    if bad_ranks:  # every rank saw the same list: they all act alike
-                        where = (f"the loss of step {step} (epoch {state.epoch}, batch "
-                                 f"{state.batches_done + index} of the epoch) on rank(s) "
-                                 f"{bad_ranks}")  # fmt: skip
-                        count_nonfinite(cfg, state, where)
-                        out, _ = micro_step(without_labels(batch), step_tokens, backward_scale,
-                                            step)  # fmt: skip
-                step_sums += torch.stack([out.kd_sum, out.ce_sum])
-
-            # The clipping call also reports the norm (no clipping at 0: an infinite limit). It
-            # is the same on every rank: DDP averages the gradients, DeepSpeed the norm.
-            grad_norm = accelerator.clip_grad_norm_(
-                student.parameters(), cfg.clip_grad_norm or math.inf
+            sums, skipped = run_window(
+                accelerator, student, micro_step, window, step_counts[0], backward_scale, step
             )
-            finite_gradient = grad_norm is None or math.isfinite(float(grad_norm))
-            if finite_gradient or cfg.fp16:  # fp16: the loss scaler skips an overflowing step
-                optimizer.step()  # (under DeepSpeed its step already ran, or was discarded)
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.fp16 and accelerator.optimizer_step_was_skipped:
-                state.overflow_steps += 1
-                logger.warning("fp16 overflow: step %d skipped by the loss scaler (%d so far).",
-                               step, state.overflow_steps)  # fmt: skip
-            elif not finite_gradient:
-                batches = f"{state.batches_done}-{state.batches_done + len(window) - 1}"
-                where = (f"the gradient norm ({grad_norm}) of step {step} (epoch {state.epoch}, "
-                         f"batches {batches} of the epoch)")  # fmt: skip
-                count_nonfinite(cfg, state, where)
+            grad_norm = gradient_norm(accelerator, student, cfg.clip_grad_norm or math.inf)
+            faults.after_step(step)  # injected signals and hangs land before the agreement
+            report = agree_on_step(
+                accelerator, step_counts, sums, skipped,
+                next_counts=local_counts(upcoming, causal, accelerator.device),
+                grad_norm=grad_norm, preempted=preemption.received is not None,
+            )  # fmt: skip
+            step_counts = report.next_counts
+            take_step(cfg, accelerator, optimizer, state, report, step, len(window))
             progress.update(1)
 
             state.global_step += 1
             state.batches_done += len(window)
-            step_sums = accelerator.reduce(step_sums, reduction="sum")
-            kd, ce = (step_sums / max(int(step_tokens), 1)).tolist()
+            kd, ce = (total / max(report.tokens, 1) for total in (report.kd_sum, report.ce_sum))
             last_loss = (1 - cfg.alpha) * kd + cfg.alpha * ce
-            metrics.count(int(step_tokens), int(step_samples))
+            metrics.count(report.tokens, report.samples)
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
                 metrics.log(
                     step=state.global_step, epoch=state.epoch, loss=last_loss, kd_loss=kd,
-                    ce_loss=ce, lr=learning_rate,
-                    grad_norm=None if grad_norm is None else float(grad_norm),
+                    ce_loss=ce, lr=learning_rate, grad_norm=report.grad_norm,
                 )  # fmt: skip
             if evaluate_now and cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
                 eval_metrics = metrics.log_eval(state.global_step, state.epoch, evaluate_now)
                 evaluated_at = state.global_step
-            faults.after_step(state.global_step)
             if cfg.save_steps and state.global_step % cfg.save_steps == 0:
                 with metrics.paused():
                     save_checkpoint(accelerator, cfg, state)
                 saved_at = state.global_step
-            if preemption.agreed(accelerator):
+            if report.preempted:
                 if saved_at != state.global_step:
                     save_checkpoint(accelerator, cfg, state)
                 raise TrainingPreempted(

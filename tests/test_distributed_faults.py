@@ -113,6 +113,38 @@ def test_zero3_ranks_agree_on_nans_and_run_the_same_collectives_on_uneven_masked
 
 
 @pytest.mark.distributed
+def test_a_step_runs_one_collective_and_waits_on_the_host_once_whatever_its_micro_batches(
+    model_pair, text_dataset, tmp_path
+):
+    """DDP over 2 ranks, 2 micro-batches per step, a NaN teacher on rank 1 in step 3 (skipped):
+    past an epoch's first step (which counts its own tokens), each step calls one collective
+    from Python (its agreement, which also counts the next step's tokens) and kd_dist waits on
+    the host once (reading it); DDP's gradient all-reduce runs in C++ and is not counted. The
+    counts come from tests/step_waits.py, which wraps torch.distributed and the tensor methods
+    that wait on the host."""
+    teacher, student = model_pair("llama")
+    trace, out = tmp_path / "waits", tmp_path / "run"
+    argv = ["--teacher_model", teacher, "--student_model", student, "--dataset",
+            str(text_dataset), "--max_length", "32", "--batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--max_steps", "5", "--save_every", "0",
+            "--logging_steps", "1", "--skip_nonfinite", "2", "--no-compile_loss",
+            "--output_dir", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEP_WAITS": str(trace),
+           FAULT_ENV: "nan_teacher@3:1"}  # fmt: skip
+    result = subprocess.run([*torchrun(), str(REPO / "tests" / "step_waits.py"), *argv],
+                            env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "The loss of step 3 (epoch 0, batch 4 of the epoch) on rank(s) [1]" in result.stderr
+    for rank in (0, 1):
+        steps = json.loads(Path(f"{trace}.rank{rank}").read_text())
+        assert len(steps) == 5
+        assert [s["collectives"] for s in steps[1:]] == [1] * 4, steps
+        assert [s["host_waits"] for s in steps[1:]] == [1] * 4, steps
+    assert logged_steps(out) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.distributed
 def test_a_hung_rank_fails_the_run_after_the_timeout_instead_of_waiting_forever(
     model_pair, text_dataset, tmp_path
 ):

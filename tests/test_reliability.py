@@ -36,6 +36,7 @@ from kd_dist.cli import main
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.engine import PreemptionWatch
 from kd_dist.faults import FAULT_ENV
+from kd_dist.losses import LossSpec, OutputHead, distillation_loss, fused_distillation_loss
 
 from .test_train import train_args
 
@@ -482,6 +483,42 @@ def test_a_nan_stops_the_run_without_saving_or_is_skipped_within_the_bound(
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     weights = load_file(skipped / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_skipped_micro_batch_backpropagates_exact_zeros_though_its_teacher_is_nan(fused):
+    # What the trainer does with a non-finite micro-batch: where(finite, loss, 0) goes to the
+    # backward. The loss's own saved gradients are NaN here; 0 * NaN must not reach the student.
+    torch.manual_seed(0)
+    rows, hidden, vocab = 6, 8, 11
+    student_hidden = torch.randn(rows, hidden, requires_grad=True)
+    weight = torch.randn(vocab, hidden, requires_grad=True)
+    bias = torch.randn(vocab, requires_grad=True)
+    teacher = torch.full((rows, hidden if fused else vocab), float("nan"))
+    labels = torch.randint(vocab, (rows,))
+    spec = LossSpec(objective="jsd", alpha=0.5)
+
+    def loss() -> torch.Tensor:
+        if fused:
+            student_head, teacher_head = (
+                OutputHead(weight, bias),
+                OutputHead(torch.randn(vocab, hidden)),
+            )
+            return fused_distillation_loss(
+                student_hidden, student_head, teacher, teacher_head, labels, spec, vocab_size=vocab
+            ).loss
+        return distillation_loss(student_hidden @ weight.t() + bias, teacher, labels, spec).loss
+
+    leaves = (student_hidden, weight, bias)
+    loss().backward()  # unmasked, the NaN reaches every gradient: the mask below is needed
+    assert all(torch.isnan(leaf.grad).any() for leaf in leaves)
+    for leaf in leaves:
+        leaf.grad = None
+    value = loss()
+    finite = torch.isfinite(value) & torch.isfinite(teacher).all()
+    (torch.where(finite, value, 0.0) * 8.0).backward()
+    for leaf in leaves:
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
 
 
 def test_an_infinite_gradient_norm_is_caught_like_a_nan_loss(
