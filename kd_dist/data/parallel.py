@@ -89,6 +89,7 @@ def cache_is_shared(accelerator: Accelerator, directory: Path) -> bool:
         except OSError as error:
             logger.warning("Could not write %s (%s): treating the cache as node-local.", marker,
                            error)  # fmt: skip
+    accelerator.wait_for_everyone()  # written before anyone looks
     seen = torch.tensor([int(marker.is_file())], device=accelerator.device)
     everyone_saw = bool(accelerator.gather(seen).all())  # also a barrier: all have looked
     if accelerator.is_main_process:
