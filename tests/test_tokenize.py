@@ -56,10 +56,11 @@ def test_train_reads_the_cache_that_kd_dist_tokenize_built(model_pair, dolly_dat
     teacher, student = model_pair("llama")
     cache = tmp_path / "datasets_cache"
     out = tmp_path / "run"
-    # The same flags for both (--alpha 1: the teacher's weights are not needed to test the data).
+    # The same flags for both (no teacher weights or loss compilation: the data is under test).
     flags = ["--teacher_model", teacher, "--student_model", student, "--dataset",
              str(dolly_dataset), "--eval_ratio", "0.25", "--max_length", "48", "--alpha", "1",
-             "--max_steps", "1", "--save_every", "0", "--output_dir", str(out)]  # fmt: skip
+             "--no-compile_loss", "--max_steps", "1", "--save_every", "0", "--output_dir",
+             str(out)]  # fmt: skip
     # Another process, as a CPU job would be (the tokenizer is pickled into the map's
     # fingerprint there), and with workers: train, on 48 rows, tokenizes in one process.
     tokenize = subprocess.run(
@@ -94,7 +95,8 @@ def test_two_nodes_with_node_local_caches_each_tokenize_once(model_pair, text_da
     port = free_port()
     argv = ["--teacher_model", teacher, "--student_model", student, "--dataset",
             str(text_dataset), "--max_steps", "1", "--save_every", "0", "--max_length", "32",
-            "--batch_size", "2", "--alpha", "1", "--output_dir", str(tmp_path / "run")]  # fmt: skip
+            "--batch_size", "2", "--alpha", "1", "--no-compile_loss", "--output_dir",
+            str(tmp_path / "run")]  # fmt: skip
     nodes = []
     for node in (0, 1):
         command = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1",
