@@ -1,8 +1,9 @@
-"""Command line: ``kd-dist train|eval|report|demo`` (also ``python -m kd_dist ...``).
+"""Command line: ``kd-dist train|tokenize|eval|report|demo`` (also ``python -m kd_dist ...``).
 
 The ``train`` flags are generated from ``TrainConfig``'s fields, so every flag can also be set in
-a ``--config run.yaml`` file; precedence is defaults < YAML < command line. ``eval`` takes the
-data, precision and chunking flags of ``train`` (same names, same meanings).
+a ``--config run.yaml`` file; precedence is defaults < YAML < command line. ``tokenize`` takes
+exactly the ``train`` flags; ``eval`` takes the data, precision and chunking flags of ``train``
+(same names, same meanings).
 """
 
 from __future__ import annotations
@@ -135,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     build_train_parser(
         commands.add_parser("train", help="Distil a teacher into a student.", allow_abbrev=False)
     )
+    build_train_parser(
+        commands.add_parser(
+            "tokenize",
+            help="Build the tokenized dataset cache that `kd-dist train` with the same flags reads "
+            "(a CPU job before the GPU job; loads the tokenizers, not the models).",
+            allow_abbrev=False,
+        )
+    )
     build_eval_parser(
         commands.add_parser(
             "eval",
@@ -188,6 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kd_dist.trainer import train
 
             train(config_from_args(args))
+        elif args.command == "tokenize":
+            from kd_dist.pretokenize import describe, pretokenize
+
+            cfg = config_from_args(args)
+            print(describe(pretokenize(cfg), cfg))
         elif args.command == "eval":
             from kd_dist.evaluation import evaluate_saved, json_safe, metrics_table
 

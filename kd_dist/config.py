@@ -30,6 +30,7 @@ TeacherDtype = Literal["auto", "bfloat16", "float16", "float32"]
 AttnImplementation = Literal["auto", "sdpa", "flash_attention_2", "eager"]
 PreemptionSignal = Literal["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
+TokenizeOn = Literal["auto", "main", "local_main"]
 
 CONFIG_FILE_NAME = "kd_config.json"
 
@@ -149,7 +150,19 @@ class TrainConfig:
         default=None, metadata=_help("Use at most this many evaluation examples.")
     )
     num_proc: int | None = field(
-        default=None, metadata=_help("Processes for tokenization (datasets.map).")
+        default=None,
+        metadata=_help(
+            "Processes that tokenize a split (datasets.map). Default: the CPUs this process may "
+            "use, at most 16; 1 for splits under 5,000 rows."
+        ),
+    )
+    tokenize_on: TokenizeOn = field(
+        default="auto",
+        metadata=_help(
+            "Which process tokenizes while the others wait for its datasets cache: main (once "
+            "overall: a cache folder all nodes share), local_main (once per node: node-local "
+            "caches), auto (main when every process sees a file the main process writes there)."
+        ),
     )
 
     # --- optimisation -----------------------------------------------------------------------
@@ -350,6 +363,7 @@ class TrainConfig:
             ("attn_implementation", AttnImplementation),
             ("preemption_signal", PreemptionSignal),
             ("report_to", ReportTo),
+            ("tokenize_on", TokenizeOn),
         ):
             allowed = get_args(kind)
             if getattr(self, name) not in allowed:

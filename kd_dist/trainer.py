@@ -45,6 +45,7 @@ from kd_dist.checkpoint import (
 )
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import build_datasets, content_fingerprint, make_collator
+from kd_dist.data.parallel import tokenize_first
 from kd_dist.engine import (
     NonFiniteError,
     PreemptionWatch,
@@ -498,7 +499,7 @@ def run_training(
     checkpoint = check_output_dir(cfg, world_size=accelerator.num_processes)
     tokenizer = load_tokenizer(cfg)
     check_models(cfg, tokenizer)
-    data = build_datasets(cfg, tokenizer, main_process_first=accelerator.main_process_first)
+    data = build_datasets(cfg, tokenizer, main_process_first=tokenize_first(cfg, accelerator))
     if accelerator.is_main_process:  # before the models load: mis-masked data shows at once
         logger.info(
             "%s\nFirst training example, [masked: ...] not trained on:\n%s",

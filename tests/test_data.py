@@ -18,7 +18,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import MBartTokenizer, NllbTokenizer, PreTrainedTokenizerFast
 
 from kd_dist.config import ConfigError, TrainConfig
-from kd_dist.data import IGNORE_INDEX, DataSplits, build_datasets, make_collator
+from kd_dist.data import (
+    IGNORE_INDEX,
+    DataSplits,
+    build_datasets,
+    content_fingerprint,
+    make_collator,
+)
 from kd_dist.data.chat import plain_chat_template
 from kd_dist.data.formats import FORMATS, detect_format, render, resolve_format
 from kd_dist.models import load_tokenizer
@@ -436,11 +442,22 @@ def test_seq2seq_example_string(tok, tmp_path):
     assert data.example == "[source: hello world]\nhallo welt</s>"
 
 
-def test_num_proc_gives_the_same_result(tok, tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
-    one = build_datasets(config(path), tok)
-    two = build_datasets(config(path, num_proc=2), tok)
-    assert one.train.to_list() == two.train.to_list()
+@pytest.mark.parametrize("packing", [False, True], ids=["instruction", "packed_text"])
+def test_any_num_proc_gives_the_same_examples_in_the_same_order(packing, tok, tmp_path,
+                                                               monkeypatch):  # fmt: skip
+    if packing:  # enough short documents that a shard's edge would end a block elsewhere
+        rows, flags = [{"text": f"the cat number {i} sat"} for i in range(30)], {"max_length": 16}
+    else:  # with empty rows, dropped whichever worker meets them
+        rows, flags = DOLLY_ROWS + [{"instruction": "", "context": "", "response": ""}] * 3, {}
+    path = write_jsonl(tmp_path / "d.jsonl", rows[::2] + rows[1::2])
+    built = []
+    for num_proc in (None, 2, 3):
+        # A cache of its own: datasets would hand a later build an earlier one's cache files.
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / f"cache{num_proc}")
+        data = build_datasets(config(path, num_proc=num_proc, packing=packing, **flags), tok)
+        built.append((data.train.to_list(), content_fingerprint(data.train), data.stats))
+    assert built[0][2]["dropped_empty"] == (0 if packing else 3)
+    assert built[1] == built[0] and built[2] == built[0]
 
 
 def test_main_process_first_wraps_loading(tok, tmp_path):

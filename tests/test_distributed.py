@@ -136,6 +136,8 @@ def test_two_processes_zero3_zero2_and_ddp_take_the_single_process_step(model_pa
         output = launch(command, [*common, *split, "--output_dir", str(out)],
                         tmp_path / f"{name}.log")  # fmt: skip
         assert re.search(rf"2 process\(es\) \({re.escape(kind)}\)", output), name
+        # One machine: every process sees the main process's datasets cache (--tokenize_on auto).
+        assert "Tokenizing once, on the main process" in output, name
         # Equal to one process on the whole batch: the ranks saw its two different halves.
         assert relative_difference(load_file(out / "model.safetensors"), expected, start) < 1e-3
         losses = [

@@ -13,7 +13,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import datasets
@@ -29,6 +29,7 @@ from kd_dist.data.formats import (
     check_compatible,
     resolve_format,
 )
+from kd_dist.data.parallel import resolve_num_proc, usable_cpus
 from kd_dist.data.sources import load_source, select_splits
 from kd_dist.data.tokenization import (
     IGNORE_INDEX,
@@ -48,8 +49,9 @@ class DataSplits:
     eval: datasets.Dataset | None  # tokenized, or None when there is no (non-empty) eval split
     format: str  # "text" | "instruction" | "chat" | "seq2seq"
     layout: str  # the FORMATS row (e.g. "dolly", "sharegpt") or "custom_<kind>"
-    # train_examples, eval_examples, truncated, dropped_empty, dropped_no_labels (packed_documents
-    # with --packing), and the same counts for the eval split prefixed with "eval_"
+    # train_rows, train_examples, eval_rows, eval_examples, truncated, dropped_empty,
+    # dropped_no_labels (packed_documents with --packing), and the same counts for the eval split
+    # prefixed with "eval_"; rows are the raw rows loaded, examples the tokenized ones
     stats: dict[str, int]
     example: str  # one training example as text, prompt marked [masked: ...], for the log
     # chat data: "tokenizer" (its own chat template, or the teacher's) or "plain" (the plain
@@ -87,8 +89,9 @@ def build_datasets(
 ) -> DataSplits:
     """Load ``cfg.dataset``, pick the train/eval splits, and tokenize both for ``cfg.task_type``.
 
-    ``main_process_first`` (e.g. ``accelerator.main_process_first``) lets the main process load
-    and tokenize first, so the other processes read its ``datasets`` cache instead of redoing it.
+    ``main_process_first`` (e.g. ``accelerator.main_process_first``, or ``parallel.tokenize_first``
+    on several nodes) lets the main process load and tokenize first, so the other processes read
+    its ``datasets`` cache instead of redoing it.
     """
     if cfg.max_length is None:  # unresolved, it would silently mean "not truncated"
         raise ValueError("build_datasets needs --max_length: call models.resolve_lengths first.")
@@ -110,16 +113,22 @@ def build_datasets(
                     "when generating with it.",
                     tokenizer.eos_token,
                 )
-        train, train_stats = tokenize_split(raw_train, spec, tokenizer, cfg, "train")
+        cpus = usable_cpus()
+        train, train_stats = tokenize_split(
+            raw_train, spec, tokenizer, _with_workers(cfg, len(raw_train), cpus, "train"), "train"
+        )
         eval_, eval_stats = None, {}
         if raw_eval is not None:
             _check_eval_columns(raw_eval, spec)
-            eval_, eval_stats = tokenize_split(raw_eval, spec, tokenizer, cfg, "eval")
+            eval_cfg = _with_workers(cfg, len(raw_eval), cpus, "eval")
+            eval_, eval_stats = tokenize_split(raw_eval, spec, tokenizer, eval_cfg, "eval")
 
     if len(train) == 0:
         raise ConfigError(_empty_train_message(len(raw_train), train_stats, spec, cfg))
     stats = {
+        "train_rows": len(raw_train),
         "train_examples": train_stats.pop("examples"),
+        "eval_rows": len(raw_eval) if raw_eval is not None else 0,
         "eval_examples": eval_stats.pop("examples", 0),
         **train_stats,
         **{f"eval_{key}": value for key, value in eval_stats.items()},
@@ -135,6 +144,14 @@ def build_datasets(
         chat_template=chat_template,
         end_of_turn_id=end_of_turn,
     )
+
+
+def _with_workers(cfg: TrainConfig, rows: int, cpus: int, name: str) -> TrainConfig:
+    """``cfg`` with the resolved --num_proc for a split of ``rows`` rows, said in the log."""
+    workers, why = resolve_num_proc(cfg.num_proc, rows, cpus)
+    logger.info("The %s split: %d rows, %d tokenizing process(es) (%s).", name, rows, workers, why)
+    # datasets runs even num_proc=1 in a pool of one worker process; None keeps it in this one.
+    return replace(cfg, num_proc=workers if workers > 1 else None)
 
 
 def content_fingerprint(dataset: datasets.Dataset) -> str:

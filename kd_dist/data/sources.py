@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from kd_dist.config import ConfigError, TrainConfig
@@ -47,6 +48,18 @@ ACCEPTED_FORMS = (
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS)
+
+
+def cache_dir(cfg: TrainConfig) -> Path:
+    """The folder ``datasets`` writes the tokenized splits' cache files under: a save_to_disk
+    folder's own (beside its arrow files), else the datasets cache (``HF_DATASETS_CACHE``), which
+    holds the arrow files of data files and hub datasets."""
+    path = Path(cfg.dataset).expanduser()
+    return path if _is_saved_dataset(path) else Path(datasets.config.HF_DATASETS_CACHE)
+
+
 def load_source(cfg: TrainConfig) -> DatasetDict:
     """All splits of ``cfg.dataset``: a file, a glob, a folder or a hub name."""
     path = Path(cfg.dataset).expanduser()
@@ -54,7 +67,7 @@ def load_source(cfg: TrainConfig) -> DatasetDict:
     # separated by eos).
     text_options = {"sample_by": "document" if cfg.packing else "line"}
     if path.is_dir():
-        if any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+        if _is_saved_dataset(path):
             return _load_saved(path, cfg.dataset_split)
         return _load_data_folder(path, cfg.dataset_config, text_options)
     if path.is_file():

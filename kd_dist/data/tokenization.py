@@ -352,7 +352,7 @@ def tokenize_split(
             batch_size=PACKING_BATCH,
             fn_kwargs=dict(block_length=cfg.max_length),
             remove_columns=encoded.column_names,
-            num_proc=cfg.num_proc,
+            # One process: workers' shards would end blocks at their own edges (other blocks).
             desc=f"Packing {name}",
         )
         stats["examples"] = len(encoded)
