@@ -121,8 +121,10 @@ class TrainConfig:
     packing: bool = field(
         default=False,
         metadata=_help(
-            "Text data: join the documents (eos between) and cut them into --max_length blocks "
-            "instead of truncating each one."
+            "Causal data (text, instruction, chat): pack whole examples into blocks of at most "
+            "--max_length tokens, padding-free; attention and positions stay within each "
+            "example, prompts stay masked. Text longer than a block is split, other examples "
+            "are truncated."
         ),
     )
     max_train_samples: int | None = field(
@@ -382,7 +384,7 @@ class TrainConfig:
             problems.append("--save_total_limit must be at least 1 (omit it to keep all).")
         if self.packing and self.task_type == "seq2seq":
             problems.append(
-                "--packing joins plain-text documents for a causal model; seq2seq examples are "
+                "--packing packs causal documents into blocks; seq2seq examples are "
                 "(source, target) pairs and can't be packed: drop --packing."
             )
         if self.skip_nonfinite < 0:

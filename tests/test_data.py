@@ -23,6 +23,7 @@ from kd_dist.data.chat import plain_chat_template
 from kd_dist.data.formats import FORMATS, detect_format, render, resolve_format
 from kd_dist.models import load_tokenizer
 from kd_dist.tiny import build_tokenizer
+from tests.test_packing import documents
 
 # --- format table: one row per supported layout ---------------------------------------------
 # (case id, raw row, detected kind, causal (prompt, response), seq2seq (source, target) or None
@@ -726,25 +727,49 @@ def test_causal_data_with_an_eos_adding_tokenizer(eos_tok, tmp_path):
 
 
 # --- packing ------------------------------------------------------------------------------------
-def test_packing_joins_documents_into_full_blocks(tok, tmp_path):
-    texts = [f"the cat number {i} sat on the mat" for i in range(10)] + [""]
+def test_packing_packs_whole_documents_and_splits_long_text(tok, tmp_path):
+    texts = [f"the cat number {i} sat" + " on the mat" * (i % 4) for i in range(10)] + [""]
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
     data = build_datasets(config(path, packing=True, max_length=16), tok)
-    stream = [i for t in texts if t for i in [*ids(tok, t, special=True), tok.eos_token_id]]
-    blocks = data.train["input_ids"]
-    assert [i for block in blocks for i in block] == stream  # nothing lost, nothing cut
-    assert all(len(block) == 16 for block in blocks[:-1]) and 2 <= len(blocks[-1]) <= 16
-    assert data.train["labels"] == blocks  # plain text: every token trained
+    texts_ids = [[*ids(tok, t, special=True), tok.eos_token_id] for t in texts if t]
+    assert max(map(len, texts_ids)) > 16 > min(map(len, texts_ids))
+    # A text document longer than a block is split into pieces overlapping by one token (the
+    # next piece's first, masked, which it predicts from): every token but the first is trained.
+    pieces = [doc[s : s + 16] for doc in texts_ids for s in range(0, len(doc) - 1, 15)]
+    blocks = data.train.to_list()
+    packed = [doc for block in blocks for doc in documents(block)]
+    assert sorted(doc["input_ids"] for doc in packed) == sorted(pieces)
+    for doc in packed:  # every token trained but each piece's first: nothing predicts that one
+        assert doc["labels"] == [IGNORE_INDEX, *doc["input_ids"][1:]]
+    assert all(len(block["input_ids"]) <= 16 for block in blocks)
+    assert len(blocks) < len(pieces)  # short documents share blocks
     assert data.stats["packed_documents"] == 10 and data.stats["dropped_empty"] == 1
-    assert data.stats["train_examples"] == len(blocks) == -(-len(stream) // 16)
+    assert data.stats["train_examples"] == len(blocks)
     assert "packed from 10 documents" in data.summary()
 
 
-def test_packing_needs_plain_text(tok, tmp_path):
+def test_packed_instructions_keep_their_prompt_masks(tok, tmp_path):
+    rows = [*DOLLY_ROWS, {"instruction": "long " * 40, "context": "", "response": "cut"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    unpacked = build_datasets(config(path, max_length=48), tok)
+    packed = build_datasets(config(path, packing=True, max_length=48), tok)
+    docs = [doc for block in packed.train.to_list() for doc in documents(block)]
+    # The same examples with the same prompt masks (an example's first label is never trained).
+    assert sorted((doc["input_ids"], doc["labels"][1:]) for doc in docs) == sorted(
+        (row["input_ids"], row["labels"][1:]) for row in unpacked.train.to_list()
+    )
+    first = next(doc for doc in docs if doc["input_ids"] == unpacked.train[0]["input_ids"])
+    masked, trained = split_labels(first)
+    assert tok.decode(trained) == "answer 0</s>" and masked > 5
+    # An instruction longer than a block is truncated (and counted) as unpacked: its answer was
+    # cut away, so it is dropped, never split from its prompt.
+    assert packed.stats["dropped_no_labels"] == unpacked.stats["dropped_no_labels"] == 1
+    assert packed.stats["packed_documents"] == 12 and len(packed.train) < 12
+
+
+def test_packing_is_refused_for_seq2seq(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
-    with pytest.raises(ConfigError, match=r"--packing applies to plain-text data.*instruction"):
-        build_datasets(config(path, packing=True), tok)
-    with pytest.raises(ConfigError, match=r"--packing joins plain-text documents"):
+    with pytest.raises(ConfigError, match=r"--packing packs causal documents.*drop --packing"):
         config(path, packing=True, task_type="seq2seq").validate()
 
 
