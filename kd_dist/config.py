@@ -127,6 +127,14 @@ class TrainConfig:
             "are truncated."
         ),
     )
+    group_by_length: bool = field(
+        default=False,
+        metadata=_help(
+            "Unpacked data: batch examples of similar lengths together (Hugging Face Trainer's "
+            "length-grouped sampling: shuffled megabatches of 50 batches, each sorted by "
+            "length), to cut padding."
+        ),
+    )
     max_train_samples: int | None = field(
         default=None, metadata=_help("Use at most this many training examples.")
     )
@@ -386,6 +394,11 @@ class TrainConfig:
             problems.append(
                 "--packing packs causal documents into blocks; seq2seq examples are "
                 "(source, target) pairs and can't be packed: drop --packing."
+            )
+        if self.packing and self.group_by_length:
+            problems.append(
+                "--group_by_length groups unpacked examples by length; packed blocks are all "
+                "about --max_length long already: drop one of --packing and --group_by_length."
             )
         if self.skip_nonfinite < 0:
             problems.append("--skip_nonfinite must be >= 0 (0 stops at the first NaN).")

@@ -12,13 +12,22 @@ import datasets
 import huggingface_hub.constants
 import pytest
 import torch
+from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from datasets import Dataset, DatasetDict
 from datasets.packaged_modules.json.json import Json
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch.utils.data import DataLoader
 from transformers import MBartTokenizer, NllbTokenizer, PreTrainedTokenizerFast
 
 from kd_dist.config import ConfigError, TrainConfig
-from kd_dist.data import IGNORE_INDEX, DataSplits, build_datasets, make_collator
+from kd_dist.data import (
+    IGNORE_INDEX,
+    DataSplits,
+    LengthGroupedSampler,
+    build_datasets,
+    example_lengths,
+    make_collator,
+)
 from kd_dist.data.chat import plain_chat_template
 from kd_dist.data.formats import FORMATS, detect_format, render, resolve_format
 from kd_dist.models import load_tokenizer
@@ -771,6 +780,70 @@ def test_packing_is_refused_for_seq2seq(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
     with pytest.raises(ConfigError, match=r"--packing packs causal documents.*drop --packing"):
         config(path, packing=True, task_type="seq2seq").validate()
+
+
+# --- --group_by_length ----------------------------------------------------------------------
+def grouped_epoch(lengths: list[int], seed: int, epoch: int, batch_size: int = 8) -> list[int]:
+    sampler = LengthGroupedSampler(lengths, batch_size, seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def padding(lengths: list[int], order: list[int], batch_size: int = 8) -> float:
+    """The padding fraction of the batches cut from ``order``."""
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths) / padded
+
+
+def test_length_grouped_order_is_a_seeded_permutation_of_similar_lengths():
+    lengths = [int(x) for x in torch.randint(1, 400, (2000,), generator=torch.Generator())]
+    order = grouped_epoch(lengths, seed=1, epoch=0)
+    assert order == grouped_epoch(lengths, seed=1, epoch=0)  # a function of (seed, epoch)
+    assert sorted(order) == list(range(2000))  # each example once
+    others = [grouped_epoch(lengths, 1, 1), grouped_epoch(lengths, 2, 0)]
+    assert all(other != order and sorted(other) == sorted(order) for other in others)
+    assert lengths[order[0]] == max(lengths)  # the longest batch first
+    # Megabatches of 50 batches (400 examples), each sorted longest first (but for their first
+    # example: the longest of all was swapped to the front).
+    for start in range(0, 2000, 400):
+        megabatch = [lengths[i] for i in order[start + 1 : start + 400]]
+        assert megabatch == sorted(megabatch, reverse=True)
+    shuffled = torch.randperm(2000, generator=torch.Generator().manual_seed(1)).tolist()
+    assert padding(lengths, order) < 0.02 < 0.4 < padding(lengths, shuffled)
+
+
+def test_length_grouped_batches_shard_over_processes_and_resume_mid_epoch():
+    """What the trainer does: accelerate shards the batches (each process takes every other
+    one), ``set_sampler`` lets ``set_epoch`` reach the sampler through ``skip_first_batches``."""
+    lengths = [(i * 37) % 101 + 1 for i in range(64)]
+    order = grouped_epoch(lengths, seed=3, epoch=2, batch_size=4)
+    batches = [order[i : i + 4] for i in range(0, 64, 4)]
+
+    def rank_batches(rank: int, skip: int) -> list[list[int]]:
+        sampler = LengthGroupedSampler(lengths, 4, seed=3)
+        loader = DataLoader(range(64), batch_size=4, sampler=sampler)
+        sharded = prepare_data_loader(loader, num_processes=2, process_index=rank,
+                                      put_on_device=False)  # fmt: skip
+        sharded.set_sampler(sampler)
+        resumed = skip_first_batches(sharded, skip)
+        resumed.set_epoch(2)
+        return [batch.tolist() for batch in resumed]
+
+    for rank in (0, 1):
+        assert rank_batches(rank, skip=0) == batches[rank::2]
+        assert rank_batches(rank, skip=3) == batches[rank::2][3:]
+
+
+def test_group_by_length_and_packing_are_exclusive(tok, tmp_path):
+    with pytest.raises(ConfigError, match=r"--group_by_length.*drop one of --packing and"):
+        config(tmp_path / "d.jsonl", packing=True, group_by_length=True).validate()
+
+
+def test_example_lengths_read_the_kept_examples(tok, tmp_path):
+    rows = [*DOLLY_ROWS, {"instruction": "", "context": "", "response": ""}]
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", rows)), tok)
+    assert example_lengths(data.train) == [len(row) for row in data.train["input_ids"]]
 
 
 # --- caching and determinism --------------------------------------------------------------------

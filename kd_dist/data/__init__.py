@@ -3,7 +3,8 @@
 ``build_datasets`` is the one entry point the trainer needs; ``make_collator`` batches its output.
 The steps live in small modules: ``sources`` (load, pick splits), ``formats`` (detect the layout,
 render a row as prompt/response), ``chat`` (conversations through a chat template),
-``tokenization`` (ids, label masks, filtering, packing) and ``collate``.
+``tokenization`` (ids, label masks, filtering, packing), ``collate`` and ``sampling``
+(--group_by_length).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from kd_dist.data.formats import (
     check_compatible,
     resolve_format,
 )
+from kd_dist.data.sampling import LengthGroupedSampler, example_lengths
 from kd_dist.data.sources import load_source, select_splits
 from kd_dist.data.tokenization import (
     IGNORE_INDEX,
@@ -39,7 +41,15 @@ from kd_dist.data.tokenization import (
 
 logger = logging.getLogger("kd_dist")
 
-__all__ = ["IGNORE_INDEX", "DataSplits", "build_datasets", "content_fingerprint", "make_collator"]
+__all__ = [
+    "IGNORE_INDEX",
+    "DataSplits",
+    "LengthGroupedSampler",
+    "build_datasets",
+    "content_fingerprint",
+    "example_lengths",
+    "make_collator",
+]
 
 
 @dataclass
