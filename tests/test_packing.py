@@ -123,16 +123,16 @@ def run_loss(student, teacher, batches, num_tokens, vocab_size):
     return total, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(
-    "family, attention",
-    [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("opt", "sdpa"), ("opt", "eager")],
-)
-def test_packed_block_equals_its_documents_one_by_one(family, attention, tok, tmp_path):
+def packed_and_one_by_one(family, attention, tok, tmp_path, device="cpu", dtype=torch.float32):
+    """(loss, student gradient) of two packed blocks in one batch, of their documents run one
+    by one, and of the packed batch run without its position_ids (documents attending to each
+    other), all with the packed batch's normaliser."""
     torch.manual_seed(0)
-    teacher = build_model(family, tok, "small").eval()  # eval: dropout off
-    student = build_model(family, tok, "tiny").eval()
-    for model in (teacher, student):
+    # eval: no dropout; on the device and in the dtype first, which flash-attention checks.
+    models = [build_model(family, tok, size).eval().to(device, dtype) for size in ("small", "tiny")]
+    for model in models:
         model.set_attn_implementation(attention)
+    teacher, student = models
     collate = make_collator(tok)
     data = chat_data(tok, tmp_path, packing=True)
     blocks = data.select(range(len(data) - 2, len(data))).to_list()  # the least full ones
@@ -142,18 +142,46 @@ def test_packed_block_equals_its_documents_one_by_one(family, attention, tok, tm
     assert len(one_by_one) > 2
     num_tokens = count_valid_tokens(packed["labels"], causal=True)
     assert num_tokens == sum(count_valid_tokens(b["labels"], causal=True) for b in one_by_one)
+    crossing = {key: value for key, value in packed.items() if key != "position_ids"}
 
-    vocab = len(tok)
-    packed_loss, packed_grads = run_loss(student, teacher, [packed], num_tokens, vocab)
-    loss, grads = run_loss(student, teacher, one_by_one, num_tokens, vocab)
+    def run(batches):
+        batches = [{key: value.to(device) for key, value in b.items()} for b in batches]
+        return run_loss(student, teacher, batches, num_tokens, len(tok))
+
+    return run([packed]), run(one_by_one), run([crossing])
+
+
+@pytest.mark.parametrize(
+    "family, attention",
+    [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("opt", "sdpa"), ("opt", "eager")],
+)
+def test_packed_block_equals_its_documents_one_by_one(family, attention, tok, tmp_path):
+    (packed_loss, packed_grads), (loss, grads), (crossing_loss, _) = packed_and_one_by_one(
+        family, attention, tok, tmp_path
+    )
     assert packed_loss == pytest.approx(loss, rel=1e-5)
     assert packed_grads.keys() == grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     # Without the packed inputs the documents would attend to each other: a different loss.
-    crossing = {key: value for key, value in packed.items() if key != "position_ids"}
-    crossing_loss, _ = run_loss(student, teacher, [crossing], num_tokens, vocab)
     assert abs(crossing_loss - loss) > 1e-3 * abs(loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attention needs a CUDA GPU")
+def test_packed_block_with_flash_attention_equals_its_documents(tok, tmp_path):
+    """flash_attention_2's variable-length path (bf16): the same check, to bf16 accuracy."""
+    pytest.importorskip("flash_attn")
+    (packed_loss, packed_grads), (loss, grads), (crossing_loss, _) = packed_and_one_by_one(
+        "llama", "flash_attention_2", tok, tmp_path, device="cuda", dtype=torch.bfloat16
+    )
+    assert packed_loss == pytest.approx(loss, rel=2e-2)
+    for name, grad in grads.items():
+        similarity = torch.nn.functional.cosine_similarity(
+            packed_grads[name].flatten().float(), grad.flatten().float(), dim=0
+        )
+        assert similarity > 0.99, name
+    assert abs(crossing_loss - loss) > 2e-2 * abs(loss)
 
 
 def test_packing_refuses_a_family_it_cannot_keep_apart(tok):
