@@ -172,7 +172,7 @@ def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         check_vocab_covers_tokenizer(config, role, tokenizer)
         check_positions(config, role, name, cfg)
         if cfg.packing:
-            check_packing(config, role, name)
+            check_packing(config, f"--{role}_model {name!r}")
 
 
 def precision_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -398,11 +398,12 @@ _PACKED_FROM_POSITIONS = (
 _PACKED_MASK_GIVEN = ("opt",)
 
 
-def check_packing(config: PretrainedConfig, role: str, name: str) -> None:
-    """--packing needs a model family whose attention can be kept within each document."""
+def check_packing(config: PretrainedConfig, which: str) -> None:
+    """--packing needs a model family whose attention can be kept within each document;
+    ``which`` names the model in the error (e.g. "--student_model 'path'")."""
     if config.model_type not in (*_PACKED_FROM_POSITIONS, *_PACKED_MASK_GIVEN):
         raise ConfigError(
-            f"--packing: --{role}_model {name!r} is a {config.model_type} model, and kd_dist "
+            f"--packing: {which} is a {config.model_type} model, and kd_dist "
             "does not know how to keep packed documents from attending to each other in it "
             f"(it knows {', '.join(sorted((*_PACKED_FROM_POSITIONS, *_PACKED_MASK_GIVEN)))}): "
             "drop --packing (--group_by_length also cuts padding)."
@@ -413,7 +414,7 @@ def packed_inputs(module: PreTrainedModel, position_ids: torch.Tensor) -> dict[s
     """The forward's attention inputs for packed rows ([B, L] ``position_ids``, restarting at 0
     with every document) that keep each document's attention to itself."""
     config = module.config
-    check_packing(config, "student or teacher", config.name_or_path)
+    check_packing(config, f"the model {config.name_or_path!r}")
     if config._attn_implementation.startswith("flash_attention"):
         # The variable-length kernel, over every row's documents: transformers infers their
         # bounds from position_ids only for a single (flattened) row, so they are passed.

@@ -187,4 +187,4 @@ def test_packed_block_with_flash_attention_equals_its_documents(tok, tmp_path):
 def test_packing_refuses_a_family_it_cannot_keep_apart(tok):
     config = build_model("t5", tok, "tiny").config  # no causal packing path known for it
     with pytest.raises(ConfigError, match=r"--packing: --student_model 'x' is a t5 model"):
-        check_packing(config, "student", "x")
+        check_packing(config, "--student_model 'x'")

@@ -31,8 +31,7 @@ def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
 def make_collator(tokenizer: Any) -> Collator:
     """A collate_fn padding ``input_ids`` with the pad token, ``attention_mask`` and
     ``position_ids`` (packed data) with 0 and ``labels`` with IGNORE_INDEX (so padding is never
-    trained on). Causal and seq2seq batches
-    pad alike: each field to its own longest row."""
+    trained on). Causal and seq2seq batches pad alike: each field to its own longest row."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one before building the collator")
     pad_values = {
