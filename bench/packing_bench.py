@@ -13,9 +13,11 @@ by the trainer's own loader (``trainer.train_data_loader``), --batch_size rows p
 
 Each method then trains on the same number of batches (a KD step as the trainer does it: teacher
 and student forwards to the final hidden states, the fused loss, backward, AdamW step, fp32),
-interleaved batch by batch so that a machine's load affects all three alike. Tokens/s counts the
-real (non-padding) tokens; padding is over the whole epoch's batches. The models are a small
-Llama-style teacher and student built from configs (random weights, nothing downloaded).
+interleaved batch by batch so that a machine's load affects all three alike; the timed batches
+are spread evenly over each epoch. Tokens/s counts the real (non-padding) tokens; padding is
+over the whole epoch's batches, and the epoch time is its batches times the mean step time. The
+models are a small Llama-style teacher and student built from configs (random weights, nothing
+downloaded).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=512)
-    parser.add_argument("--batches", type=int, default=10, help="timed batches per method")
+    parser.add_argument("--batches", type=int, default=8, help="timed batches per method")
     args = parser.parse_args()
 
     rows = chat_rows(args.examples)
@@ -134,9 +136,10 @@ def main() -> None:
         kd_step(loader[0])
     seconds: dict[str, list[float]] = {name: [] for name in METHODS}
     tokens: dict[str, int] = dict.fromkeys(METHODS, 0)
-    for index in range(1, args.batches + 1):
+    for step in range(args.batches):
         for name, loader in loaders.items():
-            batch = loader[index % len(loader)]
+            # Batches spread evenly over the epoch: grouped epochs start with their longest.
+            batch = loader[step * len(loader) // args.batches]
             start = time.perf_counter()
             kd_step(batch)
             seconds[name].append(time.perf_counter() - start)
@@ -154,10 +157,10 @@ def main() -> None:
     print(f"  {'method':<8} {'batches':>7} {'padding':>8} {'s/step':>7} {'tokens/s':>9}"
           f"  {'tokens/s vs padded':>18}  {'epoch time vs padded':>20}")  # fmt: skip
     rate = {name: tokens[name] / sum(seconds[name]) for name in METHODS}
-    epoch = {name: len(loaders[name]) * statistics.median(seconds[name]) for name in METHODS}
+    epoch = {name: len(loaders[name]) * statistics.mean(seconds[name]) for name in METHODS}
     for name in METHODS:
         print(f"  {name:<8} {len(loaders[name]):>7} {padding_fraction(loaders[name]):>8.1%} "
-              f"{statistics.median(seconds[name]):>7.3f} {rate[name]:>9.0f}  "
+              f"{statistics.mean(seconds[name]):>7.3f} {rate[name]:>9.0f}  "
               f"{rate[name] / rate['padded']:>17.2f}x  "
               f"{epoch[name] / epoch['padded']:>19.2f}x")  # fmt: skip
 

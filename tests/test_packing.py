@@ -19,7 +19,7 @@ from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.data.tokenization import best_fit_decreasing
 from kd_dist.losses import count_valid_tokens, fused_distillation_loss, valid_rows
-from kd_dist.models import check_packing, forward_hidden, output_head
+from kd_dist.models import check_packing, forward_hidden, output_head, packed_inputs
 from kd_dist.tiny import build_model
 from tests.conftest import make_sentences, write_jsonl
 
@@ -182,6 +182,20 @@ def test_packed_block_with_flash_attention_equals_its_documents(tok, tmp_path):
         )
         assert similarity > 0.99, name
     assert abs(crossing_loss - loss) > 2e-2 * abs(loss)
+
+
+def test_flash_attention_gets_every_row_s_document_bounds(tok):
+    """flash_attention_2 (no CUDA here to run it): the variable-length kernel's inputs cover the
+    whole flattened [B, L] batch, a document where the positions restart (each padding token
+    one of its own), and there is no mask to hide them."""
+    model = build_model("llama", tok, "tiny")
+    model.config._attn_implementation = "flash_attention_2"
+    positions = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]])  # row 2: 2 tokens, 3 padding
+    inputs = packed_inputs(model, positions)
+    assert inputs["attention_mask"] is None and inputs["position_ids"] is positions
+    assert inputs["cu_seq_lens_q"].tolist() == inputs["cu_seq_lens_k"].tolist()
+    assert inputs["cu_seq_lens_q"].tolist() == [0, 3, 5, 7, 8, 9, 10]
+    assert int(inputs["max_length_q"]) == int(inputs["max_length_k"]) == 3
 
 
 def test_packing_refuses_a_family_it_cannot_keep_apart(tok):

@@ -54,7 +54,7 @@ __all__ = [
 
 @dataclass
 class DataSplits:
-    train: datasets.Dataset  # tokenized: input_ids, attention_mask, labels
+    train: datasets.Dataset  # tokenized: input_ids, attention_mask, labels (+ position_ids packed)
     eval: datasets.Dataset | None  # tokenized, or None when there is no (non-empty) eval split
     format: str  # "text" | "instruction" | "chat" | "seq2seq"
     layout: str  # the FORMATS row (e.g. "dolly", "sharegpt") or "custom_<kind>"
