@@ -1,7 +1,7 @@
 """Padding and throughput of padded, length-grouped and packed batches, side by side in one run.
 
     python bench/packing_bench.py                  # 600 chat examples, batch 8, --max_length 512
-    python bench/packing_bench.py --examples 2000 --batches 20
+    python bench/packing_bench.py --examples 2000 --max_length 1024
 
 The same chat data (a realistic mix: mostly short questions and answers, a long tail of long
 answers and multi-turn conversations) is tokenized by kd_dist's data path three ways and batched
@@ -11,22 +11,21 @@ by the trainer's own loader (``trainer.train_data_loader``), --batch_size rows p
     grouped    --group_by_length: batches of similar lengths, padded to their longest row
     packed     --packing: whole examples packed into blocks of at most --max_length tokens
 
-Each method then trains on the same number of batches (a KD step as the trainer does it: teacher
-and student forwards to the final hidden states, the fused loss, backward, AdamW step, fp32),
-interleaved batch by batch so that a machine's load affects all three alike; the timed batches
-are spread evenly over each epoch. Tokens/s counts the real (non-padding) tokens; padding is
-over the whole epoch's batches, and the epoch time is its batches times the mean step time. The
-models are a small Llama-style teacher and student built from configs (random weights, nothing
-downloaded).
+Each method then trains one whole epoch (a KD step per batch as the trainer does it: teacher and
+student forwards to the final hidden states, the fused loss, backward, AdamW step, fp32), the
+three interleaved batch by batch so that a machine's load falls on them alike. Tokens/s counts
+the real (non-padding) tokens, the same in all three; padding is the share of padding tokens in
+the epoch's batches. The models are a small Llama-style teacher and student built from configs
+(random weights, nothing downloaded).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from kd_dist.models import forward_hidden, output_head
 from kd_dist.tiny import build_tokenizer, model_config
 from kd_dist.trainer import train_data_loader
 
+TEACHER, STUDENT = (256, 4), (128, 2)  # (hidden, layers), Llama-style, 64-wide heads
 METHODS = {"padded": {}, "grouped": {"group_by_length": True}, "packed": {"packing": True}}
 SYLLABLES = "ka lo mi ne ra su ti vo ba de fi go hu ja le mo nu pi ro se ta vi wu ze".split()
 
@@ -94,7 +94,6 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=512)
-    parser.add_argument("--batches", type=int, default=8, help="timed batches per method")
     args = parser.parse_args()
 
     rows = chat_rows(args.examples)
@@ -116,8 +115,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     vocab = len(tokenizer)
-    teacher = build(384, 4, vocab).eval().requires_grad_(False)
-    student = build(256, 2, vocab).train()
+    teacher = build(*TEACHER, vocab).eval().requires_grad_(False)
+    student = build(*STUDENT, vocab).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     spec = TrainConfig(teacher_model="t", student_model="s", dataset="d").loss_spec
 
@@ -134,35 +133,34 @@ def main() -> None:
 
     for loader in loaders.values():  # warm-up
         kd_step(loader[0])
-    seconds: dict[str, list[float]] = {name: [] for name in METHODS}
-    tokens: dict[str, int] = dict.fromkeys(METHODS, 0)
-    for step in range(args.batches):
-        for name, loader in loaders.items():
-            # Batches spread evenly over the epoch: grouped epochs start with their longest.
-            batch = loader[step * len(loader) // args.batches]
-            start = time.perf_counter()
-            kd_step(batch)
-            seconds[name].append(time.perf_counter() - start)
-            tokens[name] += int(batch["attention_mask"].sum())
+    # One whole epoch each, interleaved: every round, each method still running takes its next
+    # batch, so that the machine's load falls on all three alike while they all run.
+    seconds = dict.fromkeys(METHODS, 0.0)
+    for batches in itertools.zip_longest(*loaders.values()):
+        for name, batch in zip(METHODS, batches, strict=True):
+            if batch is not None:
+                start = time.perf_counter()
+                kd_step(batch)
+                seconds[name] += time.perf_counter() - start
 
+    real_tokens = sum(lengths)
     print(
-        f"packing_bench: {args.examples} chat examples, {sum(lengths)} tokens (length median "
+        f"packing_bench: {args.examples} chat examples, {real_tokens} tokens (length median "
         f"{lengths[len(lengths) // 2]}, p90 {lengths[len(lengths) * 9 // 10]}, max "
         f"{lengths[-1]}), batch {args.batch_size} rows, --max_length {args.max_length}"
     )
     print(
-        f"  models: Llama teacher 384x4, student 256x2, vocab {vocab}, CPU fp32, "
-        f"{torch.get_num_threads()} threads; {args.batches} KD steps per method, interleaved"
+        f"  models: Llama teacher {TEACHER[0]}x{TEACHER[1]}, student {STUDENT[0]}x{STUDENT[1]}, "
+        f"vocab {vocab}, CPU fp32, {torch.get_num_threads()} threads; one epoch per method "
+        "(a KD step per batch), interleaved"
     )
-    print(f"  {'method':<8} {'batches':>7} {'padding':>8} {'s/step':>7} {'tokens/s':>9}"
-          f"  {'tokens/s vs padded':>18}  {'epoch time vs padded':>20}")  # fmt: skip
-    rate = {name: tokens[name] / sum(seconds[name]) for name in METHODS}
-    epoch = {name: len(loaders[name]) * statistics.mean(seconds[name]) for name in METHODS}
+    print(f"  {'method':<8} {'batches':>7} {'padding':>8} {'epoch s':>8} {'tokens/s':>9}"
+          f"  {'tokens/s vs padded':>18}")  # fmt: skip
     for name in METHODS:
+        rate = real_tokens / seconds[name]
         print(f"  {name:<8} {len(loaders[name]):>7} {padding_fraction(loaders[name]):>8.1%} "
-              f"{statistics.mean(seconds[name]):>7.3f} {rate[name]:>9.0f}  "
-              f"{rate[name] / rate['padded']:>17.2f}x  "
-              f"{epoch[name] / epoch['padded']:>19.2f}x")  # fmt: skip
+              f"{seconds[name]:>8.1f} {rate:>9.0f}  "
+              f"{seconds['padded'] / seconds[name]:>17.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch.utils.data import DataLoader
 from transformers import MBartTokenizer, NllbTokenizer, PreTrainedTokenizerFast
 
+import kd_dist.data.sampling
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import (
     IGNORE_INDEX,
@@ -840,10 +841,12 @@ def test_group_by_length_and_packing_are_exclusive(tok, tmp_path):
         config(tmp_path / "d.jsonl", packing=True, group_by_length=True).validate()
 
 
-def test_example_lengths_read_the_kept_examples(tok, tmp_path):
+def test_example_lengths_read_the_kept_examples(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(kd_dist.data.sampling, "LENGTH_ROWS", 5)  # 11 rows: 3 slices
     rows = [*DOLLY_ROWS, {"instruction": "", "context": "", "response": ""}]
     data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", rows)), tok)
-    assert example_lengths(data.train) == [len(row) for row in data.train["input_ids"]]
+    kept = data.train.select(range(1, 12))  # an indices mapping, as filters and selects make
+    assert example_lengths(kept) == [len(row) for row in kept["input_ids"]]
 
 
 # --- caching and determinism --------------------------------------------------------------------

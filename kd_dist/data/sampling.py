@@ -19,9 +19,19 @@ MEGABATCH_BATCHES = 50
 
 
 def example_lengths(dataset: datasets.Dataset) -> list[int]:
-    """Each example's token count, read from the Arrow column (no rows decoded)."""
-    column = dataset.select_columns("input_ids").with_format("arrow")[:].column("input_ids")
-    return pyarrow.compute.list_value_length(column).to_pylist()
+    """Each example's token count, read from the Arrow column a slice at a time (no rows
+    decoded, and never the whole column in memory at once)."""
+    rows = dataset.select_columns("input_ids").with_format("arrow")
+    return [
+        length
+        for start in range(0, len(dataset), LENGTH_ROWS)
+        for length in pyarrow.compute.list_value_length(
+            rows[start : start + LENGTH_ROWS].column("input_ids")
+        ).to_pylist()
+    ]
+
+
+LENGTH_ROWS = 100_000
 
 
 def length_grouped_order(
