@@ -2,6 +2,7 @@
 
     python bench/packing_bench.py                  # 600 chat examples, batch 8, --max_length 512
     python bench/packing_bench.py --examples 2000 --max_length 1024
+    OMP_NUM_THREADS=1 python bench/packing_bench.py  # steadier on a shared machine
 
 The same chat data (a realistic mix: mostly short questions and answers, a long tail of long
 answers and multi-turn conversations) is tokenized by kd_dist's data path three ways and batched
@@ -109,9 +110,7 @@ def main() -> None:
                           **flags)  # fmt: skip
         data = build_datasets(cfg, tokenizer)
         loaders[name] = list(train_data_loader(cfg, data.train, make_collator(tokenizer)))
-    lengths = sorted(
-        int(row.sum()) for b in loaders["padded"] for row in b["attention_mask"]
-    )  # fmt: skip
+    lengths = sorted(int(row.sum()) for b in loaders["padded"] for row in b["attention_mask"])
 
     torch.manual_seed(0)
     vocab = len(tokenizer)
