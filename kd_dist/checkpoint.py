@@ -284,9 +284,9 @@ def resolve_checkpoint(cfg: TrainConfig) -> Path | None:
 RESUME_MUST_MATCH = (
     "teacher_model", "student_model", "task_type", "dataset_config", "dataset_split",
     "dataset_format", "text_column", "messages_column", "prompt_column", "response_column",
-    "max_length", "max_target_length", "train_on_prompt", "packing", "max_train_samples",
-    "eval_ratio", "batch_size", "gradient_accumulation_steps", "seed", "optimizer", "fp16",
-    "bf16",
+    "max_length", "max_target_length", "train_on_prompt", "packing", "group_by_length",
+    "max_train_samples", "eval_ratio", "batch_size", "gradient_accumulation_steps", "seed",
+    "optimizer", "fp16", "bf16",
 )  # fmt: skip
 
 

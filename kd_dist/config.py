@@ -139,8 +139,18 @@ class TrainConfig:
     packing: bool = field(
         default=False,
         metadata=_help(
-            "Text data: join the documents (eos between) and cut them into --max_length blocks "
-            "instead of truncating each one."
+            "Causal data (text, instruction, chat): pack whole examples into blocks of at most "
+            "--max_length tokens, padding-free; attention and positions stay within each "
+            "example, prompts stay masked. Text longer than a block is split, other examples "
+            "are truncated."
+        ),
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata=_help(
+            "Unpacked data: batch examples of similar lengths together (Hugging Face Trainer's "
+            "length-grouped sampling: shuffled megabatches of 50 batches, each sorted by "
+            "length), to cut padding."
         ),
     )
     max_train_samples: int | None = field(
@@ -423,8 +433,13 @@ class TrainConfig:
             problems.append("--save_total_limit must be at least 1 (omit it to keep all).")
         if self.packing and self.task_type == "seq2seq":
             problems.append(
-                "--packing joins plain-text documents for a causal model; seq2seq examples are "
+                "--packing packs causal documents into blocks; seq2seq examples are "
                 "(source, target) pairs and can't be packed: drop --packing."
+            )
+        if self.packing and self.group_by_length:
+            problems.append(
+                "--group_by_length groups unpacked examples by length; packed blocks are all "
+                "about --max_length long already: drop one of --packing and --group_by_length."
             )
         if self.skip_nonfinite < 0:
             problems.append("--skip_nonfinite must be >= 0 (0 stops at the first NaN).")

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from transformers import (
@@ -22,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.losses import IGNORE_INDEX, LogitTransform, OutputHead
@@ -169,6 +172,8 @@ def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         check_vocab_covers_tokenizer(config, role, tokenizer)
         check_positions(config, role, name, cfg)
         check_model_features(concrete_class(cfg, config), role, name, cfg)
+        if cfg.packing:
+            check_packing(config, f"--{role}_model {name!r}")
 
 
 def concrete_class(cfg: TrainConfig, config: PretrainedConfig) -> type | None:
@@ -442,9 +447,59 @@ def forward_logits(
 
 def _forward(model, module, batch, task_type):
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "position_ids" in batch:  # --packing: several documents per row
+        inputs = {"input_ids": batch["input_ids"], **packed_inputs(module, batch["position_ids"])}
     if task_type == "seq2seq":
         inputs["decoder_input_ids"] = decoder_inputs(module, batch["labels"])
     return model(**inputs, use_cache=False)
+
+
+# Families whose forward, given position_ids and no attention_mask, keeps packed documents apart
+# by itself: they hand position_ids to transformers' mask functions (masking_utils, which finds
+# the documents where the positions restart), sliding-window layers included (transformers 5).
+_PACKED_FROM_POSITIONS = (
+    "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe gemma gemma2 gemma3_text cohere "
+    "cohere2 granite phi phi3 gpt2 gpt_neox falcon starcoder2 olmo olmo2 stablelm"
+).split()
+# Families that take position_ids but build their mask without them (OPT): they are given the
+# mask transformers builds for packed documents, as a 4D mask, which they use as it is.
+_PACKED_MASK_GIVEN = ("opt",)
+
+
+def check_packing(config: PretrainedConfig, which: str) -> None:
+    """--packing needs a model family whose attention can be kept within each document;
+    ``which`` names the model in the error (e.g. "--student_model 'path'")."""
+    if config.model_type not in (*_PACKED_FROM_POSITIONS, *_PACKED_MASK_GIVEN):
+        raise ConfigError(
+            f"--packing: {which} is a {config.model_type} model, and kd_dist "
+            "does not know how to keep packed documents from attending to each other in it "
+            f"(it knows {', '.join(sorted((*_PACKED_FROM_POSITIONS, *_PACKED_MASK_GIVEN)))}): "
+            "drop --packing (--group_by_length also cuts padding)."
+        )
+
+
+def packed_inputs(module: PreTrainedModel, position_ids: torch.Tensor) -> dict[str, Any]:
+    """The forward's attention inputs for packed rows ([B, L] ``position_ids``, restarting at 0
+    with every document) that keep each document's attention to itself."""
+    config = module.config
+    check_packing(config, f"the model {config.name_or_path!r}")
+    if config._attn_implementation.startswith("flash_attention"):
+        # The variable-length kernel, over every row's documents: transformers infers their
+        # bounds from position_ids only for a single (flattened) row, so they are passed.
+        (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+        return dict(
+            position_ids=position_ids, attention_mask=None, cu_seq_lens_q=cu_q,
+            cu_seq_lens_k=cu_k, max_length_q=max_q, max_length_k=max_k,
+        )  # fmt: skip
+    if config.model_type in _PACKED_MASK_GIVEN:
+        # masking_utils reads only the shape, dtype and device of the embeddings: [B, L, 0].
+        embeds = position_ids.new_empty((*position_ids.shape, 0), dtype=module.dtype)
+        mask = create_causal_mask(
+            config=config, inputs_embeds=embeds, attention_mask=None, cache=None,
+            position_ids=position_ids,
+        )  # fmt: skip
+        return dict(position_ids=position_ids, attention_mask=mask)
+    return dict(position_ids=position_ids, attention_mask=None)  # _PACKED_FROM_POSITIONS
 
 
 def decoder_inputs(module: PreTrainedModel, labels: torch.Tensor) -> torch.Tensor:

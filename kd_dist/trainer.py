@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from datasets import Dataset
 from deepspeed.runtime.zero import GatheredParameters
 from torch.nn import Parameter
 from torch.utils.data import DataLoader
@@ -44,7 +45,13 @@ from kd_dist.checkpoint import (
     set_aside_abandoned,
 )
 from kd_dist.config import ConfigError, TrainConfig
-from kd_dist.data import build_datasets, content_fingerprint, make_collator
+from kd_dist.data import (
+    LengthGroupedSampler,
+    build_datasets,
+    content_fingerprint,
+    example_lengths,
+    make_collator,
+)
 from kd_dist.data.parallel import tokenize_first
 from kd_dist.engine import (
     NonFiniteError,
@@ -467,6 +474,22 @@ def take_step(
                         f"(epoch {state.epoch}, batches {batches} of the epoch)")  # fmt: skip
 
 
+def train_data_loader(cfg: TrainConfig, examples: Dataset, collate: Callable) -> DataLoader:
+    """The training batches, shuffled or (--group_by_length) length-grouped; either way the
+    order is a function of (seed, epoch), which ``set_epoch`` selects.
+
+    The loader draws its seeds from its own generator, not the global RNG that dropout uses: a
+    resumed run starts an epoch's iterator mid-epoch, and must not shift dropout's stream.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.group_by_length:
+        sampler = LengthGroupedSampler(example_lengths(examples), cfg.batch_size, cfg.seed)
+        order = {"sampler": sampler}
+    else:
+        order = {"shuffle": True}
+    return DataLoader(examples, cfg.batch_size, collate_fn=collate, generator=generator, **order)
+
+
 def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 
@@ -531,17 +554,13 @@ def run_training(
         cfg.save(cfg.output_dir)
 
     collate = make_collator(tokenizer)
-    # The loader draws its seeds from its own generator, not the global RNG that dropout uses:
-    # a resumed run starts an epoch's iterator mid-epoch, and must not shift dropout's stream.
-    train_loader = DataLoader(
-        data.train,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    loader = train_data_loader(cfg, data.train, collate)
     optimizer = build_optimizer(cfg, student)
-    student, optimizer, train_loader = accelerator.prepare(student, optimizer, train_loader)
+    student, optimizer, train_loader = accelerator.prepare(student, optimizer, loader)
+    if cfg.group_by_length:
+        # As accelerate does for its own seeded sampler: the sharded batch sampler holds it, so
+        # that set_epoch reaches it on every process, through skip_first_batches too.
+        train_loader.set_sampler(loader.sampler)
     # After prepare: the loader yields this process's share of each global batch.
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = planned_steps(cfg, steps_per_epoch)

@@ -12,23 +12,29 @@ import datasets
 import huggingface_hub.constants
 import pytest
 import torch
+from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from datasets import Dataset, DatasetDict
 from datasets.packaged_modules.json.json import Json
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch.utils.data import DataLoader
 from transformers import MBartTokenizer, NllbTokenizer, PreTrainedTokenizerFast
 
+import kd_dist.data.sampling
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import (
     IGNORE_INDEX,
     DataSplits,
+    LengthGroupedSampler,
     build_datasets,
     content_fingerprint,
+    example_lengths,
     make_collator,
 )
 from kd_dist.data.chat import plain_chat_template
 from kd_dist.data.formats import FORMATS, detect_format, render, resolve_format
 from kd_dist.models import load_tokenizer
 from kd_dist.tiny import build_tokenizer
+from tests.test_packing import documents
 
 # --- format table: one row per supported layout ---------------------------------------------
 # (case id, raw row, detected kind, causal (prompt, response), seq2seq (source, target) or None
@@ -743,26 +749,116 @@ def test_causal_data_with_an_eos_adding_tokenizer(eos_tok, tmp_path):
 
 
 # --- packing ------------------------------------------------------------------------------------
-def test_packing_joins_documents_into_full_blocks(tok, tmp_path):
-    texts = [f"the cat number {i} sat on the mat" for i in range(10)] + [""]
+def test_packing_packs_whole_documents_and_splits_long_text(tok, tmp_path):
+    texts = [f"the cat number {i} sat" + " on the mat" * (i % 4) for i in range(10)] + [""]
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
     data = build_datasets(config(path, packing=True, max_length=16), tok)
-    stream = [i for t in texts if t for i in [*ids(tok, t, special=True), tok.eos_token_id]]
-    blocks = data.train["input_ids"]
-    assert [i for block in blocks for i in block] == stream  # nothing lost, nothing cut
-    assert all(len(block) == 16 for block in blocks[:-1]) and 2 <= len(blocks[-1]) <= 16
-    assert data.train["labels"] == blocks  # plain text: every token trained
+    texts_ids = [[*ids(tok, t, special=True), tok.eos_token_id] for t in texts if t]
+    assert max(map(len, texts_ids)) > 16 > min(map(len, texts_ids))
+    # A text document longer than a block is split into pieces overlapping by one token (the
+    # next piece's first, masked, which it predicts from): every token but the first is trained.
+    pieces = [doc[s : s + 16] for doc in texts_ids for s in range(0, len(doc) - 1, 15)]
+    blocks = data.train.to_list()
+    packed = [doc for block in blocks for doc in documents(block)]
+    assert sorted(doc["input_ids"] for doc in packed) == sorted(pieces)
+    for doc in packed:  # every token trained but each piece's first: nothing predicts that one
+        assert doc["labels"] == [IGNORE_INDEX, *doc["input_ids"][1:]]
+    assert all(len(block["input_ids"]) <= 16 for block in blocks)
+    assert len(blocks) < len(pieces)  # short documents share blocks
     assert data.stats["packed_documents"] == 10 and data.stats["dropped_empty"] == 1
-    assert data.stats["train_examples"] == len(blocks) == -(-len(stream) // 16)
+    assert data.stats["train_examples"] == len(blocks)
     assert "packed from 10 documents" in data.summary()
 
 
-def test_packing_needs_plain_text(tok, tmp_path):
+def test_packed_instructions_keep_their_prompt_masks(tok, tmp_path):
+    rows = [*DOLLY_ROWS, {"instruction": "long " * 40, "context": "", "response": "cut"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    unpacked = build_datasets(config(path, max_length=48), tok)
+    packed = build_datasets(config(path, packing=True, max_length=48), tok)
+    docs = [doc for block in packed.train.to_list() for doc in documents(block)]
+    # The same examples with the same prompt masks (an example's first label is never trained).
+    assert sorted((doc["input_ids"], doc["labels"][1:]) for doc in docs) == sorted(
+        (row["input_ids"], row["labels"][1:]) for row in unpacked.train.to_list()
+    )
+    first = next(doc for doc in docs if doc["input_ids"] == unpacked.train[0]["input_ids"])
+    masked, trained = split_labels(first)
+    assert tok.decode(trained) == "answer 0</s>" and masked > 5
+    # An instruction longer than a block is truncated (and counted) as unpacked: its answer was
+    # cut away, so it is dropped, never split from its prompt.
+    assert packed.stats["dropped_no_labels"] == unpacked.stats["dropped_no_labels"] == 1
+    assert packed.stats["packed_documents"] == 12 and len(packed.train) < 12
+
+
+def test_packing_is_refused_for_seq2seq(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
-    with pytest.raises(ConfigError, match=r"--packing applies to plain-text data.*instruction"):
-        build_datasets(config(path, packing=True), tok)
-    with pytest.raises(ConfigError, match=r"--packing joins plain-text documents"):
+    with pytest.raises(ConfigError, match=r"--packing packs causal documents.*drop --packing"):
         config(path, packing=True, task_type="seq2seq").validate()
+
+
+# --- --group_by_length ----------------------------------------------------------------------
+def grouped_epoch(lengths: list[int], seed: int, epoch: int, batch_size: int = 8) -> list[int]:
+    sampler = LengthGroupedSampler(lengths, batch_size, seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def padding(lengths: list[int], order: list[int], batch_size: int = 8) -> float:
+    """The padding fraction of the batches cut from ``order``."""
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths) / padded
+
+
+def test_length_grouped_order_is_a_seeded_permutation_of_similar_lengths():
+    lengths = [int(x) for x in torch.randint(1, 400, (2000,), generator=torch.Generator())]
+    order = grouped_epoch(lengths, seed=1, epoch=0)
+    assert order == grouped_epoch(lengths, seed=1, epoch=0)  # a function of (seed, epoch)
+    assert sorted(order) == list(range(2000))  # each example once
+    others = [grouped_epoch(lengths, 1, 1), grouped_epoch(lengths, 2, 0)]
+    assert all(other != order and sorted(other) == sorted(order) for other in others)
+    assert lengths[order[0]] == max(lengths)  # the longest batch first
+    # Megabatches of 50 batches (400 examples), each sorted longest first (but for their first
+    # example: the longest of all was swapped to the front).
+    for start in range(0, 2000, 400):
+        megabatch = [lengths[i] for i in order[start + 1 : start + 400]]
+        assert megabatch == sorted(megabatch, reverse=True)
+    shuffled = torch.randperm(2000, generator=torch.Generator().manual_seed(1)).tolist()
+    assert padding(lengths, order) < 0.02 < 0.4 < padding(lengths, shuffled)
+
+
+def test_length_grouped_batches_shard_over_processes_and_resume_mid_epoch():
+    """What the trainer does: accelerate shards the batches (each process takes every other
+    one), ``set_sampler`` lets ``set_epoch`` reach the sampler through ``skip_first_batches``."""
+    lengths = [(i * 37) % 101 + 1 for i in range(64)]
+    order = grouped_epoch(lengths, seed=3, epoch=2, batch_size=4)
+    batches = [order[i : i + 4] for i in range(0, 64, 4)]
+
+    def rank_batches(rank: int, skip: int) -> list[list[int]]:
+        sampler = LengthGroupedSampler(lengths, 4, seed=3)
+        loader = DataLoader(range(64), batch_size=4, sampler=sampler)
+        sharded = prepare_data_loader(loader, num_processes=2, process_index=rank,
+                                      put_on_device=False)  # fmt: skip
+        sharded.set_sampler(sampler)
+        resumed = skip_first_batches(sharded, skip)
+        resumed.set_epoch(2)
+        return [batch.tolist() for batch in resumed]
+
+    for rank in (0, 1):
+        assert rank_batches(rank, skip=0) == batches[rank::2]
+        assert rank_batches(rank, skip=3) == batches[rank::2][3:]
+
+
+def test_group_by_length_and_packing_are_exclusive(tok, tmp_path):
+    with pytest.raises(ConfigError, match=r"--group_by_length.*drop one of --packing and"):
+        config(tmp_path / "d.jsonl", packing=True, group_by_length=True).validate()
+
+
+def test_example_lengths_read_the_kept_examples(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(kd_dist.data.sampling, "LENGTH_ROWS", 5)  # 11 rows: 3 slices
+    rows = [*DOLLY_ROWS, {"instruction": "", "context": "", "response": ""}]
+    data = build_datasets(config(write_jsonl(tmp_path / "d.jsonl", rows)), tok)
+    kept = data.train.select(range(1, 12))  # an indices mapping, as filters and selects make
+    assert example_lengths(kept) == [len(row) for row in kept["input_ids"]]
 
 
 # --- caching and determinism --------------------------------------------------------------------

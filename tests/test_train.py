@@ -6,7 +6,9 @@ import copy
 import io
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +32,7 @@ from kd_dist.cli import main
 from kd_dist.config import TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.evaluation import METRIC_KEYS, TEACHER_KEYS
+from kd_dist.faults import TRACE_ENV
 from kd_dist.models import load_models, resolve_lengths
 from kd_dist.tiny import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES, build_model, save_pair
 from kd_dist.trainer import build_optimizer, decay_split
@@ -174,14 +177,53 @@ def test_a_base_student_trained_on_an_instruct_template_stops_at_its_end_of_turn
     assert GenerationConfig.from_pretrained(out).eos_token_id == [tok.eos_token_id, end_of_turn]
 
 
-def test_packed_text_trains_on_full_blocks(model_pair, text_dataset, tmp_path, caplog):
-    teacher, student = model_pair("gpt2")
+def test_packed_instructions_train_and_evaluate(model_pair, dolly_dataset, tmp_path, caplog):
+    teacher, student = model_pair("llama")
     out = tmp_path / "run"
-    argv = train_args(teacher, student, text_dataset, out, "--packing", "--max_steps", "2")
+    argv = train_args(teacher, student, dolly_dataset, out, "--packing", "--max_length", "128",
+                      "--max_steps", "2", "--eval_ratio", "0.25", "--no-compile_loss")  # fmt: skip
     with caplog.at_level(logging.INFO, logger="kd_dist"):
         assert main(argv) == 0
-    assert "packed from 64 documents" in caplog.text
+    blocks = re.search(r"train (\d+) examples \(packed from 48 documents\)", caplog.text)
+    assert blocks and int(blocks[1]) < 48
+    assert re.search(r"eval \d+ examples \(packed from 16 documents\)", caplog.text)
+    assert "[masked: " in caplog.text  # the first block's prompts are shown masked
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert all(math.isfinite(metrics[key]) for key in METRIC_KEYS)
     assert (out / "model.safetensors").is_file()
+
+
+def test_group_by_length_resumes_mid_epoch_exactly(
+    model_pair, dolly_dataset, tmp_path, monkeypatch
+):
+    teacher, student = model_pair("llama")
+    common = ("--group_by_length", "--max_length", "128", "--max_train_samples", "16",
+              "--epochs", "2", "--save_steps", "6", "--save_every", "0",
+              "--no-compile_loss")  # fmt: skip
+
+    def run(name: str, *extra: str) -> list[dict]:
+        monkeypatch.setenv(TRACE_ENV, str(tmp_path / name))
+        assert (
+            main(train_args(teacher, student, dolly_dataset, tmp_path / name, *common, *extra)) == 0
+        )
+        trace = (tmp_path / f"{name}.rank0").read_text().splitlines()
+        return [json.loads(line) for line in trace]
+
+    straight = run("straight")
+    epochs = [
+        [e for r in straight if r["epoch"] == epoch for e in r["examples"]] for epoch in (0, 1)
+    ]
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])  # reshuffled
+    for order in epochs:  # the longest example first
+        assert len(order[0]) == max(map(len, order))
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-00000006"  # epoch 1, step 2 of 4
+    resumed = run("resumed", "--resume_from_checkpoint", str(checkpoint))
+    assert resumed == [record for record in straight if record["step"] > 6]
+    expected, actual = (
+        load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed")
+    )
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_python_module_and_console_script_entry_points(model_pair, text_dataset, tmp_path):

@@ -3,7 +3,8 @@
 ``build_datasets`` is the one entry point the trainer needs; ``make_collator`` batches its output.
 The steps live in small modules: ``sources`` (load, pick splits), ``formats`` (detect the layout,
 render a row as prompt/response), ``chat`` (conversations through a chat template),
-``tokenization`` (ids, label masks, filtering, packing) and ``collate``.
+``tokenization`` (ids, label masks, filtering, packing), ``collate`` and ``sampling``
+(--group_by_length).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kd_dist.data.formats import (
     resolve_format,
 )
 from kd_dist.data.parallel import resolve_num_proc, usable_cpus
+from kd_dist.data.sampling import LengthGroupedSampler, example_lengths
 from kd_dist.data.sources import load_source, select_splits
 from kd_dist.data.tokenization import (
     IGNORE_INDEX,
@@ -40,12 +42,20 @@ from kd_dist.data.tokenization import (
 
 logger = logging.getLogger("kd_dist")
 
-__all__ = ["IGNORE_INDEX", "DataSplits", "build_datasets", "content_fingerprint", "make_collator"]
+__all__ = [
+    "IGNORE_INDEX",
+    "DataSplits",
+    "LengthGroupedSampler",
+    "build_datasets",
+    "content_fingerprint",
+    "example_lengths",
+    "make_collator",
+]
 
 
 @dataclass
 class DataSplits:
-    train: datasets.Dataset  # tokenized: input_ids, attention_mask, labels
+    train: datasets.Dataset  # tokenized: input_ids, attention_mask, labels (+ position_ids packed)
     eval: datasets.Dataset | None  # tokenized, or None when there is no (non-empty) eval split
     format: str  # "text" | "instruction" | "chat" | "seq2seq"
     layout: str  # the FORMATS row (e.g. "dolly", "sharegpt") or "custom_<kind>"

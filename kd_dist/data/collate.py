@@ -2,7 +2,9 @@
 
 One collator serves both task types: each field is padded to its own longest length, so seq2seq
 sources (``input_ids``/``attention_mask``) and targets (``labels``) get their own lengths, and in
-causal batches all three already share one length.
+causal batches all three already share one length. Packed causal batches also carry
+``position_ids`` (restarting at 0 with every document), padded with 0: each padding token is then
+a document of its own, which no real token attends to (padding comes last, attention is causal).
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
 
 
 def make_collator(tokenizer: Any) -> Collator:
-    """A collate_fn padding ``input_ids`` with the pad token, ``attention_mask`` with 0 and
-    ``labels`` with IGNORE_INDEX (so padding is never trained on). Causal and seq2seq batches
-    pad alike: each field to its own longest row."""
+    """A collate_fn padding ``input_ids`` with the pad token, ``attention_mask`` and
+    ``position_ids`` (packed data) with 0 and ``labels`` with IGNORE_INDEX (so padding is never
+    trained on). Causal and seq2seq batches pad alike: each field to its own longest row."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one before building the collator")
     pad_values = {
         "input_ids": tokenizer.pad_token_id,
         "attention_mask": 0,
         "labels": IGNORE_INDEX,
+        "position_ids": 0,
     }
 
     def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

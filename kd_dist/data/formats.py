@@ -195,19 +195,13 @@ def as_conversational(spec: FormatSpec, features: datasets.Features) -> FormatSp
 
 
 def check_compatible(spec: FormatSpec, cfg: TrainConfig) -> None:
-    """Plain text has no target, so it can't train an encoder-decoder model; only plain text can
-    be packed (the other kinds carry a per-example label mask)."""
+    """Plain text has no target, so it can't train an encoder-decoder model."""
     if cfg.task_type == SEQ2SEQ and spec.kind == TEXT:
         raise ConfigError(
             f"--task_type seq2seq needs (source, target) pairs, but the dataset is plain text "
             f"(column {spec.text!r}): there is nothing to use as the target. Use instruction, "
             "chat or seq2seq data (e.g. source/target, document/summary, instruction/response "
             "columns), or distil into a causal student with --task_type causal."
-        )
-    if cfg.packing and spec.kind != TEXT:
-        raise ConfigError(
-            f"--packing applies to plain-text data, but the dataset is {spec.kind} data "
-            f"({spec.name}), whose examples each carry their own prompt mask: drop --packing."
         )
 
 

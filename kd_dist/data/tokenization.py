@@ -14,13 +14,16 @@ Seq2seq examples keep the source as ``input_ids`` and the target, tokenized as a
 ``labels``. Labels are not shifted: the loss does that. Every example also carries a status
 (kept, empty, no trainable label) and a truncation flag so that the dropped and truncated
 examples can be counted after the (possibly multi-process) ``datasets.map``.
+
+With --packing, causal examples (documents) are packed whole into blocks of --max_length tokens
+(``pack_batch``), each block's ``position_ids`` restarting at 0 with every document.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 from datasets import Dataset, Features, List, Value
@@ -34,7 +37,7 @@ from kd_dist.data.chat import (
     normalise_conversation,
     plain_chat_template,
 )
-from kd_dist.data.formats import CHAT, FormatSpec, render
+from kd_dist.data.formats import CHAT, TEXT, FormatSpec, render
 from kd_dist.losses import IGNORE_INDEX
 
 OK, EMPTY, NO_LABELS = "ok", "empty", "no_labels"
@@ -317,8 +320,9 @@ def tokenize_split(
             spec=spec,
             task_type=cfg.task_type,
             tokenizer=tokenizer,
-            # Packed documents are cut into blocks afterwards, not truncated one by one.
-            max_length=None if cfg.packing else cfg.max_length,
+            # Packed text documents are split into blocks afterwards, not truncated; the other
+            # formats are truncated as unpacked, so that no answer is cut from its prompt.
+            max_length=None if cfg.packing and spec.kind == TEXT else cfg.max_length,
             max_target_length=cfg.max_target_length or cfg.max_length,
             train_on_prompt=cfg.train_on_prompt,
             adds_eos=tokenizer_adds_eos(tokenizer),
@@ -352,6 +356,7 @@ def tokenize_split(
             batch_size=PACKING_BATCH,
             fn_kwargs=dict(block_length=cfg.max_length),
             remove_columns=encoded.column_names,
+            features=PACKED_FEATURES,
             # One process: workers' shards would end blocks at their own edges (other blocks).
             desc=f"Packing {name}",
         )
@@ -359,23 +364,68 @@ def tokenize_split(
     return encoded, stats
 
 
-# Documents joined per packing call: each call's last block may be shorter than --max_length.
+# Documents packed per packing call: each call's last blocks may be less full.
 PACKING_BATCH = 1000
+PACKED_FEATURES = Features(
+    {key: List(Value("int32")) for key in ("input_ids", "attention_mask", "labels", "position_ids")}
+)
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices, each holding at most ``capacity`` in total: the items, longest
+    first, each go to the fullest bin that still has room for it (TRL's "bfd" strategy).
+    Deterministic: ties go to the earlier item and the earlier bin. Every length <= capacity."""
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (space left, bin index), sorted
+    for item in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(room, (lengths[item], -1))
+        if at == len(room):
+            bins.append([])
+            space, index = capacity, len(bins) - 1
+        else:
+            space, index = room.pop(at)
+        bins[index].append(item)
+        if space > lengths[item]:
+            bisect.insort(room, (space - lengths[item], index))
+    return bins
+
+
+def document_pieces(
+    input_ids: list[int], labels: list[int], block_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """One document as pieces of at most ``block_length`` tokens, each with its first label
+    masked: in a packed block the previous document's last token would otherwise predict it.
+    Only a text document can be longer than a block (the other formats are truncated before,
+    so that no answer is cut from its prompt); its pieces overlap by one token, which each
+    next piece starts from, so that every token after the first is still predicted once. A
+    piece with nothing to train on is dropped."""
+    pieces = []
+    for start in range(0, max(len(input_ids) - 1, 1), block_length - 1):
+        piece_labels = [IGNORE_INDEX, *labels[start + 1 : start + block_length]]
+        if any(label != IGNORE_INDEX for label in piece_labels):
+            pieces.append((input_ids[start : start + block_length], piece_labels))
+    return pieces
 
 
 def pack_batch(batch: dict[str, list[list[int]]], block_length: int) -> dict[str, list[Any]]:
-    """Join the batch's examples (each already ends with eos) and cut them into blocks of
-    ``block_length`` tokens; a final block too short to predict anything (< 2 tokens) is dropped.
-    Attention runs across document boundaries inside a block, as in Hugging Face's run_clm."""
-    input_ids = list(chain.from_iterable(batch["input_ids"]))
-    labels = list(chain.from_iterable(batch["labels"]))
-    starts = [s for s in range(0, len(input_ids), block_length) if len(input_ids) - s >= 2]
-    blocks = [input_ids[s : s + block_length] for s in starts]
-    return {
-        "input_ids": blocks,
-        "attention_mask": [[1] * len(block) for block in blocks],
-        "labels": [labels[s : s + block_length] for s in starts],
-    }
+    """Pack the batch's documents (``document_pieces``) whole into blocks of at most
+    ``block_length`` tokens, best fit decreasing, so that blocks need next to no padding.
+    ``position_ids`` restart at 0 with every document, which is how the forward keeps each
+    document's attention to itself (``models._forward``)."""
+    pieces = [
+        piece
+        for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True)
+        for piece in document_pieces(ids, labels, block_length)
+    ]
+    blocks = best_fit_decreasing([len(ids) for ids, _ in pieces], block_length)
+    packed: dict[str, list[list[int]]] = {key: [] for key in PACKED_FEATURES}
+    for block in blocks:
+        members = [pieces[i] for i in block]
+        packed["input_ids"].append([token for ids, _ in members for token in ids])
+        packed["labels"].append([label for _, labels in members for label in labels])
+        packed["position_ids"].append([p for ids, _ in members for p in range(len(ids))])
+        packed["attention_mask"].append([1] * len(packed["input_ids"][-1]))
+    return packed
 
 
 def render_example(tokenizer: Any, example: dict[str, Any], task_type: str) -> str:
