@@ -386,7 +386,7 @@ def run_training(
         teacher = place_teacher(accelerator, teacher, placement)
     # The same on every rank, whatever each one found (see agree_on_minimum).
     chunk_rows, fused = agree_on_minimum(accelerator, [
-        cfg.chunk_rows(vocab_size, accelerator.device.type),
+        cfg.chunk_rows(vocab_size, accelerator.device, precision_dtype(cfg)),
         use_fused_loss(cfg, accelerator.unwrap_model(student), teacher),
     ])  # fmt: skip
     chunk_rows, fused = int(chunk_rows), bool(fused)
