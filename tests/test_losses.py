@@ -301,7 +301,7 @@ def test_gpu_chunk_takes_a_share_of_the_free_memory_within_its_bounds():
         return auto_chunk_rows(vocab, "cuda", compute_dtype=torch.bfloat16, free_bytes=free_bytes)
 
     share = int(100 * GIB * GPU_FREE_MEMORY_FRACTION) // row_bytes
-    assert GPU_MIN_CHUNK_ROWS < share < MAX_CHUNK_ROWS and rows(100 * GIB) == share  # 1914
+    assert GPU_MIN_CHUNK_ROWS < share < MAX_CHUNK_ROWS and rows(100 * GIB) == share  # 1868
     assert rows(10_000 * GIB) == MAX_CHUNK_ROWS
     # 40 GiB: its share (766 rows) is below the floor, which a quarter of it still holds.
     assert rows(40 * GIB) == GPU_MIN_CHUNK_ROWS
