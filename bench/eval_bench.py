@@ -86,7 +86,7 @@ def run(method: str, student, teacher, batch, vocab: int, chunk_rows: int) -> di
 def measure_memory(method: str, args, vocab: int, device: str) -> dict:
     """Peak extra bytes of one evaluation call (in a fresh process), and its metrics."""
     student, teacher, batch = make_models_and_batch(vocab, args.batch, args.length, device)
-    chunk_rows = auto_chunk_rows(vocab, 256, device)  # as training's default budget
+    chunk_rows = auto_chunk_rows(vocab, device, memory_budget_mb=256)  # a fixed budget
     run(method, student, teacher, batch, vocab, chunk_rows)  # warm-up
     peak, metrics = peak_extra_bytes(
         lambda: run(method, student, teacher, batch, vocab, chunk_rows), device
@@ -97,7 +97,7 @@ def measure_memory(method: str, args, vocab: int, device: str) -> dict:
 def measure_time(method: str, args, vocab: int, device: str) -> dict:
     """Median seconds of --repeats evaluation calls after a warm-up (in a fresh process)."""
     student, teacher, batch = make_models_and_batch(vocab, args.batch, args.length, device)
-    chunk_rows = auto_chunk_rows(vocab, 256, device)
+    chunk_rows = auto_chunk_rows(vocab, device, memory_budget_mb=256)
     run(method, student, teacher, batch, vocab, chunk_rows)
     seconds = []
     for _ in range(args.repeats):

@@ -2,6 +2,9 @@
 
     python bench/loss_bench.py          # tokens 4096, hidden 256, vocab 32000 and 128256
     python bench/loss_bench.py --vocabs 32000 --repeats 5
+    python bench/loss_bench.py --baseline-ref 9796684 --methods kd_dist gemm   # before/after
+    python bench/loss_bench.py --tokens 8192 --hidden 4096 --vocabs 128256 \
+        --baseline-ref 9796684 --methods kd_dist gemm            # on a GPU (bf16): issue 12
 
 Methods, all on the same inputs and objective (generalized JSD, beta 0.5, T = 1, no CE: the
 objective Liger implements):
@@ -9,6 +12,7 @@ objective Liger implements):
     naive      full [tokens x vocab] logits of both models, the loss by autograd (fp32 softmax)
     kd_dist    kd_dist.losses.fused_distillation_loss (never makes the full logits), its chunk
                kernel torch.compile'd as in training (warm-up excluded)
+    baseline   the same function as it was at git revision --baseline-ref (with that option)
     liger      liger_kernel's LigerFusedLinearJSDLoss, torch.compile'd (when liger-kernel is
                installed; the compile warm-up is excluded from the timings)
     gemm       the bare matrix multiplications any implementation needs: student and teacher
@@ -17,7 +21,7 @@ objective Liger implements):
 Times are medians over --repeats, the methods interleaved so that machine noise hits them alike.
 Peak memory is measured in a fresh subprocess per method (CUDA: max_memory_allocated; CPU: the
 resident set sampled every millisecond, with glibc told to return freed blocks to the OS), minus
-the memory held just before the call (inputs included). CPU runs fp32; a GPU run uses bf16.
+the memory held just before the call (inputs included). CPU runs fp32, a GPU run bf16.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import statistics
 import subprocess
 import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +44,20 @@ from memory_probe import peak_extra_bytes
 from kd_dist.losses import LossSpec, OutputHead, fused_distillation_loss
 
 SPEC = LossSpec("jsd", temperature=1.0, alpha=0.0, jsd_beta=0.5)
-METHODS = ("naive", "kd_dist", "liger", "gemm")
+METHODS = ("naive", "kd_dist", "baseline", "liger", "gemm")
 CHUNK_ROWS = [None]  # kd_dist's chunk size; None: its automatic choice
+BASELINE: dict[str, types.ModuleType] = {}  # "losses": kd_dist.losses at --baseline-ref
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_baseline(ref: str) -> types.ModuleType:
+    """kd_dist/losses.py as it was at git revision ``ref`` (it imports nothing of kd_dist)."""
+    source = subprocess.run(["git", "show", f"{ref}:kd_dist/losses.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    module = types.ModuleType(f"losses_at_{ref}")
+    sys.modules[module.__name__] = module  # its dataclasses look themselves up there
+    exec(compile(source, f"{ref}:kd_dist/losses.py", "exec"), module.__dict__)
+    return module
 
 
 def liger_available() -> bool:
@@ -79,9 +97,9 @@ def naive(x) -> torch.Tensor:
     return jsd.mean()
 
 
-def kd_dist(x) -> torch.Tensor:
+def kd_dist(x, fused_loss=fused_distillation_loss) -> torch.Tensor:
     vocab = x["student_weight"].shape[0]
-    return fused_distillation_loss(
+    return fused_loss(
         x["student_hidden"],
         OutputHead(x["student_weight"]),
         x["teacher_hidden"],
@@ -92,6 +110,10 @@ def kd_dist(x) -> torch.Tensor:
         chunk_rows=CHUNK_ROWS[0],
         compiled=True,
     ).loss
+
+
+def baseline(x) -> torch.Tensor:
+    return kd_dist(x, BASELINE["losses"].fused_distillation_loss)
 
 
 _LIGER = {}
@@ -169,9 +191,10 @@ def peak_memory(methods, args, device) -> dict[str, dict[int, float]]:
     for vocab in args.vocabs:
         for method in methods:
             chunk = ["--chunk-rows", str(args.chunk_rows)] if args.chunk_rows else []
+            ref = ["--baseline-ref", args.baseline_ref] if args.baseline_ref else []
             child = [sys.executable, __file__, "--memory-child", method, "--tokens",
                      str(args.tokens), "--hidden", str(args.hidden), "--vocabs", str(vocab),
-                     *chunk]  # fmt: skip
+                     *chunk, *ref]  # fmt: skip
             result = subprocess.run(child, capture_output=True, text=True, env=env, check=True)
             peaks[method][vocab] = json.loads(result.stdout.strip().splitlines()[-1])["peak"]
         print(f"  measured memory at vocab {vocab}", flush=True)
@@ -191,7 +214,7 @@ def report(times, peaks, args, device, dtype) -> None:
     print("\nratios (kd_dist / other; lower is better)")
     for vocab in args.vocabs:
         parts = []
-        for other in ("naive", "liger", "gemm"):
+        for other in ("baseline", "naive", "liger", "gemm"):
             if other not in times or "kd_dist" not in times:
                 continue
             parts.append(f"time vs {other} {times['kd_dist'][vocab] / times[other][vocab]:.2f}x")
@@ -210,17 +233,22 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="Methods to run (naive needs ~22 GiB at vocab 128256).")  # fmt: skip
     parser.add_argument("--chunk-rows", type=int, help="kd_dist's chunk size (default: auto).")
+    parser.add_argument("--baseline-ref", help="A git revision: also run kd_dist's loss as it "
+                        "was there (method 'baseline'), e.g. before a change.")  # fmt: skip
     parser.add_argument("--skip-memory", action="store_true", help="Only time the methods.")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     CHUNK_ROWS[0] = args.chunk_rows
+    if args.baseline_ref:
+        BASELINE["losses"] = load_baseline(args.baseline_ref)
     if args.memory_child:
         peak = measure_peak(args.memory_child, args.tokens, args.hidden, args.vocabs[0], device)
         print(json.dumps({"peak": peak}))
         return
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     methods = [m for m in args.methods if m != "liger" or liger_available()]
+    methods = [m for m in methods if m != "baseline" or args.baseline_ref]
     if "liger" not in methods:
         print("liger-kernel is not installed: `pip install liger-kernel` to compare with it.")
     times = time_methods(methods, args, device, dtype)

@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import torch
 import yaml
 
-from kd_dist.losses import DEFAULT_CHUNK_MEMORY_MB, LossSpec, Objective, auto_chunk_rows
+from kd_dist.losses import LossSpec, Objective, auto_chunk_rows, free_memory
 
 TaskType = Literal["causal", "seq2seq"]
 OptimizerName = Literal["adamw", "sgd", "adafactor"]
@@ -333,12 +333,16 @@ class TrainConfig:
         default=None,
         metadata=_help(
             "Token positions whose full-vocabulary distributions the loss processes at once "
-            "(default: as many as fit --loss_chunk_memory_mb)."
+            "(default: sized from the vocabulary and the memory, see --loss_chunk_memory_mb)."
         ),
     )
-    loss_chunk_memory_mb: float = field(
-        default=DEFAULT_CHUNK_MEMORY_MB,
-        metadata=_help("Memory for one loss chunk's fp32 temporaries, sizing the default chunk."),
+    loss_chunk_memory_mb: float | None = field(
+        default=None,
+        metadata=_help(
+            "Memory for one loss chunk (its logits and temporaries), sizing the default "
+            "--vocab_chunk_size (default: 256 on a CPU; on a GPU 1/8 of its free memory, "
+            "1024-8192 positions)."
+        ),
     )
 
     # ----------------------------------------------------------------------------------------
@@ -350,11 +354,14 @@ class TrainConfig:
     def mixed_precision(self) -> str:
         return "fp16" if self.fp16 else "bf16" if self.bf16 else "no"
 
-    def chunk_rows(self, vocab_size: int, device_type: str) -> int:
-        """Rows per loss/metrics chunk: --vocab_chunk_size, else sized by the memory budget."""
+    def chunk_rows(self, vocab_size: int, device: torch.device, compute_dtype: torch.dtype) -> int:
+        """Rows per loss/metrics chunk: --vocab_chunk_size, else sized from the vocabulary, the
+        dtype and --loss_chunk_memory_mb or the device's free memory (``auto_chunk_rows``); the
+        trainer agrees on the smallest over the ranks."""
         return self.vocab_chunk_size or auto_chunk_rows(
-            vocab_size, self.loss_chunk_memory_mb, device_type
-        )
+            vocab_size, device.type, compute_dtype=compute_dtype, free_bytes=free_memory(device),
+            memory_budget_mb=self.loss_chunk_memory_mb,
+        )  # fmt: skip
 
     def validate(self) -> None:
         """Check everything that can be checked without loading a model or a dataset."""
@@ -392,8 +399,8 @@ class TrainConfig:
                 problems.append(f"--{name} must be at least 1 (got {getattr(self, name)}).")
         if self.vocab_chunk_size is not None and self.vocab_chunk_size < 1:
             problems.append("--vocab_chunk_size must be at least 1 (omit it to size it by memory).")
-        if self.loss_chunk_memory_mb <= 0:
-            problems.append("--loss_chunk_memory_mb must be > 0.")
+        if self.loss_chunk_memory_mb is not None and self.loss_chunk_memory_mb <= 0:
+            problems.append("--loss_chunk_memory_mb must be > 0 (omit it to size it by memory).")
         if not 0.0 <= self.jsd_beta <= 1.0:
             problems.append(f"--jsd_beta must be in [0, 1] (got {self.jsd_beta}).")
         if not 0.0 <= self.skew_alpha < 1.0:

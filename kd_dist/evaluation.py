@@ -280,7 +280,7 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
             eval_loader(accelerator, examples, cfg.batch_size, make_collator(tokenizer)),
             task_type=cfg.task_type,
             vocab_size=len(tokenizer),
-            chunk_rows=cfg.chunk_rows(len(tokenizer), accelerator.device.type),
+            chunk_rows=cfg.chunk_rows(len(tokenizer), accelerator.device, precision_dtype(cfg)),
             autocast=accelerator.autocast,
             gather=accelerator.gather_for_metrics,
             fused=cfg.fused_loss,

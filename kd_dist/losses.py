@@ -30,6 +30,39 @@ in fp32 whatever the input dtype:
 - ``fused_distillation_loss`` takes final hidden states and output-projection weights; each
   chunk's logits exist only inside the chunk, and it keeps only the gradients w.r.t. the
   student's hidden states, weight and bias.
+
+What ``fused_distillation_loss`` allocates, with V_r >= V the weight's rows, d the hidden
+states' dtype (bf16 under --bf16), g = gradient_dtype(d) (fp32 for fp16, else d), w the
+weight's dtype and |x| the bytes of dtype x (measured against this in tests/test_losses.py):
+
+    kept from forward to backward
+      grad_weight    V_r x Hs x 4   the fp32 accumulator; scaled in place in backward, it is
+                                    the weight's gradient itself (no copy when w is fp32)
+      grad_hidden    N x Hs x |g|
+      grad_bias      V_r x 4        (with a bias)
+    during forward only
+      weight copy    V x Hs x |d|   only when w is not d (fp32 master weights under bf16/fp16,
+                                    as autocast would cast them for lm_head too)
+      chunk          C x V x chunk_entry_bytes(d, device): both models' logits in d, the gradient
+                                    overwriting the student's (an fp32 buffer of its own for
+                                    fp16), and off a CPU the elementwise math's temporaries on
+                                    whole chunks (ELEMENTWISE_BYTES_PER_ENTRY + 8 for
+                                    upcasting d); on a CPU that math runs on cache-sized blocks
+                                    of rows (about 13 x _CPU_BLOCK_BYTES)
+      weight-grad    V x Hs x |d|   after each chunk's elementwise math, when g is not fp32
+      product                       and the device has no addmm with out_dtype=fp32 (a CPU:
+                                    its bf16 GEMMs beat fp32 ones, so the product is made in d
+                                    and added into fp32); none with it (CUDA bf16/fp16)
+    during backward only
+      grad_hidden    N x Hs x (4 + 4 + |g|)  the scaling, for a moment
+      weight grad    V_r x Hs x |w| when w is not fp32 (DeepSpeed's bf16 weights)
+
+The forward peak is the kept buffers + the weight copy + max(chunk, C x V x 2|d| + product).
+Under bf16 with fp32 master weights the output layer thus costs the fp32 [V_r, Hs] gradient
+that any training holds plus, during forward, one bf16 [V, Hs] copy (and on a CPU the bf16
+product): 1.5 (CPU 2.1) fp32-[V_r, Hs] sizes at the peak, 1.0 in backward, where the earlier
+version (a bf16 product cast to fp32 per chunk, the weight cut and cast under autograd) peaked at
+3.1 in forward and 2.5 in backward. ``auto_chunk_rows`` sizes C.
 """
 
 from __future__ import annotations
@@ -46,12 +79,21 @@ IGNORE_INDEX = -100
 Objective = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
-DEFAULT_CHUNK_MEMORY_MB = 256.0
-# [C x V] values the loss holds per chunk entry, which sizes the automatic chunk. On a CPU: the
-# two models' logits (the gradient overwrites the student's), with the elementwise math run on
-# cache-sized blocks of rows; elsewhere the math runs on whole chunks and its fp32 temporaries
-# add about four values per entry.
-_VALUES_PER_ENTRY = {"cpu": 2, "other": 6}
+# Automatic chunk size (``auto_chunk_rows``). On a CPU the matrix products are efficient from a
+# few hundred rows and the elementwise math runs on cache-sized blocks, so a fixed budget keeps
+# what was measured fastest there. On a GPU the weight-gradient product [V, C] x [C, H] needs
+# C in the thousands to run near peak, and each chunk also passes over the fp32 [V, H]
+# accumulator once: the chunk takes a share of the free memory, within these rows.
+CPU_CHUNK_MEMORY_MB = 256.0
+GPU_FREE_MEMORY_FRACTION = 1 / 8  # measured before the first step: activations, gradients and
+# lazily made optimizer states still need the rest
+GPU_MIN_CHUNK_ROWS = 1024  # never at the cost of more than a quarter of the free memory
+MAX_CHUNK_ROWS = 8192  # beyond this the products gain nothing measurable
+# Bytes per [C x V] entry the elementwise math holds at its peak on fp32 logits (softmaxes, the
+# divergence's terms, its gradient, a mask), plus 4 per model for upcasting logits in another
+# dtype: at most 41 (49 from bf16), measured eagerly over every objective
+# (tests/test_losses.py); torch.compile'd it holds fewer.
+ELEMENTWISE_BYTES_PER_ENTRY = 44
 # Rows the elementwise math takes at once on a CPU: its handful of passes then stay in cache.
 _CPU_BLOCK_BYTES = 2 * 2**20
 
@@ -249,12 +291,62 @@ def _chunk_kernel(compiled: bool):
     return run
 
 
+def chunk_entry_bytes(compute_dtype: torch.dtype, device_type: str) -> int:
+    """Bytes the fused loss holds per [C x V] entry of a chunk (see the module's docstring): both
+    models' logits in ``compute_dtype``, the gradient's own buffer when it needs another dtype
+    (fp16), and off a CPU the elementwise math's fp32 temporaries over the whole chunk (56 in
+    bf16, 52 in fp32, 60 in fp16)."""
+    grad_dtype = gradient_dtype(compute_dtype)
+    logits = 2 * compute_dtype.itemsize + (
+        grad_dtype.itemsize if grad_dtype != compute_dtype else 0
+    )
+    if device_type == "cpu":
+        return logits
+    upcasts = 0 if compute_dtype == torch.float32 else 2 * 4
+    return logits + upcasts + ELEMENTWISE_BYTES_PER_ENTRY
+
+
 def auto_chunk_rows(
-    vocab_size: int, memory_budget_mb: float = DEFAULT_CHUNK_MEMORY_MB, device_type: str = "cpu"
+    vocab_size: int,
+    device_type: str = "cpu",
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    free_bytes: int | None = None,
+    memory_budget_mb: float | None = None,
 ) -> int:
-    """Rows per chunk so that the chunk's [C x V] values (at 4 bytes) fit in the budget."""
-    values = _VALUES_PER_ENTRY["cpu" if device_type == "cpu" else "other"]
-    return max(1, int(memory_budget_mb * 2**20) // (vocab_size * 4 * values))
+    """Rows per chunk: a pure function of the shapes and the memory (``free_memory`` reads it).
+
+    With ``memory_budget_mb`` (--loss_chunk_memory_mb): as many rows as fit in it. Otherwise on a
+    CPU as many as fit ``CPU_CHUNK_MEMORY_MB``; on a GPU ``GPU_FREE_MEMORY_FRACTION`` of
+    ``free_bytes``, within [GPU_MIN_CHUNK_ROWS, MAX_CHUNK_ROWS], the floor capped at a quarter
+    of the free memory (and taken as it is when the free memory is unknown).
+    """
+    row_bytes = vocab_size * chunk_entry_bytes(compute_dtype, device_type)
+    if memory_budget_mb is not None or device_type == "cpu":
+        budget = CPU_CHUNK_MEMORY_MB if memory_budget_mb is None else memory_budget_mb
+        return max(1, int(budget * 2**20) // row_bytes)
+    if free_bytes is None:
+        return GPU_MIN_CHUNK_ROWS
+    rows = int(free_bytes * GPU_FREE_MEMORY_FRACTION) // row_bytes
+    rows = min(MAX_CHUNK_ROWS, max(GPU_MIN_CHUNK_ROWS, rows))
+    return max(1, min(rows, free_bytes // 4 // row_bytes))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on an accelerator (None on a CPU, or where the backend cannot tell)."""
+    if device.type == "cpu":
+        return None
+    try:
+        return torch.accelerator.get_memory_info(device)[0]
+    except (RuntimeError, ValueError):
+        return None
+
+
+def default_chunk_rows(vocab_size: int, like: torch.Tensor) -> int:
+    """``auto_chunk_rows`` for rows like ``like`` (its device's free memory, its dtype)."""
+    return auto_chunk_rows(
+        vocab_size, like.device.type, compute_dtype=like.dtype, free_bytes=free_memory(like.device)
+    )
 
 
 def _block_rows(chunk_rows: int, vocab_size: int, device: torch.device) -> int:
@@ -296,30 +388,46 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
 
 
 class _FusedLinearLoss(torch.autograd.Function):
-    """Loss sum over rows of hidden states: each chunk's logits are made, used and freed in turn."""
+    """Loss sum over rows of hidden states: each chunk's logits are made, used and freed in turn.
+
+    The weights come as the models hold them ([V_rows, H], any dtype) and are cut to the
+    vocabulary and cast to the hidden states' dtype here, outside autograd: the student's
+    gradient then leaves as the fp32 accumulator itself, rather than through the backward of a
+    slice and a cast (an fp32 [V_rows, H] copy each).
+    """
 
     @staticmethod
     def forward(
         ctx,
         student_hidden,  # [N, Hs]
-        student_weight,  # [V, Hs] (already cut to the tokenizer's vocabulary)
-        student_bias,  # [V] or None
+        student_weight,  # [V_rows, Hs], V_rows >= vocab_size
+        student_bias,  # [V_rows] or None
         teacher_hidden,  # [N, Ht]
-        teacher_weight,  # [V, Ht]
-        teacher_bias,  # [V] or None
+        teacher_weight,  # [V_rows_t, Ht]
+        teacher_bias,  # [V_rows_t] or None
         labels,  # [N]
         spec,
         student_transform,
         teacher_transform,
+        vocab_size,
         chunk_rows,
         compiled,
     ):
         kernel = _chunk_kernel(compiled)
-        # The gradient GEMMs run in gradient_dtype (fp32 for fp16 inputs, see there).
-        grad_dtype = gradient_dtype(student_weight.dtype)
-        weight_for_grad = student_weight.to(grad_dtype)
+        dtype = student_hidden.dtype
+        vocab = slice(0, vocab_size)
+        # [V, H] views, copied only where the dtype differs (fp32 master weights under bf16).
+        weight, bias = _cut(student_weight, student_bias, vocab, dtype)
+        teacher_weight, teacher_bias = _cut(
+            teacher_weight, teacher_bias, vocab, teacher_hidden.dtype
+        )
+        # The gradient GEMMs run in gradient_dtype (fp32 for fp16 inputs, see there): an fp32
+        # master weight serves as it is.
+        grad_dtype = gradient_dtype(dtype)
+        weight_for_grad = weight if grad_dtype == dtype else student_weight[vocab].to(grad_dtype)
         grad_hidden = torch.empty_like(student_hidden, dtype=grad_dtype)
-        # Gradients of the projection accumulate over chunks: fp32 so many chunks add up exactly.
+        # Gradients of the projection accumulate over chunks: fp32 so many chunks add up exactly,
+        # over all V_rows rows (the padded ones stay 0) so that backward can hand them over.
         grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
         grad_bias = (
             None if student_bias is None else torch.zeros_like(student_bias, dtype=torch.float32)
@@ -328,7 +436,6 @@ class _FusedLinearLoss(torch.autograd.Function):
         # Each chunk's logits go to buffers made once: fresh [C x V] tensors per chunk cost
         # page faults on CPU and allocator churn on GPU. The gradient overwrites the student's
         # logits block by block unless it needs another dtype (fp16 inputs).
-        vocab_size = student_weight.shape[0]
         buffer_rows = min(chunk_rows, student_hidden.shape[0])
         student_buffer = student_hidden.new_empty(buffer_rows, vocab_size)
         teacher_buffer = teacher_hidden.new_empty(buffer_rows, vocab_size)
@@ -342,7 +449,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             hidden, chunk_labels = student_hidden[rows], labels[rows]
             count = hidden.shape[0]
-            student_logits = _project(student_buffer[:count], hidden, student_weight, student_bias)
+            student_logits = _project(student_buffer[:count], hidden, weight, bias)
             teacher_logits = _project(
                 teacher_buffer[:count], teacher_hidden[rows], teacher_weight, teacher_bias
             )
@@ -355,45 +462,92 @@ class _FusedLinearLoss(torch.autograd.Function):
                 )  # fmt: skip
                 totals += torch.stack(sums)
             torch.mm(grad_logits, weight_for_grad, out=grad_hidden[rows])  # [C, Hs]
-            _accumulate_product(grad_weight, grad_logits.t(), hidden.to(grad_dtype))  # [V, Hs]
+            hidden = hidden.to(grad_dtype)
+            _accumulate_product(grad_weight[vocab], grad_logits.t(), hidden)  # [V, Hs]
             if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+                grad_bias[vocab] += grad_logits.sum(0, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = student_weight.dtype
+        ctx.bias_dtype = None if student_bias is None else student_bias.dtype
         ctx.mark_non_differentiable(totals)
         return totals[0].clone(), totals
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_totals):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        # The fp32 accumulators are scaled in place: they become the gradients without another
+        # [V_rows, Hs] copy (the cast copies only for weights that are not fp32).
         return (
             _scaled(grad_hidden, grad_loss),
-            _scaled(grad_weight, grad_loss, ctx.weight_dtype),
-            None if grad_bias is None else _scaled(grad_bias, grad_loss, ctx.weight_dtype),
-            *(None,) * 9,
+            _scaled(grad_weight, grad_loss, ctx.weight_dtype, in_place=True),
+            None
+            if grad_bias is None
+            else _scaled(grad_bias, grad_loss, ctx.bias_dtype, in_place=True),
+            *(None,) * 10,
         )
 
 
 def _scaled(
-    gradient: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype | None = None
+    gradient: torch.Tensor,
+    grad_loss: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """A saved gradient times the upstream one (a scalar), in fp32, returned in ``dtype``
-    (default: the saved gradient's).
+    (default: the saved gradient's); ``in_place`` scales an fp32 ``gradient`` itself.
 
     A zero upstream gradient gives exact zeros even where the saved gradient is not finite
     (0 * NaN would be NaN): the trainer backpropagates a zero through a micro-batch whose loss
     or teacher is not finite, to skip it without waiting for the host (``make_micro_step``).
     """
-    scaled = gradient.float() * grad_loss.float()
+    scale = grad_loss.float()
+    scaled = gradient.mul_(scale) if in_place else gradient.float() * scale
     return scaled.masked_fill_(grad_loss == 0, 0.0).to(dtype or gradient.dtype)
 
 
+def _cut(
+    weight: torch.Tensor, bias: torch.Tensor | None, vocab: slice, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A head's rows of the tokenizer's vocabulary in ``dtype`` (views where it already is)."""
+    return weight[vocab].to(dtype), None if bias is None else bias[vocab].to(dtype)
+
+
+# (device type, dtype) -> whether torch.addmm(..., out_dtype=torch.float32) works there.
+_FP32_ACCUMULATING_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _fp32_accumulating_addmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(total, a, b, out_dtype=torch.float32, out=total)`` adds a product
+    of ``dtype`` matrices into an fp32 ``total`` on this device (CUDA bf16/fp16 in recent torch;
+    not on a CPU in torch 2.13). Probed once per device type and dtype on a small exact case."""
+    key = (device.type, dtype)
+    if key not in _FP32_ACCUMULATING_ADDMM:
+        left = torch.arange(6.0, device=device).reshape(2, 3)
+        right = torch.arange(3.0, device=device)[:, None] - 1.0
+        total = torch.ones(2, 1, device=device)
+        expected = total + left @ right
+        try:
+            torch.addmm(total, left.to(dtype), right.to(dtype), out_dtype=total.dtype, out=total)
+            works = torch.equal(total, expected)
+        except (RuntimeError, TypeError):  # not implemented for this backend or dtype
+            works = False
+        _FP32_ACCUMULATING_ADDMM[key] = works
+    return _FP32_ACCUMULATING_ADDMM[key]
+
+
 def _accumulate_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """total += left @ right, with the product in the inputs' dtype and the sum in total's."""
+    """total += left @ right: [V, C] x [C, H] into an fp32 [V, H], accumulated in fp32.
+
+    Inputs in total's dtype, or where the device can (``_fp32_accumulating_addmm``), the
+    product adds straight into ``total``; otherwise it is made in the inputs' dtype and added in
+    place (a [V, H] temporary in that dtype: on a CPU its bf16 GEMMs beat upcasting to fp32).
+    """
     if left.dtype == total.dtype:
         total.addmm_(left, right)
+    elif _fp32_accumulating_addmm(left.device, left.dtype):
+        torch.addmm(total, left, right, out_dtype=total.dtype, out=total)
     else:
-        total += (left @ right).to(total.dtype)
+        total += left @ right
 
 
 def _project(
@@ -437,8 +591,8 @@ def distillation_loss(
     Callers pass only valid rows (see ``valid_rows``). ``vocab_size`` is the tokenizer's real
     vocabulary: both logit tensors are cut to it, because models often pad their embedding
     matrices and the padded columns are not real tokens (cutting equals masking them to -inf).
-    ``num_tokens`` is the normaliser (default: N, at least 1); ``chunk_rows`` defaults to what
-    fits ``DEFAULT_CHUNK_MEMORY_MB``.
+    ``num_tokens`` is the normaliser (default: N, at least 1); ``chunk_rows`` defaults to
+    ``default_chunk_rows``.
     """
     vocab_size = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
     _check_vocab("student logits", student_logits.shape[-1], vocab_size)
@@ -448,7 +602,7 @@ def distillation_loss(
         teacher_logits[..., :vocab_size].detach(),
         labels,
         spec,
-        chunk_rows or auto_chunk_rows(vocab_size),
+        chunk_rows or default_chunk_rows(vocab_size, student_logits),
         compiled,
     )
     loss = _normalise(loss_sum, num_tokens, student_logits.shape[0])
@@ -484,30 +638,25 @@ def fused_distillation_loss(
     hidden states, output weight and bias through autograd as usual, so tied embeddings and
     sharded (ZeRO) parameters receive it like any other gradient. Each head's weight and bias are
     cast to its hidden states' dtype (pass bf16 hidden states to compute in bf16, as autocast
-    would). ``chunk_rows`` as in
-    ``distillation_loss``.
+    would). ``chunk_rows`` as in ``distillation_loss``.
     """
     _check_vocab("the student's output layer", student_head.weight.shape[0], vocab_size)
     _check_vocab("the teacher's output layer", teacher_head.weight.shape[0], vocab_size)
 
-    def cut(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if tensor is None else tensor[:vocab_size].to(dtype)
-
-    teacher_hidden = teacher_hidden.detach()
+    teacher_bias = None if teacher_head.bias is None else teacher_head.bias.detach()
     loss_sum, totals = _FusedLinearLoss.apply(
         student_hidden,
-        cut(student_head.weight, student_hidden.dtype),
-        cut(student_head.bias, student_hidden.dtype),
-        teacher_hidden,
-        cut(teacher_head.weight.detach(), teacher_hidden.dtype),
-        cut(
-            None if teacher_head.bias is None else teacher_head.bias.detach(), teacher_hidden.dtype
-        ),
+        student_head.weight,
+        student_head.bias,
+        teacher_hidden.detach(),
+        teacher_head.weight.detach(),
+        teacher_bias,
         labels,
         spec,
         student_head.transform,
         teacher_head.transform,
-        chunk_rows or auto_chunk_rows(vocab_size),
+        vocab_size,
+        chunk_rows or default_chunk_rows(vocab_size, student_hidden),
         compiled,
     )
     loss = _normalise(loss_sum, num_tokens, student_hidden.shape[0])

@@ -405,6 +405,21 @@ def output_head(model: PreTrainedModel) -> OutputHead | None:
     return OutputHead(projection.weight, bias, transform)
 
 
+class _InputCapture(torch.nn.Module):
+    """Stands in for a model's output projection in ``forward_hidden``: it keeps its input and
+    returns empty logits [..., 0, V], so what the model does to its logits afterwards (soft-
+    capping, a final bias) runs on nothing. It holds no parameters and no hooks."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.captured: list[torch.Tensor] = []
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, L, H] -> [B, 0, V]
+        self.captured.append(hidden)
+        return hidden.new_empty(*hidden.shape[:-2], 0, self.out_features)
+
+
 def forward_hidden(
     model: torch.nn.Module,
     module: PreTrainedModel,
@@ -413,26 +428,22 @@ def forward_hidden(
 ) -> torch.Tensor:
     """The final hidden states the output projection would see: [B, L, H] (or [B, T, H]).
 
-    ``model`` is what to call (possibly DDP/DeepSpeed-wrapped), ``module`` the model inside. A
-    pre-hook on its output projection takes the projection's input and hands it an empty
-    sequence instead, so the model runs unchanged (same code path, same hooks, wrappers
-    included) but never projects to the vocabulary.
+    ``model`` is what to call (possibly DDP/DeepSpeed-wrapped), ``module`` the model inside. Its
+    output projection is swapped for an ``_InputCapture`` for the call, so the model runs its
+    own code (T5's scaling before lm_head included) but never projects to the vocabulary, and
+    the projection module never runs: ZeRO-3 does not gather its weight for the forward (the
+    loss gathers it once, see ``trainer.make_micro_step``). Tied embeddings stay tied: only the
+    module attribute is swapped, the shared parameter is untouched; backward (and activation
+    checkpointing's recomputation of the layers) never re-enters the projection.
     """
-    captured: list[torch.Tensor] = []
-
-    def take_input(_projection, args):
-        captured.append(args[0])
-        return (args[0][..., :0, :], *args[1:])
-
-    # Prepended, to see the input before other pre-hooks do: ZeRO-3 wraps a module's inputs in a
-    # backward hook of that module, which must not fire for a projection that never ran.
     projection = module.get_output_embeddings()
-    handle = projection.register_forward_pre_hook(take_input, prepend=True)
+    capture = _InputCapture(projection.out_features)
+    module.set_output_embeddings(capture)
     try:
         _forward(model, module, batch, task_type)
     finally:
-        handle.remove()
-    return captured[0]
+        module.set_output_embeddings(projection)
+    return capture.captured[0]
 
 
 def forward_logits(

@@ -287,6 +287,7 @@ def make_micro_step(
     # Under ZeRO-3 the fused loss uses the models' sharded output weights outside any module's
     # forward: they are gathered once for the loss *and* its backward, so that autograd hands
     # ZeRO the student's full gradient to reduce (GatheredParameters is a no-op without ZeRO-3).
+    # That is their only gather: forward_hidden runs the models without their projections.
     projections = [m.get_output_embeddings() for m in (student_module, teacher) if m is not None]
     output_weights = [p for m in projections for p in m.parameters()] if fused else []
     compute_dtype = precision_dtype(cfg)
@@ -568,7 +569,7 @@ def run_training(
         teacher = place_teacher(accelerator, teacher, placement)
     # The same on every rank, whatever each one found (see agree_on_minimum).
     chunk_rows, fused = agree_on_minimum(accelerator, [
-        cfg.chunk_rows(vocab_size, accelerator.device.type),
+        cfg.chunk_rows(vocab_size, accelerator.device, precision_dtype(cfg)),
         use_fused_loss(cfg, accelerator.unwrap_model(student), teacher),
     ])  # fmt: skip
     chunk_rows, fused = int(chunk_rows), bool(fused)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -15,6 +20,8 @@ from kd_dist.models import (
     output_head,
 )
 from kd_dist.tiny import SEQ2SEQ_FAMILIES, build_model
+
+from .test_distributed import REPO, accelerate_launch, deepspeed_config
 
 # family -> config overrides that exercise its head's specifics
 FAMILIES = {
@@ -162,3 +169,41 @@ def test_mbart_decoder_starts_with_the_language_id(tokenizer):
     labels = torch.tensor([[5, 6, 7, 2, 50], [8, 9, 2, 50, -100]])
     expected = shift_tokens_right(labels.masked_fill(labels == -100, 1), 1)
     torch.testing.assert_close(decoder_inputs(model, labels), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_forward_hidden_never_runs_the_output_projection(family, tokenizer):
+    """The projection is swapped out for the call (ZeRO-3 then never gathers it for the forward)
+    and back in afterwards, also when the forward fails; tied weights stay tied."""
+    model = build_model(family, tokenizer, "tiny", tie_word_embeddings=True)
+    projection = model.get_output_embeddings()
+    calls = []
+    projection.register_forward_pre_hook(lambda module, args: calls.append(module))
+    seq2seq = family in SEQ2SEQ_FAMILIES
+    batch, task = batch_for(tokenizer, seq2seq), "seq2seq" if seq2seq else "causal"
+    hidden = forward_hidden(model, model, batch, task)
+    assert hidden.shape[-1] == projection.in_features and not calls
+    assert model.get_output_embeddings() is projection
+    assert projection.weight is model.get_input_embeddings().weight
+    with pytest.raises(IndexError):  # token ids beyond the embedding
+        forward_hidden(model, model, {**batch, "input_ids": batch["input_ids"] + 10**6}, task)
+    assert model.get_output_embeddings() is projection
+
+
+@pytest.mark.distributed
+def test_zero3_gathers_the_output_layer_once_per_micro_step(tmp_path):
+    """2 processes, ZeRO-3 with every parameter partitioned, the trainer's fused micro-step:
+    DeepSpeed's communication logger sees the student's output layer gathered once per
+    micro-step (by the loss's GatheredParameters) and never by the forward. (Before the
+    projection was swapped out of the forward: once by the forward, twice per micro-step.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "PYTHONPATH": str(REPO)}  # fmt: skip
+    script = Path(__file__).parent / "zero3_head_gathers.py"
+    command = [*accelerate_launch(deepspeed_config(tmp_path, 3)), str(script)]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    counts = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(c["rank"] for c in counts) == [0, 1]
+    for rank in counts:
+        assert rank["forward_hidden"] == [0, 0] and rank["micro_step"] == [1, 1], rank

@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+from kd_dist import losses
 from kd_dist.losses import (
+    CPU_CHUNK_MEMORY_MB,
+    GPU_FREE_MEMORY_FRACTION,
+    GPU_MIN_CHUNK_ROWS,
     IGNORE_INDEX,
+    MAX_CHUNK_ROWS,
     OBJECTIVES,
     LogitTransform,
     LossSpec,
     OutputHead,
     auto_chunk_rows,
+    chunk_entry_bytes,
     count_valid_tokens,
     distillation_loss,
+    free_memory,
     fused_distillation_loss,
     valid_rows,
 )
@@ -263,11 +273,152 @@ def test_vocabulary_smaller_than_the_tokenizer_is_refused():
                                 vocab_size=12)  # fmt: skip
 
 
-def test_automatic_chunk_fits_the_memory_budget():
-    for device_type, values in (("cpu", 2), ("cuda", 6)):
-        rows = auto_chunk_rows(128_256, memory_budget_mb=256, device_type=device_type)
-        assert rows * 128_256 * 4 * values <= 256 * 2**20 < (rows + 1) * 128_256 * 4 * values
-    assert auto_chunk_rows(10**9, memory_budget_mb=1) == 1
+GIB = 2**30
+
+
+def test_cpu_chunk_is_what_fits_its_fixed_budget():
+    """On a CPU the chunk stays what was measured fast there: 256 MiB of fp32 logits x 2."""
+    assert auto_chunk_rows(32_000) == 1048 and auto_chunk_rows(128_256) == 261
+    assert CPU_CHUNK_MEMORY_MB == 256 and free_memory(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_an_explicit_budget_sizes_the_chunk_on_any_device(device_type):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        row_bytes = 128_256 * chunk_entry_bytes(dtype, device_type)
+        rows = auto_chunk_rows(128_256, device_type, compute_dtype=dtype, free_bytes=80 * GIB,
+                               memory_budget_mb=512)  # fmt: skip
+        assert rows * row_bytes <= 512 * 2**20 < (rows + 1) * row_bytes
+    assert auto_chunk_rows(10**9, device_type, memory_budget_mb=1) == 1
+
+
+def test_gpu_chunk_takes_a_share_of_the_free_memory_within_its_bounds():
+    vocab = 128_256
+    row_bytes = vocab * chunk_entry_bytes(torch.bfloat16, "cuda")  # 56 bytes per entry in bf16
+    assert row_bytes == vocab * (2 + 2 + 8 + losses.ELEMENTWISE_BYTES_PER_ENTRY)
+
+    def rows(free_bytes: int | None) -> int:
+        return auto_chunk_rows(vocab, "cuda", compute_dtype=torch.bfloat16, free_bytes=free_bytes)
+
+    share = int(100 * GIB * GPU_FREE_MEMORY_FRACTION) // row_bytes
+    assert GPU_MIN_CHUNK_ROWS < share < MAX_CHUNK_ROWS and rows(100 * GIB) == share  # 1868
+    assert rows(10_000 * GIB) == MAX_CHUNK_ROWS
+    # 40 GiB: its share (766 rows) is below the floor, which a quarter of it still holds.
+    assert rows(40 * GIB) == GPU_MIN_CHUNK_ROWS
+    # 4 GiB: the floor would take more than a quarter of it, so a quarter it is.
+    assert rows(4 * GIB) == 4 * GIB // 4 // row_bytes < GPU_MIN_CHUNK_ROWS
+    assert rows(None) == GPU_MIN_CHUNK_ROWS  # a device that cannot tell its free memory
+    # fp16 keeps an fp32 gradient buffer of its own: 4 more bytes per entry, fewer rows.
+    fp16 = auto_chunk_rows(vocab, "cuda", compute_dtype=torch.float16, free_bytes=100 * GIB)
+    assert fp16 == int(100 * GIB * GPU_FREE_MEMORY_FRACTION) // (vocab * 60) < share
+
+
+def test_the_automatic_chunks_give_what_small_chunks_give():
+    """The default (CPU) chunk and a GPU-sized one (from an explicit free memory, here two
+    chunks of 2500 rows) against chunks of 64 rows."""
+    spec = LossSpec("jsd", temperature=2.0, alpha=0.3)
+    s_hidden, s_head, t_hidden, t_head, labels = random_problem(rows=2500, hidden=(8, 8), seed=9)
+    vocab = 53
+    gpu_rows = auto_chunk_rows(vocab, "cuda", free_bytes=2500 * vocab * 56 * 2)
+    assert 1000 < gpu_rows < 2500
+
+    def run(chunk_rows):
+        out = fused_distillation_loss(s_hidden, s_head, t_hidden, t_head, labels, spec,
+                                      vocab_size=vocab, chunk_rows=chunk_rows)  # fmt: skip
+        return out.loss, *torch.autograd.grad(out.loss, (s_hidden, s_head.weight, s_head.bias))
+
+    small = run(64)
+    for chunk_rows in (None, gpu_rows):
+        for actual, expected in zip(run(chunk_rows), small, strict=True):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The bytes of the tensors made under it that are still alive, and their peak: checked
+    after every op (views share their storage; tensors that existed before are not counted)."""
+
+    def __init__(self, *existing: torch.Tensor) -> None:
+        super().__init__()
+        self.existing = {StorageWeakRef(t.untyped_storage()).cdata for t in existing}
+        self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def now(self) -> int:
+        self.alive = {key: ref for key, ref in self.alive.items() if not ref[0].expired()}
+        return sum(size for _, size in self.alive.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = StorageWeakRef(storage).cdata
+                if key not in self.existing and key not in self.alive:
+                    self.alive[key] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, self.now())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_loss_memory_is_the_documented_formula(dtype, monkeypatch):
+    """Forward, then backward into an fp32 weight's .grad, against the module's formula: whole
+    chunks (the GPU path: its elementwise bytes per entry bound every objective, tightly for the
+    costliest), the weight copy for bf16/fp16, the fp32 accumulator; in backward no [V_r, H]
+    copy at all."""
+    monkeypatch.setattr(losses, "_CPU_BLOCK_BYTES", 2**40)  # the math on whole chunks
+    rows, hidden, vocab, vocab_rows, chunk = 32, 64, 3000, 3008, 16
+    s_hidden, s_head, t_hidden, t_head, labels = random_problem(
+        rows=rows, vocab=vocab, hidden=(hidden, hidden), pads=(8, 8), seed=10
+    )
+    s_hidden, t_hidden = s_hidden.detach().to(dtype), t_hidden.to(dtype)
+    t_head = OutputHead(t_head.weight.to(dtype))
+    size, grad_size = dtype.itemsize, losses.gradient_dtype(dtype).itemsize
+    kept = vocab_rows * hidden * 4 + rows * hidden * grad_size  # grad_weight, grad_hidden
+    weight_copy = 0 if dtype == torch.float32 else vocab * hidden * size  # cast to dtype
+    product = vocab * hidden * size if grad_size != 4 else 0  # bf16: made in bf16 (no CUDA)
+    # The weight-gradient product comes after the chunk's elementwise math is freed.
+    chunk_peak = max(chunk * vocab * chunk_entry_bytes(dtype, "cuda"),
+                     chunk * vocab * chunk_entry_bytes(dtype, "cpu") + product)  # fmt: skip
+    forward_peak = kept + weight_copy + chunk_peak
+    peaks = []
+    for objective in OBJECTIVES:
+        hidden_states = s_hidden.clone().requires_grad_(True)
+        weight = s_head.weight.detach().clone().requires_grad_(True)  # an fp32 master weight
+        spec = LossSpec(objective, temperature=2.0, alpha=0.3)
+        memory = LiveTensorBytes(hidden_states, weight, t_hidden, t_head.weight, labels)
+        with memory:
+            out = fused_distillation_loss(
+                hidden_states, OutputHead(weight), t_hidden, t_head, labels, spec,
+                vocab_size=vocab, chunk_rows=chunk,
+            )  # fmt: skip
+            peaks.append(memory.peak)
+            assert kept <= memory.now() <= kept + 64  # (+ the loss's scalars)
+            memory.peak = memory.now()
+            out.loss.backward()
+        assert weight.grad.dtype == torch.float32 and weight.grad.shape == (vocab_rows, hidden)
+        # The accumulator became .grad: backward added the hidden states' scaling alone.
+        assert memory.peak <= kept + rows * hidden * (4 + 4 + grad_size) + 64, objective
+        after = kept + rows * hidden * (size - grad_size)  # .grad, hidden_states.grad in dtype
+        assert after <= memory.now() <= after + 64, objective
+    assert max(peaks) <= forward_peak <= 1.1 * max(peaks), peaks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_weight_gradients_accumulate_in_fp32_matrix_products_on_cuda():
+    assert losses._fp32_accumulating_addmm(torch.device("cuda"), torch.bfloat16)
+    spec = LossSpec("jsd", temperature=2.0, alpha=0.1)
+    problem = random_problem(rows=64, vocab=500, hidden=(32, 48), dtype=torch.bfloat16, seed=3)
+    s_hidden, s_head, t_hidden, t_head, labels = (
+        t.cuda() if torch.is_tensor(t) else OutputHead(t.weight.cuda(), t.bias.cuda())
+        for t in problem
+    )
+    out = fused_distillation_loss(s_hidden, s_head, t_hidden, t_head, labels, spec,
+                                  vocab_size=500, chunk_rows=16)  # fmt: skip
+    (grad,) = torch.autograd.grad(out.loss, s_head.weight)
+    cpu = fused_distillation_loss(*problem, spec, vocab_size=500, chunk_rows=16)
+    (expected,) = torch.autograd.grad(cpu.loss, problem[1].weight)
+    assert (grad.cpu().double() - expected.double()).norm() / expected.double().norm() < 2e-2
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
