@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format clean
 
 $(BIN)/kd-dist: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -461,8 +461,11 @@ class TrainConfig:
                 "computes in one half precision (DeepSpeed refuses two); pass --teacher_dtype "
                 "auto (the run's) or float32."
             )
-        if self.attn_implementation == "flash_attention_2":
-            problems.extend(flash_attention_problems())
+        if self.attn_implementation == "flash_attention_2" and self.mixed_precision == "no":
+            problems.append(
+                "--attn_implementation flash_attention_2 computes in fp16 or bf16 only: pass "
+                "--bf16 (or --fp16), or use sdpa."
+            )
         if problems:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -479,22 +482,6 @@ class TrainConfig:
         temporary.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         os.replace(temporary, path)
         return path
-
-
-def flash_attention_problems() -> list[str]:
-    """Why --attn_implementation flash_attention_2 cannot run here (empty when it can)."""
-    problems = []
-    if importlib.util.find_spec("flash_attn") is None:
-        problems.append(
-            "--attn_implementation flash_attention_2 needs the flash-attn package: "
-            "pip install flash-attn --no-build-isolation (or pass sdpa)."
-        )
-    if not torch.cuda.is_available():
-        problems.append(
-            "--attn_implementation flash_attention_2 needs a CUDA GPU and none is available: "
-            "pass sdpa or eager (or leave it at auto)."
-        )
-    return problems
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

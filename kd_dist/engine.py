@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -35,17 +36,33 @@ logger = logging.getLogger("kd_dist")
 STUDENT, TEACHER = "student", "teacher"  # DeepSpeed plugin names
 
 
-def check_precision_supported(cfg: TrainConfig) -> None:
-    """fp16 autocast needs a GPU; say so before anything loads."""
+def check_hardware_supports(cfg: TrainConfig) -> None:
+    """fp16 autocast and flash-attention need a GPU (and flash-attention its package); say so
+    before anything loads. (Not in ``cfg.validate``: ``kd-dist tokenize`` takes the same flags in
+    a CPU job.)"""
+    problems = []
     if cfg.fp16 and not torch.cuda.is_available():
-        raise ConfigError(
+        problems.append(
             "--fp16 needs a CUDA GPU and none is available: use --bf16 (supported on CPU) or "
             "full precision (neither flag)."
         )
+    if cfg.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append(
+                "--attn_implementation flash_attention_2 needs the flash-attn package: "
+                "pip install flash-attn --no-build-isolation (or pass sdpa)."
+            )
+        if not torch.cuda.is_available():
+            problems.append(
+                "--attn_implementation flash_attention_2 needs a CUDA GPU and none is "
+                "available: pass sdpa or eager (or leave it at auto)."
+            )
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def _build_accelerator(cfg: TrainConfig) -> Accelerator:
-    check_precision_supported(cfg)
+    check_hardware_supports(cfg)
     handlers = []
     distributed_on_cpu = (
         int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

@@ -40,6 +40,7 @@ from transformers import PreTrainedModel
 
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import build_datasets, make_collator
+from kd_dist.data.parallel import tokenize_first
 from kd_dist.engine import accelerator_session, deepspeed_launch
 from kd_dist.losses import (
     logit_chunks,
@@ -257,7 +258,7 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
     with accelerator_session(cfg) as accelerator:
         tokenizer = load_tokenizer(cfg)
         check_models(cfg, tokenizer)
-        data = build_datasets(cfg, tokenizer, main_process_first=accelerator.main_process_first)
+        data = build_datasets(cfg, tokenizer, main_process_first=tokenize_first(cfg, accelerator))
         examples = data.eval
         if examples is None:
             logger.warning(

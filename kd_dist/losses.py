@@ -49,6 +49,8 @@ weight's dtype and |x| the bytes of dtype x (measured against this in tests/test
                                     whole chunks (ELEMENTWISE_BYTES_PER_ENTRY + 8 for
                                     upcasting d); on a CPU that math runs on cache-sized blocks
                                     of rows (about 13 x _CPU_BLOCK_BYTES)
+      fp32 weight    V x Hs x 4     under fp16 (g = fp32) when w is not fp32 (DeepSpeed's fp16
+                                    weights): the hidden-state gradient's product runs in fp32
       weight-grad    V x Hs x |d|   after each chunk's elementwise math, when g is not fp32
       product                       and the device has no addmm with out_dtype=fp32 (a CPU:
                                     its bf16 GEMMs beat fp32 ones, so the product is made in d
@@ -476,7 +478,8 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_totals):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         # The fp32 accumulators are scaled in place: they become the gradients without another
-        # [V_rows, Hs] copy (the cast copies only for weights that are not fp32).
+        # [V_rows, Hs] copy (the cast copies only for weights that are not fp32). So this runs
+        # once per forward, as a training step's backward does (no retain_graph).
         return (
             _scaled(grad_hidden, grad_loss),
             _scaled(grad_weight, grad_loss, ctx.weight_dtype, in_place=True),
@@ -672,15 +675,16 @@ def valid_rows(
     token t+1 at position t, so outputs drop their last position and labels their first;
     seq2seq decoders are already aligned with their labels. No teacher (None) gives None.
     """
-    valid = valid_mask(labels, causal)
+    # The (example, position) of each valid row, found once: the count is the one wait on the
+    # device (indexing with the mask itself would wait once per tensor).
+    examples, positions = valid_mask(labels, causal).nonzero(as_tuple=True)  # [N] each
 
-    def rows(outputs: torch.Tensor) -> torch.Tensor:
-        return (outputs[:, :-1] if causal else outputs)[valid]
-
+    # Output position t predicts the label at t + 1 (causal) or t (seq2seq).
+    label_positions = positions + 1 if causal else positions
     return (
-        rows(student),
-        None if teacher is None else rows(teacher),
-        (labels[:, 1:] if causal else labels)[valid],
+        student[examples, positions],
+        None if teacher is None else teacher[examples, positions],
+        labels[examples, label_positions],
     )
 
 
@@ -688,11 +692,6 @@ def valid_mask(labels: torch.Tensor, causal: bool) -> torch.Tensor:
     """[B, L] labels -> [B, L'] bool: the output positions whose label enters the loss (in the
     order ``valid_rows`` returns them); causal outputs drop their last position (L' = L - 1)."""
     return (labels[:, 1:] if causal else labels) != IGNORE_INDEX
-
-
-def count_valid_tokens(labels: torch.Tensor, causal: bool) -> int:
-    """How many positions of a [B, L] label batch enter the loss."""
-    return int(valid_mask(labels, causal).sum())
 
 
 def logit_chunks(

@@ -22,10 +22,10 @@ from kd_dist.losses import (
     OutputHead,
     auto_chunk_rows,
     chunk_entry_bytes,
-    count_valid_tokens,
     distillation_loss,
     free_memory,
     fused_distillation_loss,
+    valid_mask,
     valid_rows,
 )
 
@@ -244,8 +244,8 @@ def test_causal_rows_are_shifted_and_masked():
     # Position t predicts label t+1: rows (0,0)->1, (0,2)->2, (1,0)->0, (1,1)->1.
     torch.testing.assert_close(rows, outputs[[0, 0, 1, 1], [0, 2, 0, 1]])
     assert row_labels.tolist() == [1, 2, 0, 1]
-    assert count_valid_tokens(labels, causal=True) == 4
-    assert count_valid_tokens(labels, causal=False) == 5
+    assert valid_mask(labels, causal=True).sum() == 4
+    assert valid_mask(labels, causal=False).sum() == 5
 
 
 def test_split_batches_normalised_by_the_total_add_up_to_the_whole():

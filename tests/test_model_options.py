@@ -3,6 +3,7 @@ teacher's dtype, the attention kernel; each through the code that loads and runs
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 
@@ -176,12 +177,20 @@ def test_attention_implementation_reaches_both_models(model_pair, tokenizer):
         assert models.student.config._attn_implementation == kernel
 
 
-def test_flash_attention_without_its_package_or_gpu_is_a_clear_error(model_pair):
+def test_flash_attention_needs_half_precision_its_package_and_a_gpu(
+    model_pair, dolly_dataset, tmp_path, capsys
+):
     teacher, student = model_pair("llama")
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(ConfigError, match="fp16 or bf16 only: pass --bf16"):
         make_cfg(teacher, student, attn_implementation="flash_attention_2").validate()
-    if not torch.cuda.is_available():
-        assert "needs a CUDA GPU" in str(error.value)
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+        pytest.skip("this machine can run flash-attention")
+    out = tmp_path / "run"
+    argv = train_args(teacher, student, dolly_dataset, out, "--bf16",
+                      "--attn_implementation", "flash_attention_2")  # fmt: skip
+    assert main(argv) == 2
+    assert "--attn_implementation flash_attention_2 needs" in capsys.readouterr().err
+    assert not out.exists()  # stopped before anything was written or loaded
 
 
 def test_an_attention_kernel_the_model_lacks_is_refused_before_loading(

@@ -18,7 +18,7 @@ import torch
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.data.tokenization import best_fit_decreasing
-from kd_dist.losses import count_valid_tokens, fused_distillation_loss, valid_rows
+from kd_dist.losses import fused_distillation_loss, valid_mask, valid_rows
 from kd_dist.models import check_packing, forward_hidden, output_head, packed_inputs
 from kd_dist.tiny import build_model
 from tests.conftest import make_sentences, write_jsonl
@@ -140,8 +140,8 @@ def packed_and_one_by_one(family, attention, tok, tmp_path, device="cpu", dtype=
     assert packed["input_ids"].shape[0] == 2 and (packed["attention_mask"] == 0).any()
     one_by_one = [collate([doc]) for block in blocks for doc in documents(block)]
     assert len(one_by_one) > 2
-    num_tokens = count_valid_tokens(packed["labels"], causal=True)
-    assert num_tokens == sum(count_valid_tokens(b["labels"], causal=True) for b in one_by_one)
+    num_tokens = int(valid_mask(packed["labels"], causal=True).sum())
+    assert num_tokens == sum(int(valid_mask(b["labels"], True).sum()) for b in one_by_one)
     crossing = {key: value for key, value in packed.items() if key != "position_ids"}
 
     def run(batches):
