@@ -363,7 +363,9 @@ import logging, torch
 from kd_dist.config import TrainConfig
 from kd_dist.engine import accelerator_session, choose_teacher_placement
 logging.basicConfig(level=logging.INFO)
-cfg = TrainConfig(teacher_model="t", student_model="s", dataset="d", batch_size=2)
+# (teacher_dtype given: there is no teacher checkpoint to read auto's dtype from)
+cfg = TrainConfig(teacher_model="t", student_model="s", dataset="d", batch_size=2,
+                  teacher_dtype="float32")
 with accelerator_session(cfg) as accelerator:
     # What two GPUs near the threshold would report: a 3 GiB teacher against 5 GiB free on
     # rank 0 (over half: shard it) and 7 GiB free on rank 1 (under half: replicate it).
