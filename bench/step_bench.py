@@ -45,7 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_probe import peak_extra_bytes, rss_bytes
 
 from kd_dist.losses import LossSpec, fused_distillation_loss, valid_rows
-from kd_dist.models import enable_activation_checkpointing, forward_hidden, output_head
+from kd_dist.models import (
+    enable_activation_checkpointing,
+    forward_hidden,
+    output_head,
+    projection_input,
+)
 from kd_dist.tiny import model_config
 
 VOCAB = 49152
@@ -103,7 +108,7 @@ def kd_step(run: Setup, spec: LossSpec) -> None:
     student_rows, teacher_rows, labels = valid_rows(hidden, teacher_hidden, run.batch["labels"],
                                                     causal=True)  # fmt: skip
     loss = fused_distillation_loss(
-        student_rows.to(run.compute_dtype), output_head(run.student), teacher_rows,
+        projection_input(student_rows, run.compute_dtype), output_head(run.student), teacher_rows,
         output_head(run.teacher), labels, spec, vocab_size=VOCAB, compiled=True,
     ).loss  # fmt: skip
     loss.backward()

@@ -457,9 +457,11 @@ def forward_logits(
 
 
 def _forward(model, module, batch, task_type):
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "position_ids" in batch:  # --packing: several documents per row
-        inputs = {"input_ids": batch["input_ids"], **packed_inputs(module, batch["position_ids"])}
+        attention = packed_inputs(module, batch["position_ids"])
+    else:
+        attention = {"attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], **attention}
     if task_type == "seq2seq":
         inputs["decoder_input_ids"] = decoder_inputs(module, batch["labels"])
     return model(**inputs, use_cache=False)
