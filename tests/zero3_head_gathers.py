@@ -5,12 +5,16 @@ parameter partitioned): the real trainer's micro-step (``make_micro_step``) on a
 whose lm_head has a bias. Every gather of the layer carries the bias's partition, alone or
 flattened with the weight's (a module's own fetch coalesces them, GatheredParameters sends
 each apart), and no other message has either size: counting those counts the layer's gathers.
-DeepSpeed's own communication logger counts the messages. Prints one JSON line per rank.
+DeepSpeed's own communication logger counts the messages. Each rank writes its counts to
+``rank<N>.json`` in the folder named by the first argument (one file a rank: two ranks
+printing to one stdout can interleave their lines).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import deepspeed.comm
 import torch
@@ -75,7 +79,8 @@ def main() -> None:
             before = gathers(head_messages)
             micro_step(batch, torch.tensor(4 * 8), 1.0, step)  # forwards, loss, backward, step
             counts["micro_step"].append(gathers(head_messages) - before)
-        print(json.dumps({"rank": accelerator.process_index, **counts}), flush=True)
+        rank = accelerator.process_index
+        (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps({"rank": rank, **counts}))
 
 
 if __name__ == "__main__":
