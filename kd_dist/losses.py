@@ -96,6 +96,10 @@ MAX_CHUNK_ROWS = 8192  # beyond this the products gain nothing measurable
 # dtype: at most 41 (49 from bf16), measured eagerly over every objective
 # (tests/test_losses.py); torch.compile'd it holds fewer.
 ELEMENTWISE_BYTES_PER_ENTRY = 44
+# The same against a TopKTeacher (no teacher softmax; the tail's log q and softmax instead): 32
+# measured eagerly over every objective, plus 4 for upcasting the student's logits
+# (tests/test_topk_loss.py).
+TOP_K_ELEMENTWISE_BYTES = 32
 # Rows the elementwise math takes at once on a CPU: its handful of passes then stay in cache.
 _CPU_BLOCK_BYTES = 2 * 2**20
 
@@ -215,9 +219,96 @@ def divergence_and_grad(
     return 0.5 * (p - q).abs().sum(-1), _softmax_backward(q, 0.5 * torch.sign(q - p))
 
 
+@dataclass(frozen=True)
+class TopKTeacher:
+    """The teacher's distribution on N rows as a cache stores it, at temperature T."""
+
+    ids: torch.Tensor  # [N, k] integer token ids (int32 or int64), distinct within a row
+    logprobs: torch.Tensor  # [N, k] log p_T of those tokens (any float dtype; fp16 in a cache)
+    tail_logprob: torch.Tensor  # [N] log of the rest's mass, log(1 - sum_k p_T); -inf when k = V
+
+    def __post_init__(self) -> None:
+        rows, k = self.ids.shape
+        if self.logprobs.shape != (rows, k) or self.tail_logprob.shape != (rows,):
+            raise ValueError(
+                f"a top-k teacher needs ids [N, k], logprobs [N, k] and tail_logprob [N]; got "
+                f"{tuple(self.ids.shape)}, {tuple(self.logprobs.shape)} and "
+                f"{tuple(self.tail_logprob.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> TopKTeacher:
+        return TopKTeacher(self.ids[rows], self.logprobs[rows], self.tail_logprob[rows])
+
+
+# What the loss compares the student with: the teacher's [C, V] logits, or its stored top-k.
+Teacher = torch.Tensor | TopKTeacher
+
+
+def top_k_teacher(logits: torch.Tensor, k: int, temperature: float) -> TopKTeacher:
+    """The k most likely tokens of softmax(logits / T) per row, as a cache stores them.
+
+    ``logits`` [C, V] (cut to the vocabulary, transformed) -> ids [C, k] int64, their fp32 log
+    probabilities, and the tail's log mass in log space: logsumexp over the other tokens minus
+    logsumexp over all (log(1 - sum p) would cancel to 0 or worse when the tail is tiny).
+    """
+    tempered = logits.float() / temperature
+    log_total = tempered.logsumexp(-1)  # [C]
+    top, ids = tempered.topk(k, dim=-1)  # [C, k]
+    log_rest = tempered.scatter(-1, ids, float("-inf")).logsumexp(-1)  # [C]; -inf when k = V
+    return TopKTeacher(ids, top - log_total[:, None], log_rest - log_total)
+
+
+def _top_k_divergence_and_grad(
+    q: torch.Tensor, log_q: torch.Tensor, teacher: TopKTeacher, spec: LossSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """D over k + 1 outcomes (the teacher's top-k tokens and the rest) and dD/da: q = softmax(a)
+    and log q fp32 [C, V], a TopKTeacher of C rows -> [C], [C, V].
+
+    The student's collapsed logits a_bar = (a_S, logsumexp of a over the tail) have softmax
+    q_bar = (q_S, q_tail), so ``divergence_and_grad`` on the [C, k + 1] outcomes gives D and
+    dD/da_bar; back to a: da_bar_i/da_j = delta_ij on S, and d a_bar_tail / da_j = q_j / q_tail,
+    the tail's own softmax, for j outside S.
+    """
+    ids = teacher.ids.long()
+    log_q_rest = log_q.scatter(-1, ids, float("-inf"))  # [C, V]: the tail's log q, -inf on S
+    log_q_tail = log_q_rest.logsumexp(-1, keepdim=True)  # [C, 1], log space: no cancellation
+    log_q_bar = torch.cat([log_q.gather(-1, ids), log_q_tail], -1)  # [C, k + 1]
+    log_p_bar = torch.cat([teacher.logprobs.float(), teacher.tail_logprob.float()[:, None]], -1)
+    # Stored in fp16, the teacher's k + 1 masses sum to 1 only within its rounding: renormalise,
+    # so that D compares two distributions (and is >= 0).
+    log_p_bar = log_p_bar - log_p_bar.logsumexp(-1, keepdim=True)
+    divergence, grad_bar = divergence_and_grad(
+        log_q_bar.exp(), log_q_bar, log_p_bar.exp(), log_p_bar, spec
+    )
+    # q_j / q_tail over the tail (0 on S). An empty tail (k = V) has log q_tail = -inf: the
+    # clamp keeps -inf - (-inf) = NaN out, giving exp(-inf) = 0.
+    tail_softmax = log_q_rest.sub_(log_q_tail.clamp_min(torch.finfo(log_q.dtype).min)).exp_()
+    grad_a = tail_softmax.mul_(grad_bar[:, -1:]).scatter_(-1, ids, grad_bar[:, :-1])
+    return divergence, grad_a
+
+
+def _kd_divergence_and_grad(
+    q: torch.Tensor,
+    log_q: torch.Tensor,
+    teacher: Teacher,
+    spec: LossSpec,
+    teacher_transform: LogitTransform,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """D(p, q) per row and dD/da for the student's q = softmax(a) ([C, V] fp32 x 2): against the
+    teacher's whole distribution (its raw [C, V] logits) or its stored top-k."""
+    if isinstance(teacher, TopKTeacher):
+        return _top_k_divergence_and_grad(q, log_q, teacher, spec)
+    teacher_logits, _ = teacher_transform.apply(teacher.float())
+    p, log_p = softmax_and_log_softmax(teacher_logits / spec.temperature)
+    return divergence_and_grad(q, log_q, p, log_p, spec)
+
+
 def chunk_loss_and_grad(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher: Teacher,
     labels: torch.Tensor,
     spec: LossSpec,
     student_transform: LogitTransform = IDENTITY,
@@ -225,15 +316,14 @@ def chunk_loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk: (weighted loss sum, KD sum, CE sum, d loss / d raw student logits).
 
-    [C, V] x 2 (any float dtype, before each model's logit transform), [C] -> fp32 scalars x 3
-    and a gradient [C, V] in ``gradient_dtype`` of the logits' dtype. All the math is fp32.
+    [C, V] student logits (any float dtype, before its logit transform), the teacher's [C, V]
+    logits (likewise) or a TopKTeacher of C rows, [C] labels -> fp32 scalars x 3 and a gradient
+    [C, V] in ``gradient_dtype`` of the logits' dtype. All the math is fp32.
     """
     temperature, grad_dtype = spec.temperature, gradient_dtype(student_logits.dtype)
     student_logits, derivative = student_transform.apply(student_logits.float())
-    teacher_logits, _ = teacher_transform.apply(teacher_logits.float())
     q, log_q = softmax_and_log_softmax(student_logits / temperature)
-    p, log_p = softmax_and_log_softmax(teacher_logits / temperature)
-    divergence, grad_a = divergence_and_grad(q, log_q, p, log_p, spec)
+    divergence, grad_a = _kd_divergence_and_grad(q, log_q, teacher, spec, teacher_transform)
     kd_sum = divergence.sum() * temperature**2
     # d(T^2 D)/dz_s = T^2 * dD/da * (1/T), with a = z_s / T.
     grad = grad_a * ((1.0 - spec.alpha) * temperature)
@@ -293,19 +383,25 @@ def _chunk_kernel(compiled: bool):
     return run
 
 
-def chunk_entry_bytes(compute_dtype: torch.dtype, device_type: str) -> int:
+def chunk_entry_bytes(
+    compute_dtype: torch.dtype, device_type: str, *, teacher_logits: bool = True
+) -> int:
     """Bytes the fused loss holds per [C x V] entry of a chunk (see the module's docstring): both
     models' logits in ``compute_dtype``, the gradient's own buffer when it needs another dtype
     (fp16), and off a CPU the elementwise math's fp32 temporaries over the whole chunk (56 in
-    bf16, 52 in fp32, 60 in fp16)."""
+    bf16, 52 in fp32, 60 in fp16). ``teacher_logits=False``: a TopKTeacher, whose chunk holds the
+    student's logits alone (its [C, k] rows are negligible) and fewer temporaries (38 in bf16,
+    36 in fp32, 42 in fp16)."""
+    models = 2 if teacher_logits else 1
     grad_dtype = gradient_dtype(compute_dtype)
-    logits = 2 * compute_dtype.itemsize + (
+    logits = models * compute_dtype.itemsize + (
         grad_dtype.itemsize if grad_dtype != compute_dtype else 0
     )
     if device_type == "cpu":
         return logits
-    upcasts = 0 if compute_dtype == torch.float32 else 2 * 4
-    return logits + upcasts + ELEMENTWISE_BYTES_PER_ENTRY
+    upcasts = 0 if compute_dtype == torch.float32 else models * 4
+    temporaries = ELEMENTWISE_BYTES_PER_ENTRY if teacher_logits else TOP_K_ELEMENTWISE_BYTES
+    return logits + upcasts + temporaries
 
 
 def auto_chunk_rows(
@@ -315,6 +411,7 @@ def auto_chunk_rows(
     compute_dtype: torch.dtype = torch.float32,
     free_bytes: int | None = None,
     memory_budget_mb: float | None = None,
+    teacher_logits: bool = True,
 ) -> int:
     """Rows per chunk: a pure function of the shapes and the memory (``free_memory`` reads it).
 
@@ -322,8 +419,11 @@ def auto_chunk_rows(
     CPU as many as fit ``CPU_CHUNK_MEMORY_MB``; on a GPU ``GPU_FREE_MEMORY_FRACTION`` of
     ``free_bytes``, within [GPU_MIN_CHUNK_ROWS, MAX_CHUNK_ROWS], the floor capped at a quarter
     of the free memory (and taken as it is when the free memory is unknown).
+    ``teacher_logits=False`` sizes the chunks of a TopKTeacher (``chunk_entry_bytes``).
     """
-    row_bytes = vocab_size * chunk_entry_bytes(compute_dtype, device_type)
+    row_bytes = vocab_size * chunk_entry_bytes(
+        compute_dtype, device_type, teacher_logits=teacher_logits
+    )
     if memory_budget_mb is not None or device_type == "cpu":
         budget = CPU_CHUNK_MEMORY_MB if memory_budget_mb is None else memory_budget_mb
         return max(1, int(budget * 2**20) // row_bytes)
@@ -344,11 +444,13 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def default_chunk_rows(vocab_size: int, like: torch.Tensor) -> int:
-    """``auto_chunk_rows`` for rows like ``like`` (its device's free memory, its dtype)."""
+def default_chunk_rows(vocab_size: int, like: torch.Tensor, teacher: Teacher) -> int:
+    """``auto_chunk_rows`` for rows like ``like`` (its device's free memory, its dtype) against
+    ``teacher`` (logits or hidden states, or a TopKTeacher)."""
     return auto_chunk_rows(
-        vocab_size, like.device.type, compute_dtype=like.dtype, free_bytes=free_memory(like.device)
-    )
+        vocab_size, like.device.type, compute_dtype=like.dtype, free_bytes=free_memory(like.device),
+        teacher_logits=not isinstance(teacher, TopKTeacher),
+    )  # fmt: skip
 
 
 def _block_rows(chunk_rows: int, vocab_size: int, device: torch.device) -> int:
@@ -367,7 +469,9 @@ class LossOutput:
 
 
 class _ChunkedLogitsLoss(torch.autograd.Function):
-    """Loss sum over rows of logits, chunk by chunk; keeps only the student-logit gradient."""
+    """Loss sum over rows of logits, chunk by chunk; keeps only the student-logit gradient.
+
+    ``teacher``: the teacher's logits [N, V] or a TopKTeacher, sliced by rows alike."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, spec, chunk_rows, compiled):
@@ -404,8 +508,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         student_hidden,  # [N, Hs]
         student_weight,  # [V_rows, Hs], V_rows >= vocab_size
         student_bias,  # [V_rows] or None
-        teacher_hidden,  # [N, Ht]
-        teacher_weight,  # [V_rows_t, Ht]
+        teacher_hidden,  # [N, Ht], or a TopKTeacher of N rows
+        teacher_weight,  # [V_rows_t, Ht]; None for a TopKTeacher
         teacher_bias,  # [V_rows_t] or None
         labels,  # [N]
         spec,
@@ -420,9 +524,10 @@ class _FusedLinearLoss(torch.autograd.Function):
         vocab = slice(0, vocab_size)
         # [V, H] views, copied only where the dtype differs (fp32 master weights under bf16).
         weight, bias = _cut(student_weight, student_bias, vocab, dtype)
-        teacher_weight, teacher_bias = _cut(
-            teacher_weight, teacher_bias, vocab, teacher_hidden.dtype
-        )
+        if teacher_weight is not None:
+            teacher_weight, teacher_bias = _cut(
+                teacher_weight, teacher_bias, vocab, teacher_hidden.dtype
+            )
         # The gradient GEMMs run in gradient_dtype (fp32 for fp16 inputs, see there): an fp32
         # master weight serves as it is.
         grad_dtype = gradient_dtype(dtype)
@@ -437,10 +542,12 @@ class _FusedLinearLoss(torch.autograd.Function):
         totals = torch.zeros(3, dtype=torch.float32, device=student_hidden.device)
         # Each chunk's logits go to buffers made once: fresh [C x V] tensors per chunk cost
         # page faults on CPU and allocator churn on GPU. The gradient overwrites the student's
-        # logits block by block unless it needs another dtype (fp16 inputs).
+        # logits block by block unless it needs another dtype (fp16 inputs). A TopKTeacher has
+        # no logits: its stored rows are sliced instead.
         buffer_rows = min(chunk_rows, student_hidden.shape[0])
         student_buffer = student_hidden.new_empty(buffer_rows, vocab_size)
-        teacher_buffer = teacher_hidden.new_empty(buffer_rows, vocab_size)
+        top_k = isinstance(teacher_hidden, TopKTeacher)
+        teacher_buffer = None if top_k else teacher_hidden.new_empty(buffer_rows, vocab_size)
         grad_buffer = (
             student_buffer
             if grad_dtype == student_buffer.dtype
@@ -452,14 +559,18 @@ class _FusedLinearLoss(torch.autograd.Function):
             hidden, chunk_labels = student_hidden[rows], labels[rows]
             count = hidden.shape[0]
             student_logits = _project(student_buffer[:count], hidden, weight, bias)
-            teacher_logits = _project(
-                teacher_buffer[:count], teacher_hidden[rows], teacher_weight, teacher_bias
-            )
+            teacher = (
+                teacher_hidden[rows]
+                if top_k
+                else _project(
+                    teacher_buffer[:count], teacher_hidden[rows], teacher_weight, teacher_bias
+                )
+            )  # [C, V] logits or a TopKTeacher of C rows
             grad_logits = grad_buffer[:count]
             for block_start in range(0, count, block_rows):
                 block = slice(block_start, block_start + block_rows)
                 *sums, grad_logits[block] = kernel(
-                    student_logits[block], teacher_logits[block], chunk_labels[block], spec,
+                    student_logits[block], teacher[block], chunk_labels[block], spec,
                     student_transform, teacher_transform,
                 )  # fmt: skip
                 totals += torch.stack(sums)
@@ -570,6 +681,14 @@ def _normalise(loss_sum: torch.Tensor, num_tokens, num_rows: int) -> torch.Tenso
     return loss_sum / normaliser.clamp(min=1).to(loss_sum.dtype)
 
 
+def _check_rows(teacher: TopKTeacher, rows: int) -> None:
+    if len(teacher) != rows:
+        raise ValueError(
+            f"the top-k teacher has {len(teacher)} rows for the student's {rows}: pass the "
+            "teacher's stored rows of exactly the student's valid positions, in their order"
+        )
+
+
 def _check_vocab(name: str, columns: int, vocab_size: int) -> None:
     if columns < vocab_size:
         raise ValueError(
@@ -580,7 +699,7 @@ def _check_vocab(name: str, columns: int, vocab_size: int) -> None:
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     labels: torch.Tensor,
     spec: LossSpec,
     *,
@@ -594,18 +713,25 @@ def distillation_loss(
     Callers pass only valid rows (see ``valid_rows``). ``vocab_size`` is the tokenizer's real
     vocabulary: both logit tensors are cut to it, because models often pad their embedding
     matrices and the padded columns are not real tokens (cutting equals masking them to -inf).
-    ``num_tokens`` is the normaliser (default: N, at least 1); ``chunk_rows`` defaults to
-    ``default_chunk_rows``.
+    ``teacher_logits`` may instead be a TopKTeacher of the same N rows (its ids within the
+    vocabulary): the divergence is then over its k + 1 outcomes. ``num_tokens`` is the
+    normaliser (default: N, at least 1); ``chunk_rows`` defaults to ``default_chunk_rows``.
     """
-    vocab_size = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
+    if isinstance(teacher_logits, TopKTeacher):
+        _check_rows(teacher_logits, student_logits.shape[0])
+        vocab_size = vocab_size or student_logits.shape[-1]
+        teacher = teacher_logits
+    else:
+        vocab_size = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
+        _check_vocab("teacher logits", teacher_logits.shape[-1], vocab_size)
+        teacher = teacher_logits[..., :vocab_size].detach()
     _check_vocab("student logits", student_logits.shape[-1], vocab_size)
-    _check_vocab("teacher logits", teacher_logits.shape[-1], vocab_size)
     loss_sum, totals = _ChunkedLogitsLoss.apply(
         student_logits[..., :vocab_size],
-        teacher_logits[..., :vocab_size].detach(),
+        teacher,
         labels,
         spec,
-        chunk_rows or default_chunk_rows(vocab_size, student_logits),
+        chunk_rows or default_chunk_rows(vocab_size, student_logits, teacher),
         compiled,
     )
     loss = _normalise(loss_sum, num_tokens, student_logits.shape[0])
@@ -624,8 +750,8 @@ class OutputHead:
 def fused_distillation_loss(
     student_hidden: torch.Tensor,
     student_head: OutputHead,
-    teacher_hidden: torch.Tensor,
-    teacher_head: OutputHead,
+    teacher_hidden: Teacher,
+    teacher_head: OutputHead | None,
     labels: torch.Tensor,
     spec: LossSpec,
     *,
@@ -642,24 +768,39 @@ def fused_distillation_loss(
     sharded (ZeRO) parameters receive it like any other gradient. Each head's weight and bias are
     cast to its hidden states' dtype (pass bf16 hidden states to compute in bf16, as autocast
     would). ``chunk_rows`` as in ``distillation_loss``.
+
+    A TopKTeacher of the same N rows takes the teacher's place, with ``teacher_head=None``:
+    nothing of the teacher is projected, its stored rows are sliced chunk by chunk.
     """
     _check_vocab("the student's output layer", student_head.weight.shape[0], vocab_size)
-    _check_vocab("the teacher's output layer", teacher_head.weight.shape[0], vocab_size)
-
-    teacher_bias = None if teacher_head.bias is None else teacher_head.bias.detach()
+    top_k = isinstance(teacher_hidden, TopKTeacher)
+    if top_k != (teacher_head is None):
+        raise ValueError(
+            "fused_distillation_loss takes a teacher's hidden states with its output head, or a "
+            "TopKTeacher with teacher_head=None"
+        )
+    if top_k:
+        _check_rows(teacher_hidden, student_hidden.shape[0])
+        teacher, teacher_weight, teacher_bias = teacher_hidden, None, None
+        teacher_transform = IDENTITY
+    else:
+        _check_vocab("the teacher's output layer", teacher_head.weight.shape[0], vocab_size)
+        teacher, teacher_weight = teacher_hidden.detach(), teacher_head.weight.detach()
+        teacher_bias = None if teacher_head.bias is None else teacher_head.bias.detach()
+        teacher_transform = teacher_head.transform
     loss_sum, totals = _FusedLinearLoss.apply(
         student_hidden,
         student_head.weight,
         student_head.bias,
-        teacher_hidden.detach(),
-        teacher_head.weight.detach(),
+        teacher,
+        teacher_weight,
         teacher_bias,
         labels,
         spec,
         student_head.transform,
-        teacher_head.transform,
+        teacher_transform,
         vocab_size,
-        chunk_rows or default_chunk_rows(vocab_size, student_hidden),
+        chunk_rows or default_chunk_rows(vocab_size, student_hidden, teacher),
         compiled,
     )
     loss = _normalise(loss_sum, num_tokens, student_hidden.shape[0])
