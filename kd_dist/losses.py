@@ -22,6 +22,26 @@ Objectives (p: teacher, q: student):
     skew_reverse_kl   KL(q || a q + (1 - a) p)
     tvd               1/2 sum |p - q|
 
+A stored teacher (``TopKTeacher``, from a teacher cache) keeps, per row, its k most likely
+tokens S, their log p and the log of the rest's mass. Against it D compares two distributions
+over k + 1 outcomes, the tokens of S and one "tail":
+
+    p_bar = (p_S, 1 - sum p_S)    q_bar = (q_S, 1 - sum q_S)    loss term: T^2 * D(p_bar, q_bar)
+
+p_bar is the stored rows as they are (renormalised over the k + 1 outcomes, which only undoes
+their fp16 rounding), made at the cache's temperature: q_bar is at spec.temperature, so the
+caller passes a cache made at that temperature. q_bar comes from the student's full logits
+(still fused, chunk by chunk: log q_S gathered, the tail's log mass a logsumexp over the other
+tokens), and the gradient reaches all V logits (the tail's share spread in proportion to the
+student's q there). All six objectives are f-divergences, so on the merged outcomes each is a
+lower bound of the full D(p, q) (the data-processing inequality), equal to it exactly when the
+student's distribution within the tail is proportional to the teacher's: in particular when k =
+V, and when the teacher has no mass outside its top-k, where every objective but reverse KL (and
+its aliases jsd_beta = 1, skew_reverse_kl at skew_alpha = 0) is exact; reverse KL is infinite
+there, in both forms (tests/test_topk_loss.py checks all three). alpha's cross-entropy is
+unaffected by the cache: it is on the student's full logits at T = 1 against the ground-truth
+label, mixed in as above.
+
 Memory: nothing here keeps a [N x V] tensor for the backward pass. Both entry points walk the
 rows in chunks and compute each chunk's loss *and* its gradient right away, in closed form and
 in fp32 whatever the input dtype:
@@ -48,7 +68,10 @@ weight's dtype and |x| the bytes of dtype x (measured against this in tests/test
                                     fp16), and off a CPU the elementwise math's temporaries on
                                     whole chunks (ELEMENTWISE_BYTES_PER_ENTRY + 8 for
                                     upcasting d); on a CPU that math runs on cache-sized blocks
-                                    of rows (about 13 x _CPU_BLOCK_BYTES)
+                                    of rows (about 13 x _CPU_BLOCK_BYTES). Against a TopKTeacher
+                                    (teacher_logits=False) the student's logits alone, and
+                                    TOP_K_ELEMENTWISE_BYTES + 4: no teacher buffer, nothing of
+                                    the teacher projected, its [C, k] rows sliced
       fp32 weight    V x Hs x 4     under fp16 (g = fp32) when w is not fp32 (DeepSpeed's fp16
                                     weights): the hidden-state gradient's product runs in fp32
       weight-grad    V x Hs x |d|   after each chunk's elementwise math, when g is not fp32
