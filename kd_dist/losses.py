@@ -251,8 +251,8 @@ class TopKTeacher:
     tail_logprob: torch.Tensor  # [N] log of the rest's mass, log(1 - sum_k p_T); -inf when k = V
 
     def __post_init__(self) -> None:
-        rows, k = self.ids.shape
-        if self.logprobs.shape != (rows, k) or self.tail_logprob.shape != (rows,):
+        # Leading dimensions may be any: a batch's rows per position are [B, L, k] and [B, L].
+        if self.logprobs.shape != self.ids.shape or self.tail_logprob.shape != self.ids.shape[:-1]:
             raise ValueError(
                 f"a top-k teacher needs ids [N, k], logprobs [N, k] and tail_logprob [N]; got "
                 f"{tuple(self.ids.shape)}, {tuple(self.logprobs.shape)} and "
