@@ -82,6 +82,28 @@ class TrainConfig:
     trust_remote_code: bool = field(
         default=False, metadata=_help("Allow model code from the hub (off unless you ask).")
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata=_help(
+            "Train from a teacher cache written by `kd-dist cache-teacher` instead of a live "
+            "teacher: no --teacher_model is needed and none is loaded (given one, evaluation "
+            "measures the student against it; otherwise against the cache's eval split)."
+        ),
+    )
+    top_k: int = field(
+        default=64,
+        metadata=_help(
+            "kd-dist cache-teacher: the teacher tokens stored per trained position (their "
+            "log-probabilities at --temperature, plus the log of the rest's mass)."
+        ),
+    )
+    cache_shard_size: int = field(
+        default=1000,
+        metadata=_help(
+            "kd-dist cache-teacher: examples per shard of the cache, the unit a killed job "
+            "resumes from."
+        ),
+    )
 
     # --- data -------------------------------------------------------------------------------
     dataset: str = field(
@@ -363,12 +385,28 @@ class TrainConfig:
             memory_budget_mb=self.loss_chunk_memory_mb,
         )  # fmt: skip
 
-    def validate(self) -> None:
-        """Check everything that can be checked without loading a model or a dataset."""
+    def validate(self, command: str = "train") -> None:
+        """Check everything that can be checked without loading a model or a dataset, for
+        ``command``: train (and tokenize, eval) or cache-teacher (which runs no student)."""
         problems = []
-        for name in ("teacher_model", "student_model", "dataset"):
+        required = ["dataset"]
+        if command == "cache-teacher":
+            required.append("teacher_model")
+            if self.teacher_cache:
+                problems.append(
+                    "--teacher_cache is what `kd-dist train` reads; `kd-dist cache-teacher` "
+                    "writes a cache to --output_dir: drop --teacher_cache."
+                )
+        else:
+            required.append("student_model")
+            if not self.teacher_cache:
+                required.append("teacher_model")
+        for name in required:
             if not getattr(self, name):
                 problems.append(f"--{name} is required.")
+        for name in ("top_k", "cache_shard_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be at least 1 (got {getattr(self, name)}).")
         for name, kind in (
             ("task_type", TaskType),
             ("optimizer", OptimizerName),

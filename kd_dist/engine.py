@@ -371,15 +371,18 @@ class PreemptionWatch:
 
 
 def choose_teacher_placement(
-    cfg: TrainConfig, accelerator: Accelerator, teacher_bytes: Callable[[], int]
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    teacher_bytes: Callable[[], int],
+    unneeded: str | None = None,
 ) -> str:
-    """Where the teacher goes: ``replicate``, ``zero3``, ``zero3_offload``, or ``none`` when
-    --alpha 1 needs no teacher. Taken before any model loads (a sharded teacher is loaded
-    partitioned), the same on every rank, and logged. ``teacher_bytes`` sizes the teacher
-    without loading it (only ``auto`` on a GPU needs it)."""
+    """Where the teacher goes: ``replicate``, ``zero3``, ``zero3_offload``, or ``none`` when the
+    run needs no teacher (``unneeded`` says why). Taken before any model loads (a sharded
+    teacher is loaded partitioned), the same on every rank, and logged. ``teacher_bytes`` sizes
+    the teacher without loading it (only ``auto`` on a GPU needs it)."""
     placement, why = cfg.teacher_placement, "asked for"
-    if cfg.alpha == 1.0:
-        placement, why = "none", "--alpha 1 trains on the labels alone: plain fine-tuning"
+    if unneeded is not None:
+        placement, why = "none", unneeded
     elif placement == "auto":
         placement, why = _auto_placement(accelerator, teacher_bytes)
     logger.info("Teacher placement: %s (%s)", placement, why)

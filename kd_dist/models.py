@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.losses import IGNORE_INDEX, LogitTransform, OutputHead
+from kd_dist.teacher_cache import cache_lengths
 from kd_dist.zero3_loading import load_partitioned
 
 logger = logging.getLogger("kd_dist")
@@ -41,6 +43,13 @@ def _load_config(name: str, role: str, cfg: TrainConfig) -> PretrainedConfig:
             f"--{role}_model {name!r}: could not load its config. Pass a local folder holding "
             f"config.json or a hub name already in the local Hugging Face cache. ({error})"
         ) from None
+
+
+def model_roles(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(role, name) of the models the run names: `kd-dist cache-teacher` may run without a
+    student, `kd-dist train --teacher_cache` without a teacher."""
+    named = (("teacher", cfg.teacher_model), ("student", cfg.student_model))
+    return [(role, name) for role, name in named if name]
 
 
 def check_task_type(config: PretrainedConfig, role: str, name: str, task_type: str) -> None:
@@ -99,20 +108,22 @@ def resolve_lengths(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the lengths the user left unset filled in (reading only the model configs).
 
     --max_length: min(512, the smaller position limit of the two models), HF run_clm's rule, so
-    the default always fits. --max_target_length (seq2seq): --max_length, as documented. The run
-    saves the resolved values, so a resumed run without the flags compares equal.
+    the default always fits; with --teacher_cache, the lengths its examples were cut at.
+    --max_target_length (seq2seq): --max_length, as documented. The run saves the resolved
+    values, so a resumed run without the flags compares equal.
     """
+    if cfg.teacher_cache:
+        cfg = cache_lengths(cfg)
     if cfg.max_length is None:
         limits = {
-            role: position_limit(_load_config(name, role, cfg))
-            for role, name in (("teacher", cfg.teacher_model), ("student", cfg.student_model))
+            role: position_limit(_load_config(name, role, cfg)) for role, name in model_roles(cfg)
         }
         known = {role: limit for role, limit in limits.items() if limit is not None}
         length = min([DEFAULT_MAX_LENGTH, *known.values()])
         if known:
             smallest = min(known.values())
             binding = [role for role, limit in known.items() if limit == smallest]
-            whose = "models'" if len(binding) == 2 else f"{binding[0]}'s"
+            whose = "models'" if len(binding) > 1 else f"{binding[0]}'s"
             why = f"min of {DEFAULT_MAX_LENGTH} and the {whose} {smallest} positions"
         else:
             why = "the models have no position limit"
@@ -124,10 +135,20 @@ def resolve_lengths(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def tokenizer_sources(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(role, folder or hub name) of the tokenizers a run must agree on, the student's first:
+    a teacher cache's saved tokenizer stands in for a teacher that is not named."""
+    sources = dict(model_roles(cfg))
+    if cfg.teacher_cache and "teacher" not in sources:
+        sources["teacher"] = str(Path(cfg.teacher_cache) / "tokenizer")
+    return sorted(sources.items(), key=lambda source: source[0] != "student")
+
+
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
-    """The student's tokenizer, after checking the teacher's is the same; pad token ensured."""
+    """The student's tokenizer, after checking the teacher's is the same; pad token ensured.
+    (`kd-dist cache-teacher` without a student: the teacher's.)"""
     tokenizers = {}
-    for role, name in (("student", cfg.student_model), ("teacher", cfg.teacher_model)):
+    for role, name in tokenizer_sources(cfg):
         try:
             tokenizers[role] = AutoTokenizer.from_pretrained(
                 name, trust_remote_code=cfg.trust_remote_code
@@ -137,7 +158,8 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
                 f"--{role}_model {name!r}: could not load its tokenizer. The folder must hold "
                 f"the tokenizer files saved with the model. ({error})"
             ) from None
-    student_tok, teacher_tok = tokenizers["student"], tokenizers["teacher"]
+    student_tok = tokenizers.get("student", tokenizers["teacher"])
+    teacher_tok = tokenizers.get("teacher", student_tok)
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         only_student = len(set(student_tok.get_vocab()) - set(teacher_tok.get_vocab()))
         raise ConfigError(
@@ -165,8 +187,8 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
 
 
 def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Configuration-level checks of both models (no weights loaded)."""
-    for role, name in (("teacher", cfg.teacher_model), ("student", cfg.student_model)):
+    """Configuration-level checks of the models (no weights loaded)."""
+    for role, name in model_roles(cfg):
         config = _load_config(name, role, cfg)
         check_task_type(config, role, name, cfg.task_type)
         check_vocab_covers_tokenizer(config, role, tokenizer)
@@ -288,28 +310,38 @@ def load_models(
     DeepSpeed ZeRO-3 partitions the model as it loads. ``with_teacher=False`` (--alpha 1) loads
     the student alone.
     """
-    auto = model_class(cfg)
-    teacher = None
-    if with_teacher:
-        # The teacher only runs forward, so it is stored in half precision where the run allows;
-        # the student keeps fp32 weights and mixed precision autocasts its forward.
-        with loading("teacher"):
-            teacher = pretrained(auto, cfg.teacher_model, teacher_dtype(cfg), cfg)
-        teacher.eval()
-        teacher.requires_grad_(False)
+    teacher = load_teacher(cfg, tokenizer, loading) if with_teacher else None
     with loading("student"):
-        student = pretrained(auto, cfg.student_model, torch.float32, cfg)
+        student = pretrained(model_class(cfg), cfg.student_model, torch.float32, cfg)
     student.train()
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(student)
-    for model in (teacher, student):
-        if model is None:
-            continue
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        if model.generation_config is not None and model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    set_pad_token(student, tokenizer)
     return ModelPair(teacher=teacher, student=student)
+
+
+def load_teacher(
+    cfg: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    loading: Callable[[str], AbstractContextManager] = lambda role: nullcontext(),
+) -> PreTrainedModel:
+    """The teacher, frozen, in eval mode and in ``teacher_dtype``: it only runs forward, so it
+    is stored in half precision where the run allows (the student keeps fp32 weights and mixed
+    precision autocasts its forward)."""
+    with loading("teacher"):
+        teacher = pretrained(model_class(cfg), cfg.teacher_model, teacher_dtype(cfg), cfg)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    set_pad_token(teacher, tokenizer)
+    return teacher
+
+
+def set_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The tokenizer's pad token where the model's config (or generation config) names none."""
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
