@@ -1,8 +1,9 @@
-"""Command line: ``kd-dist train|tokenize|eval|report|demo`` (also ``python -m kd_dist ...``).
+"""Command line: ``kd-dist train|tokenize|cache-teacher|eval|report|demo`` (also ``python -m
+kd_dist ...``).
 
 The ``train`` flags are generated from ``TrainConfig``'s fields, so every flag can also be set in
-a ``--config run.yaml`` file; precedence is defaults < YAML < command line. ``tokenize`` takes
-exactly the ``train`` flags; ``eval`` takes the data, precision and chunking flags of ``train``
+a ``--config run.yaml`` file; precedence is defaults < YAML < command line. ``tokenize`` and
+``cache-teacher`` take exactly the ``train`` flags; ``eval`` takes the data, precision and chunking flags of ``train``
 (same names, same meanings).
 """
 
@@ -144,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
         )
     )
+    build_train_parser(
+        commands.add_parser(
+            "cache-teacher",
+            help="Run the teacher once over the data and store its top-k distributions in "
+            "--output_dir, for `kd-dist train --teacher_cache` (the train flags; --top_k; no "
+            "student needed).",
+            allow_abbrev=False,
+        )
+    )
     build_eval_parser(
         commands.add_parser(
             "eval",
@@ -202,6 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = config_from_args(args)
             print(describe(pretokenize(cfg), cfg))
+        elif args.command == "cache-teacher":
+            from kd_dist.cache_teacher import cache_teacher, describe_result
+
+            result = cache_teacher(config_from_args(args))
+            if _is_main_process():
+                print(describe_result(result))
         elif args.command == "eval":
             from kd_dist.evaluation import evaluate_saved, json_safe, metrics_table
 

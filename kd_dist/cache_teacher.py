@@ -1,0 +1,293 @@
+"""``kd-dist cache-teacher``: run the teacher once over the data and store its top-k distributions.
+
+It takes the train flags and tokenizes exactly as ``kd-dist train`` with the same flags would
+(format, masks, truncation, packing, the eval split), runs the frozen teacher over every split in
+inference mode, and writes what ``teacher_cache`` describes. Under ``accelerate launch`` each
+process takes its share of the shards (shard r, r + W, r + 2W ... of the pending ones), with the
+teacher replicated or sharded by ZeRO-3 (--teacher_placement), in --teacher_dtype. A killed job
+continues from its last complete shard when run again with the same command.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from deepspeed.runtime.zero import GatheredParameters
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.data import build_datasets, content_fingerprint, example_lengths, make_collator
+from kd_dist.data.parallel import tokenize_first
+from kd_dist.engine import (
+    accelerator_session,
+    agree_on_minimum,
+    choose_teacher_placement,
+    partitioned_loading,
+    place_teacher,
+)
+from kd_dist.losses import TopKTeacher, logit_chunks, top_k_teacher, valid_mask, valid_rows
+from kd_dist.models import (
+    check_models,
+    forward_hidden,
+    forward_logits,
+    load_teacher,
+    load_tokenizer,
+    output_head,
+    resolve_lengths,
+    teacher_bytes,
+)
+from kd_dist.teacher_cache import (
+    MANIFEST_FILE,
+    TOKENIZER_DIR,
+    Shard,
+    bytes_per_token,
+    describe,
+    example_rows,
+    missing_shards,
+    read_manifest,
+    split_shards,
+    write_manifest,
+    write_shard,
+)
+
+logger = logging.getLogger("kd_dist")
+
+# Manifest entries that may differ between the job that started a cache and the one resuming it.
+RESUMABLE_DIFFERENCES = ("versions", "complete")
+
+
+@dataclass
+class CacheResult:
+    folder: Path
+    manifest: dict
+    tokens: int  # trained positions cached over all splits
+    bytes: int  # the shard files' size on disk
+
+
+def cache_teacher(cfg: TrainConfig) -> CacheResult:
+    """Write the teacher cache of ``cfg``'s data to ``cfg.output_dir`` (or finish one)."""
+    cfg.validate("cache-teacher")
+    cfg = resolve_lengths(cfg)
+    folder = Path(cfg.output_dir)
+    with accelerator_session(cfg) as accelerator:
+        tokenizer = load_tokenizer(cfg)
+        check_models(cfg, tokenizer)
+        data = build_datasets(cfg, tokenizer, main_process_first=tokenize_first(cfg, accelerator))
+        splits = {"train": data.train, "eval": data.eval}
+        splits = {name: examples for name, examples in splits.items() if examples is not None}
+        manifest = describe(
+            cfg,
+            tokenizer,
+            {name: content_fingerprint(examples) for name, examples in splits.items()},
+            {name: len(examples) for name, examples in splits.items()},
+        )
+        check_cache_folder(folder, manifest, cfg.overwrite_output_dir)
+        accelerator.wait_for_everyone()  # every rank checked the folder before it changes
+        if accelerator.is_main_process:
+            start_cache(folder, manifest, tokenizer, cfg.overwrite_output_dir)
+        accelerator.wait_for_everyone()
+        if missing_shards(folder, manifest):
+            placement = choose_teacher_placement(cfg, accelerator, lambda: teacher_bytes(cfg))
+            teacher = load_teacher(
+                cfg, tokenizer, lambda role: partitioned_loading(accelerator, role, placement)
+            )
+            teacher = place_teacher(accelerator, teacher, placement)
+            run = TeacherRun(cfg, accelerator, teacher, len(tokenizer), placement)
+            for name, examples in splits.items():
+                shards = split_shards(name, len(examples), cfg.cache_shard_size)
+                run.cache_split(examples, shards, folder, make_collator(tokenizer))
+            accelerator.wait_for_everyone()  # every rank's shards are written
+        else:
+            logger.info("%s already holds the complete cache: nothing to run.", folder)
+        missing = missing_shards(folder, manifest)
+        if missing:  # a rank died without raising, or the folder is not shared by the ranks
+            raise RuntimeError(f"shards missing after caching: {', '.join(missing[:5])}")
+        if accelerator.is_main_process and not manifest["complete"]:
+            manifest["complete"] = True
+            write_manifest(folder, manifest)
+        accelerator.wait_for_everyone()
+    shard_files = sorted(folder.glob("*.arrow"))
+    tokens = sum(int(examples_tokens(folder, split)) for split in manifest["splits"])
+    return CacheResult(folder, manifest, tokens, sum(p.stat().st_size for p in shard_files))
+
+
+def examples_tokens(folder: Path, split: str) -> int:
+    """Trained positions a cached split holds (the length of its tail column)."""
+    import pyarrow.compute
+
+    files = sorted(folder.glob(f"{split}-*.arrow"))
+    shards = [datasets.Dataset.from_file(str(path)).with_format("arrow") for path in files]
+    return sum(
+        int(pyarrow.compute.sum(pyarrow.compute.list_value_length(s[:]["tail_logprob"])).as_py()
+            or 0)
+        for s in shards
+    )  # fmt: skip
+
+
+def check_cache_folder(folder: Path, manifest: dict, overwrite: bool) -> None:
+    """Read-only (every rank): the folder is empty, or holds the start of this very cache (which
+    the job continues), or --overwrite_output_dir says to replace what is there."""
+    existing = read_manifest(folder) if folder.is_dir() else None
+    if overwrite or not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if existing is None:
+        raise ConfigError(
+            f"--output_dir {folder} is not empty and holds no teacher cache: pass an empty or new "
+            "folder, or --overwrite_output_dir to replace its files."
+        )
+    differences = [
+        f"{key}: {existing.get(key)!r} -> {value!r}"
+        for key, value in manifest.items()
+        if key not in RESUMABLE_DIFFERENCES and existing.get(key) != value
+    ]
+    if differences:
+        raise ConfigError(
+            f"--output_dir {folder} holds a teacher cache made with other settings "
+            f"({'; '.join(differences)}): pass another --output_dir, the same flags to finish "
+            "that cache, or --overwrite_output_dir to replace it."
+        )
+
+
+def start_cache(folder: Path, manifest: dict, tokenizer, overwrite: bool) -> None:
+    """The folder with this cache's manifest and tokenizer (main process); an overwritten
+    folder loses its earlier shards and manifest first."""
+    existing = read_manifest(folder) if folder.is_dir() else None
+    if overwrite and folder.is_dir():
+        for path in [*folder.glob("*.arrow"), *folder.glob("*.arrow.tmp")]:
+            path.unlink()
+        shutil.rmtree(folder / TOKENIZER_DIR, ignore_errors=True)
+        (folder / MANIFEST_FILE).unlink(missing_ok=True)
+        existing = None
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+    if existing is not None:
+        manifest["complete"] = existing["complete"]
+        logger.info("Continuing the teacher cache in %s: %d shard(s) to go.", folder,
+                    len(missing_shards(folder, manifest)))  # fmt: skip
+    write_manifest(folder, manifest)
+
+
+class TeacherRun:
+    """The teacher over a split's pending shards, a shard per rank per round.
+
+    A ZeRO-3 teacher gathers each layer's shards from every rank in its forward, so under ZeRO-3
+    every rank runs the same number of forwards in each round: a rank with fewer batches (a
+    shorter last shard, or none left) runs its first batch again and discards it."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        accelerator: Accelerator,
+        teacher: PreTrainedModel,
+        vocab_size: int,
+        placement: str,
+    ) -> None:
+        self.cfg, self.accelerator, self.teacher = cfg, accelerator, teacher
+        self.vocab_size, self.lockstep = vocab_size, placement.startswith("zero3")
+        self.causal = cfg.task_type == "causal"
+        (chunk_rows,) = agree_on_minimum(
+            accelerator, [cfg.chunk_rows(vocab_size, accelerator.device, torch.float32)]
+        )
+        self.chunk_rows = int(chunk_rows)
+        self.fused = cfg.fused_loss and output_head(teacher) is not None
+
+    def cache_split(
+        self, examples: datasets.Dataset, shards: list[Shard], folder: Path, collate: Callable
+    ) -> None:
+        ranks, rank = self.accelerator.num_processes, self.accelerator.process_index
+        pending = [shard for shard in shards if not shard.path(folder, len(shards)).is_file()]
+        lengths = np.asarray(example_lengths(examples)) if pending else np.zeros(0)
+        batches_of = {shard.index: self.batch_order(shard, lengths) for shard in pending}
+        total = sum(int(lengths[shard.examples.start : shard.examples.stop].sum())
+                    for shard in pending)  # fmt: skip
+        progress = tqdm(
+            total=total, unit="tok", unit_scale=True, disable=not self.accelerator.is_main_process,
+            desc=f"teacher over {shards[0].split if shards else ''} (input tokens, all processes)",
+        )  # fmt: skip
+        for start in range(0, len(pending), ranks):
+            round_shards = pending[start : start + ranks]
+            mine = round_shards[rank] if rank < len(round_shards) else None
+            own = batches_of[mine.index] if mine is not None else []
+            forwards = len(own)
+            if self.lockstep:
+                forwards = max(len(batches_of[shard.index]) for shard in round_shards)
+            rows: dict[int, dict[str, np.ndarray]] = {}
+            for step in range(forwards):
+                batch = own[step] if step < len(own) else (own or batches_of[pending[0].index])[0]
+                cached = self.teacher_rows(collate(examples.__getitems__(batch.tolist())))
+                if step >= len(own):
+                    continue  # a lockstep forward: its rows are another rank's
+                for example, values in zip(batch, cached, strict=True):
+                    rows[int(example)] = values
+                progress.update(int(lengths[batch].sum()) * ranks)
+            if mine is not None:
+                ordered = [rows[example] for example in mine.examples]
+                columns = {name: [row[name] for row in ordered] for name in ordered[0]}
+                write_shard(mine.path(folder, len(shards)), columns)
+        progress.close()
+
+    def batch_order(self, shard: Shard, lengths: np.ndarray) -> list[np.ndarray]:
+        """The shard's examples in batches of --batch_size, longest first: similar lengths
+        share a batch (less padding), and the largest batch runs first (memory shows at once)."""
+        order = shard.examples.start + np.argsort(
+            -lengths[shard.examples.start : shard.examples.stop], kind="stable"
+        )
+        size = self.cfg.batch_size
+        return [order[start : start + size] for start in range(0, len(order), size)]
+
+    @torch.no_grad()
+    def teacher_rows(self, batch: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        """The teacher's top-k rows of each example of a collated batch, in the stored dtypes."""
+        batch = {key: value.to(self.accelerator.device) for key, value in batch.items()}
+        forward = forward_hidden if self.fused else forward_logits
+        with self.accelerator.autocast():
+            outputs = forward(self.teacher, self.teacher, batch, self.cfg.task_type)
+        rows, _, _ = valid_rows(outputs, None, batch["labels"], self.causal)
+        counts = valid_mask(batch["labels"], self.causal).sum(1).tolist()
+        head = output_head(self.teacher) if self.fused else None
+        layer = self.teacher.get_output_embeddings()
+        weights = list(layer.parameters()) if self.fused else []
+        with GatheredParameters(weights):  # a ZeRO-3 teacher's output layer, for the chunks
+            chunks = logit_chunks(rows, None, vocab_size=self.vocab_size,
+                                  chunk_rows=self.chunk_rows, student_head=head)  # fmt: skip
+            parts = [top_k_teacher(logits, self.cfg.top_k, self.cfg.temperature)
+                     for _, logits, _ in chunks]  # fmt: skip
+        stored = example_rows(concatenated(parts, self.cfg.top_k), counts)
+        return [{name: stored[name][i] for name in stored} for i in range(len(counts))]
+
+
+def concatenated(parts: list[TopKTeacher], k: int) -> TopKTeacher:
+    """Chunks' rows as one TopKTeacher ([N, k], [N, k], [N]; N = 0 without chunks)."""
+    if not parts:
+        return TopKTeacher(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0))
+    return TopKTeacher(
+        torch.cat([part.ids for part in parts]),
+        torch.cat([part.logprobs for part in parts]),
+        torch.cat([part.tail_logprob for part in parts]),
+    )
+
+
+def describe_result(result: CacheResult) -> str:
+    """What ``kd-dist cache-teacher`` wrote, for the terminal."""
+    manifest = result.manifest
+    splits = ", ".join(f"{name} {info['examples']:,} examples"
+                       for name, info in manifest["splits"].items())  # fmt: skip
+    per_token = result.bytes / max(result.tokens, 1)
+    return "\n".join([
+        f"Teacher cache of {manifest['teacher_model']} in {result.folder}:",
+        f"  {splits}; {result.tokens:,} trained tokens",
+        f"  top-{manifest['top_k']} at temperature {manifest['temperature']}: "
+        f"{result.bytes / 2**20:,.1f} MiB, {per_token:,.0f} bytes per token "
+        f"({bytes_per_token(manifest['top_k'])} of them the rows themselves)",
+        f"  train from it: kd-dist train --teacher_cache {result.folder} --student_model ... "
+        "(the same data flags)",
+    ])  # fmt: skip
