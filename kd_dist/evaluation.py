@@ -43,6 +43,7 @@ from kd_dist.data import build_datasets, make_collator
 from kd_dist.data.parallel import tokenize_first
 from kd_dist.engine import accelerator_session, deepspeed_launch
 from kd_dist.losses import (
+    TopKTeacher,
     logit_chunks,
     plogx,
     softmax_and_log_softmax,
@@ -60,6 +61,7 @@ from kd_dist.models import (
     projection_input,
     resolve_lengths,
 )
+from kd_dist.teacher_signal import CachedTeacher, LiveTeacher, TeacherSignal
 
 logger = logging.getLogger("kd_dist")
 
@@ -80,30 +82,62 @@ METRIC_KEYS = (
 
 
 def row_metrics(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | TopKTeacher | None,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """[C, V] x 2 fp32 logits and [C] labels -> [C, 4]: student NLL, teacher NLL,
-    KL(teacher || student) and top-1 agreement (0/1) of each row; no teacher (None) -> [C, 1],
-    the student NLL alone."""
+    """[C, V] fp32 student logits, the teacher's [C, V] fp32 logits (or its cached top-k rows)
+    and [C] labels -> [C, 4]: student NLL, teacher NLL, KL(teacher || student) and top-1
+    agreement (0/1) of each row; no teacher (None) -> [C, 1], the student NLL alone.
+
+    Against cached rows, the KL is over their k + 1 outcomes at the cache's ``temperature``
+    (``topk_log_probs``), the teacher's NLL is not known (0 here, None in the metrics), and its
+    most likely token is its first stored one."""
     log_q = torch.log_softmax(student_logits, dim=-1)
     student_nll = -log_q.gather(-1, labels[:, None]).squeeze(-1)
-    if teacher_logits is None:
+    if teacher is None:
         return student_nll[:, None]
-    p, log_p = softmax_and_log_softmax(teacher_logits)
+    if isinstance(teacher, TopKTeacher):
+        log_q_bar, log_p_bar = topk_log_probs(student_logits / temperature, teacher)
+        return torch.stack(
+            [
+                student_nll,
+                torch.zeros_like(student_nll),
+                plogx(log_p_bar.exp(), log_p_bar - log_q_bar),
+                (student_logits.argmax(-1) == teacher.ids[:, 0]).float(),
+            ],
+            dim=-1,
+        )
+    p, log_p = softmax_and_log_softmax(teacher)
     return torch.stack(
         [
             student_nll,
             -log_p.gather(-1, labels[:, None]).squeeze(-1),
             plogx(p, log_p - log_q),
-            (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float(),
+            (student_logits.argmax(-1) == teacher.argmax(-1)).float(),
         ],
         dim=-1,
     )
 
 
+def topk_log_probs(
+    tempered: torch.Tensor, teacher: TopKTeacher
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's log-probabilities of the k + 1 outcomes (the teacher's
+    top-k tokens and the rest): [C, V] tempered student logits and C cached rows -> [C, k + 1]
+    x 2, in log space (the rest's mass by logsumexp, no cancellation)."""
+    ids = teacher.ids.long()
+    log_q = torch.log_softmax(tempered, dim=-1)
+    log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    log_q_bar = torch.cat([log_q.gather(-1, ids), log_q_tail], -1)
+    log_p_bar = torch.cat([teacher.logprobs.float(), teacher.tail_logprob.float()[:, None]], -1)
+    return log_q_bar, log_p_bar - log_p_bar.logsumexp(-1, keepdim=True)
+
+
 def batch_sums(
     student: PreTrainedModel,
-    teacher: PreTrainedModel | None,
+    teacher: TeacherSignal | None,
     batch: dict[str, torch.Tensor],
     *,
     task_type: str,
@@ -114,17 +148,15 @@ def batch_sums(
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """[B, 5] float64 sums of one batch's examples, in METRIC_SUMS order. ``fused``: project
-    hidden states chunk by chunk when both models' output heads are known (--fused_loss), else
-    chunk the models' own logits; the student's are projected in ``compute_dtype``, as in
-    training (``projection_input``). The metrics' math is fp32 either way. No teacher (None):
-    the student's forward alone, and its NLL; the teacher's columns stay 0."""
+    hidden states chunk by chunk (--fused_loss; the teacher's signal was made alike), else chunk
+    the models' own logits; the student's are projected in ``compute_dtype``, as in training
+    (``projection_input``). The metrics' math is fp32 either way. No teacher (None): the
+    student's forward alone, and its NLL; the teacher's columns stay 0."""
     causal = task_type == "causal"
-    models = [student] if teacher is None else [student, teacher]
-    fused = fused and all(output_head(model) is not None for model in models)
     forward = forward_hidden if fused else forward_logits
     with autocast():
         student_out = forward(student, student, batch, task_type)  # [B, L, H] or [B, L, V]
-        teacher_out = None if teacher is None else forward(teacher, teacher, batch, task_type)
+    teacher_out = None if teacher is None else teacher.outputs(batch, student_out)
     mask = valid_mask(batch["labels"], causal)  # [B, L']
     example_of_row = mask.nonzero()[:, 0]  # [N]: which example each valid row belongs to
     s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
@@ -132,14 +164,15 @@ def batch_sums(
         s = projection_input(s, compute_dtype)
     row_sums = torch.zeros(mask.shape[0], 4, dtype=torch.float64, device=mask.device)
     # Under ZeRO-3 the output weights are shards: gathered while the chunks are projected.
-    projections = [model.get_output_embeddings() for model in models]
-    weights = [p for module in projections for p in module.parameters()] if fused else []
+    layers = [student.get_output_embeddings(), *(teacher.output_layers if teacher else [])]
+    weights = [p for layer in layers for p in layer.parameters()] if fused else []
+    cached = t if isinstance(t, TopKTeacher) else None  # top-k rows: sliced, not projected
+    temperature = teacher.temperature if isinstance(teacher, CachedTeacher) else 1.0
     with GatheredParameters(weights):
-        student_head = output_head(student) if fused else None
-        teacher_head = output_head(teacher) if fused and teacher is not None else None
         chunks = logit_chunks(
-            s, t, vocab_size=vocab_size, chunk_rows=chunk_rows,
-            student_head=student_head, teacher_head=teacher_head,
+            s, None if cached is not None else t, vocab_size=vocab_size, chunk_rows=chunk_rows,
+            student_head=output_head(student) if fused else None,
+            teacher_head=teacher.head() if teacher is not None else None,
         )  # fmt: skip
         # The metrics' math makes about 6 fp32 [rows x V] temporaries: on a quarter of a chunk
         # at a time they stay smaller than the chunk's own two [C x V] logits.
@@ -147,8 +180,12 @@ def batch_sums(
         for rows, student_logits, teacher_logits in chunks:
             for start in range(0, student_logits.shape[0], block):
                 part = slice(start, start + block)
-                teacher_part = None if teacher_logits is None else teacher_logits[part]
-                values = row_metrics(student_logits[part], teacher_part, labels[rows][part])
+                teacher_part = cached[rows][part] if cached is not None else (
+                    None if teacher_logits is None else teacher_logits[part]
+                )  # fmt: skip
+                values = row_metrics(
+                    student_logits[part], teacher_part, labels[rows][part], temperature
+                )
                 # [B, 4], or its first column without a teacher (a view: added in place)
                 row_sums[:, : values.shape[1]].index_add_(
                     0, example_of_row[rows][part], values.double()
@@ -156,9 +193,12 @@ def batch_sums(
     return torch.cat([row_sums, mask.sum(1, keepdim=True).double()], dim=1)
 
 
-def metrics_from_sums(sums: torch.Tensor, with_teacher: bool = True) -> dict[str, float | None]:
+def metrics_from_sums(
+    sums: torch.Tensor, with_teacher: bool = True, teacher_ce: bool = True
+) -> dict[str, float | None]:
     """Means over all valid tokens from the [5] totals (an empty set gives zeros, not NaN);
-    ``with_teacher=False``: the teacher's metrics are None (there was none to measure)."""
+    ``with_teacher=False``: the teacher's metrics are None (there was none to measure);
+    ``teacher_ce=False``: its cross-entropy and perplexity are (a cache does not keep them)."""
     totals = dict(zip(METRIC_SUMS, sums.tolist(), strict=True))
     tokens = max(totals["tokens"], 1.0)
     student_ce = totals["student_ce"] / tokens
@@ -169,13 +209,12 @@ def metrics_from_sums(sums: torch.Tensor, with_teacher: bool = True) -> dict[str
         "tokens": int(totals["tokens"]),
     }
     if with_teacher:
-        teacher_ce = totals["teacher_ce"] / tokens
         metrics.update(
-            teacher_ce=teacher_ce,
-            teacher_ppl=perplexity(teacher_ce),
-            kl_to_teacher=totals["kl"] / tokens,
-            top1_agreement=totals["agreement"] / tokens,
+            kl_to_teacher=totals["kl"] / tokens, top1_agreement=totals["agreement"] / tokens
         )
+    if with_teacher and teacher_ce:
+        teacher_ce_value = totals["teacher_ce"] / tokens
+        metrics.update(teacher_ce=teacher_ce_value, teacher_ppl=perplexity(teacher_ce_value))
     return metrics
 
 
@@ -192,7 +231,7 @@ def perplexity(cross_entropy: float) -> float:
 @torch.no_grad()
 def evaluate(
     student: PreTrainedModel,
-    teacher: PreTrainedModel | None,
+    teacher: PreTrainedModel | TeacherSignal | None,
     batches: Iterable[dict[str, torch.Tensor]],
     *,
     task_type: str,
@@ -205,13 +244,20 @@ def evaluate(
 ) -> dict[str, float | None]:
     """Student-vs-teacher metrics over ``batches`` (means over the valid tokens of all ranks).
 
-    ``student`` and ``teacher`` are the models themselves (not DDP/DeepSpeed wrappers); no
-    teacher (None, --alpha 1) gives the student's metrics and None for the teacher's;
+    ``student`` and ``teacher`` are the models themselves (not DDP/DeepSpeed wrappers), or the
+    teacher's signal (a ``CachedTeacher``: its batches carry the cached rows); no teacher (None,
+    --alpha 1) gives the student's metrics and None for the teacher's;
     ``autocast`` is entered around their forwards; ``gather`` collects every rank's [B, 5]
     per-example sums and drops padding duplicates (``accelerator.gather_for_metrics``);
     ``compute_dtype`` is the run's mixed precision (``precision_dtype``), which the fused path
     projects the student's hidden states in.
     """
+    if isinstance(teacher, torch.nn.Module):
+        models = [student, teacher]
+        fused = fused and all(output_head(model) is not None for model in models)
+        teacher = LiveTeacher(teacher, task_type, fused, autocast)
+    elif teacher is None:
+        fused = fused and output_head(student) is not None
     was_training = student.training
     student.eval()
     totals = torch.zeros(len(METRIC_SUMS), dtype=torch.float64)
@@ -224,7 +270,9 @@ def evaluate(
             totals += gather(sums).sum(0).cpu()
     finally:
         student.train(was_training)
-    return metrics_from_sums(totals, with_teacher=teacher is not None)
+    return metrics_from_sums(
+        totals, with_teacher=teacher is not None, teacher_ce=not isinstance(teacher, CachedTeacher)
+    )
 
 
 def eval_loader(

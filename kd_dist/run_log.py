@@ -19,7 +19,8 @@ from transformers import PreTrainedModel
 
 from kd_dist.config import TrainConfig
 from kd_dist.data import DataSplits
-from kd_dist.evaluation import has_teacher, json_safe
+from kd_dist.evaluation import format_metric, has_teacher, json_safe
+from kd_dist.teacher_cache import TeacherCache
 
 logger = logging.getLogger("kd_dist")
 
@@ -43,6 +44,7 @@ class MetricsLog:
         self.path, self.progress, self.accelerator = path, progress, accelerator
         self.enabled = accelerator.is_main_process
         self.tokens, self.samples, self.since = 0, 0, time.perf_counter()
+        self.evaluated_at = -1  # the step of the last evaluation logged (-1: none)
 
     def count(self, tokens: int, samples: int) -> None:
         self.tokens += tokens
@@ -78,6 +80,7 @@ class MetricsLog:
         seconds = time.perf_counter() - start
         record = {"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
         record["eval_seconds"] = seconds
+        self.evaluated_at = step
         if self.enabled:
             logger.info("Evaluation at step %d: %s", step, _format_metrics(metrics))
         self._write(record)
@@ -95,9 +98,11 @@ class MetricsLog:
 def _format_metrics(metrics: dict[str, float | None]) -> str:
     tokens = f"over {metrics['tokens']} tokens"
     if not has_teacher(metrics):  # --alpha 1: no teacher was loaded to compare with
-        return f"student ppl {metrics['student_ppl']:.3f} {tokens} (no teacher: --alpha 1)"
+        return f"student ppl {metrics['student_ppl']:.3f} {tokens} (no teacher to compare with)"
+    # A teacher cache keeps no teacher perplexity (format_metric shows n/a).
     return (
-        f"student ppl {metrics['student_ppl']:.3f} (teacher {metrics['teacher_ppl']:.3f}), "
+        f"student ppl {metrics['student_ppl']:.3f} (teacher "
+        f"{format_metric(metrics['teacher_ppl'], '.3f')}), "
         f"KL to teacher {metrics['kl_to_teacher']:.4f}, "
         f"top-1 agreement {metrics['top1_agreement']:.1%} {tokens}"
     )
@@ -138,6 +143,7 @@ def run_summary(
     total_steps: int,
     steps_per_epoch: int,
     fused: bool,
+    cache: TeacherCache | None = None,
 ) -> str:
     """The start-up summary: the models and where they run, the size of a step, the plan."""
     student = accelerator.unwrap_model(student)
@@ -149,6 +155,13 @@ def run_summary(
         sharded = any(hasattr(p, "ds_id") for p in teacher.parameters())
         teacher_line = f"  teacher  {cfg.teacher_model} ({weights(teacher)}), " + (
             "sharded by its ZeRO-3 engine" if sharded else "replicated per process"
+        )
+    if cache is not None:
+        manifest = cache.manifest
+        teacher_line = (
+            f"  teacher  cache {cache.folder} of {manifest['teacher_model']} (top-"
+            f"{manifest['top_k']} + tail, temperature {manifest['temperature']}); "
+            + ("evaluated against the live teacher" if teacher is not None else "not loaded")
         )
     sequences = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     label_length = cfg.max_target_length if cfg.task_type == "seq2seq" else cfg.max_length

@@ -24,7 +24,7 @@ from torch.nn import Parameter
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.optimization import Adafactor
 
 from kd_dist import faults
@@ -46,6 +46,7 @@ from kd_dist.checkpoint import (
 )
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import (
+    DataSplits,
     LengthGroupedSampler,
     build_datasets,
     content_fingerprint,
@@ -87,6 +88,14 @@ from kd_dist.models import (
     teacher_bytes,
 )
 from kd_dist.run_log import MetricsLog, held_parameters, run_summary
+from kd_dist.teacher_cache import ExamplesWithTeacher, TeacherCache, open_cache, with_teacher_rows
+from kd_dist.teacher_signal import (
+    CachedTeacher,
+    LiveTeacher,
+    StudentAsTeacher,
+    TeacherSignal,
+    teacher_rows_finite,
+)
 
 logger = logging.getLogger("kd_dist")
 
@@ -266,13 +275,14 @@ def make_micro_step(
     cfg: TrainConfig,
     accelerator: Accelerator,
     student: torch.nn.Module,
-    teacher: PreTrainedModel | None,
+    teacher: TeacherSignal,
     vocab_size: int,
     chunk_rows: int,
     fused: bool,
 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """One micro-batch: both forwards, the fused loss (or the logits loss), the backward.
-    Without a teacher (--alpha 1) the loss is the cross-entropy alone.
+    """One micro-batch: the student's forward, the teacher's side (``teacher``: a live model,
+    a cache, or the student itself under --alpha 1), the fused loss (or the logits loss), the
+    backward. Every teacher source reads the same here.
 
     Returns ([kd_sum, ce_sum], skipped) on the device, without waiting for them. A micro-batch
     whose loss or teacher rows are not finite on this rank is skipped here: its backward still
@@ -288,19 +298,14 @@ def make_micro_step(
     # forward: they are gathered once for the loss *and* its backward, so that autograd hands
     # ZeRO the student's full gradient to reduce (GatheredParameters is a no-op without ZeRO-3).
     # That is their only gather: forward_hidden runs the models without their projections.
-    projections = [m.get_output_embeddings() for m in (student_module, teacher) if m is not None]
-    output_weights = [p for m in projections for p in m.parameters()] if fused else []
+    layers = [student_module.get_output_embeddings(), *teacher.output_layers]
+    output_weights = [p for layer in layers for p in layer.parameters()] if fused else []
     compute_dtype = precision_dtype(cfg)
 
-    def outputs(model, module, batch):  # [B, L, hidden] when fused, else [B, L, vocab]
-        if fused:
-            return forward_hidden(model, module, batch, cfg.task_type)
-        return forward_logits(model, module, batch, cfg.task_type)
-
-    def loss(s, t, labels, teacher_module, num_tokens) -> LossOutput:
+    def loss(s, t, labels, num_tokens) -> LossOutput:
         if fused:
             return fused_distillation_loss(
-                s, output_head(student_module), t, output_head(teacher_module), labels, spec,
+                s, output_head(student_module), t, teacher.head(), labels, spec,
                 vocab_size=vocab_size, num_tokens=num_tokens, chunk_rows=chunk_rows,
                 compiled=cfg.compile_loss,
             )  # fmt: skip
@@ -312,23 +317,19 @@ def make_micro_step(
     def micro_step(
         batch: dict[str, torch.Tensor], num_tokens: torch.Tensor, backward_scale: float, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        student_out = outputs(student, student_module, batch)
-        if teacher is not None:
-            teacher_module = teacher
-            with torch.no_grad(), accelerator.autocast():
-                teacher_out = outputs(teacher, teacher, batch)
-            if faults.wants("nan_teacher", step):
-                teacher_out = torch.full_like(teacher_out, math.nan)
-        else:  # pure cross-entropy: the KD term has zero weight, the student stands in for it
-            teacher_out, teacher_module = student_out.detach(), student_module
+        forward = forward_hidden if fused else forward_logits
+        student_out = forward(student, student_module, batch, cfg.task_type)  # [B, L, H or V]
+        teacher_out = teacher.outputs(batch, student_out)  # per position, no gradient
+        if faults.wants("nan_teacher", step):
+            teacher_out = torch.full_like(teacher_out, math.nan)
         s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
         if fused:
             s = projection_input(s, compute_dtype)
         with GatheredParameters(output_weights):
-            out = loss(s, t, labels, teacher_module, num_tokens)
+            out = loss(s, t, labels, num_tokens)
             # The teacher's rows too: the divergences treat a NaN teacher probability like a
             # zero one (0 * log 0 = 0), so it would only surface later, in the gradient.
-            finite = torch.isfinite(out.loss) & torch.isfinite(t.detach()).all()
+            finite = torch.isfinite(out.loss) & teacher_rows_finite(t)
             # where() sends an exact zero upstream; the loss's backward keeps it exact (see
             # losses._scaled) even where the gradients it saved are NaN.
             kept = torch.where(finite, out.loss, 0.0)
@@ -475,8 +476,11 @@ def take_step(
                         f"(epoch {state.epoch}, batches {batches} of the epoch)")  # fmt: skip
 
 
-def train_data_loader(cfg: TrainConfig, examples: Dataset, collate: Callable) -> DataLoader:
-    """The training batches, shuffled or (--group_by_length) length-grouped; either way the
+def train_data_loader(
+    cfg: TrainConfig, tokenized: Dataset, examples: torch.utils.data.Dataset, collate: Callable
+) -> DataLoader:
+    """The training batches of ``examples`` (the ``tokenized`` examples, or a view of them with
+    their cached teacher rows), shuffled or (--group_by_length) length-grouped; either way the
     order is a function of (seed, epoch), which ``set_epoch`` selects.
 
     The loader draws its seeds from its own generator, not the global RNG that dropout uses: a
@@ -484,7 +488,7 @@ def train_data_loader(cfg: TrainConfig, examples: Dataset, collate: Callable) ->
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.group_by_length:
-        sampler = LengthGroupedSampler(example_lengths(examples), cfg.batch_size, cfg.seed)
+        sampler = LengthGroupedSampler(example_lengths(tokenized), cfg.batch_size, cfg.seed)
         order = {"sampler": sampler}
     else:
         order = {"shuffle": True}
@@ -496,7 +500,8 @@ def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Distil ``cfg.teacher_model`` into ``cfg.student_model``; the student lands in output_dir."""
+    """Distil ``cfg.teacher_model`` (or ``cfg.teacher_cache``) into ``cfg.student_model``; the
+    student lands in output_dir."""
     cfg.validate()
     with (
         accelerator_session(cfg) as accelerator,
@@ -513,13 +518,46 @@ def train(cfg: TrainConfig) -> TrainResult:
 def run_training(
     cfg: TrainConfig, accelerator: Accelerator, preemption: PreemptionWatch
 ) -> TrainResult:
+    """The run, phase by phase: the checks and the data (no weights yet), the models, the
+    evaluation, the state to start from, the optimizer steps, the export."""
     set_seed(cfg.seed)
-    causal = cfg.task_type == "causal"
-
-    # --- output folder, tokenizer, data, models: cheapest checks first, weights last -----------
-    # Unset lengths are filled in from the model configs first: the resume check compares them,
-    # and kd_config.json records what ran.
+    # Unset lengths are filled in first: the resume check compares them, and kd_config.json
+    # records what ran.
     cfg = resolve_lengths(cfg)
+    run = prepare_data(cfg, accelerator)
+    models = prepare_models(cfg, accelerator, run)
+    evaluate_now = make_evaluator(cfg, accelerator, run, models)
+    state = restore_state(cfg, accelerator, run)
+    if accelerator.is_main_process:
+        logger.info(run_summary(cfg, accelerator, run.data, models.student, models.teacher,
+                                models.total_steps, models.steps_per_epoch, models.fused,
+                                run.cache))  # fmt: skip
+        start_trackers(cfg, accelerator)
+    metrics, last_loss, eval_metrics = train_steps(
+        cfg, accelerator, preemption, run, models, state, evaluate_now
+    )
+    eval_metrics = finish(cfg, accelerator, run, models, state, metrics, eval_metrics,
+                          evaluate_now)  # fmt: skip
+    return TrainResult(cfg.output_dir, state.global_step, last_loss, eval_metrics)
+
+
+@dataclass
+class RunData:
+    """What a run trains on, checked before any model loads."""
+
+    tokenizer: PreTrainedTokenizerBase
+    data: DataSplits
+    cache: TeacherCache | None  # --teacher_cache, checked against the data
+    train_examples: torch.utils.data.Dataset  # data.train, with the cache's rows if any
+    collate: Callable  # batches train_examples
+    checkpoint: Path | None  # the checkpoint to resume from
+    fingerprint: str  # of the tokenized training examples
+
+
+def prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> RunData:
+    """The output folder, tokenizer, data and teacher cache, cheapest checks first; then the
+    output folder is prepared (main process)."""
+    causal = cfg.task_type == "causal"
     checkpoint = check_output_dir(cfg, world_size=accelerator.num_processes)
     tokenizer = load_tokenizer(cfg)
     check_models(cfg, tokenizer)
@@ -530,6 +568,7 @@ def run_training(
             data.summary(),
             data.example,
         )
+    cache = open_cache(cfg, tokenizer, data) if cfg.teacher_cache else None
     fingerprint = content_fingerprint(data.train)
     if checkpoint is not None and read_trainer_state(checkpoint).data_fingerprint != fingerprint:
         refuse_mismatch(checkpoint, ["the training data (its tokenized examples)"], cfg)
@@ -541,73 +580,155 @@ def run_training(
     accelerator.wait_for_everyone()  # every rank has checked output_dir before anything is written
     if accelerator.is_main_process:
         prepare_output_dir(cfg, resuming=checkpoint is not None)
-    placement = choose_teacher_placement(cfg, accelerator, lambda: teacher_bytes(cfg))
+    collate, examples = make_collator(tokenizer), data.train
+    if cache is not None:
+        collate = with_teacher_rows(collate, causal)
+        examples = ExamplesWithTeacher(data.train, cache.train)
+    return RunData(tokenizer, data, cache, examples, collate, checkpoint, fingerprint)
+
+
+@dataclass
+class RunModels:
+    """The prepared student, its optimizer and batches, the teacher's signal, and the plan."""
+
+    student: torch.nn.Module  # as prepared (DDP/DeepSpeed wrapper)
+    teacher: PreTrainedModel | None  # the live teacher, if one is loaded
+    signal: TeacherSignal  # what the loss compares the student with
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    micro_step: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    chunk_rows: int
+    fused: bool
+    steps_per_epoch: int
+    total_steps: int
+
+
+def teacher_unneeded(cfg: TrainConfig) -> str | None:
+    """Why the run loads no teacher, if it does not: --alpha 1, or a cache and no teacher to
+    evaluate against."""
+    if cfg.alpha == 1.0:
+        return "--alpha 1 trains on the labels alone: plain fine-tuning"
+    if cfg.teacher_cache and not cfg.teacher_model:
+        return "--teacher_cache holds its distributions"
+    return None
+
+
+def prepare_models(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> RunModels:
+    """Load the models (partitioned where ZeRO-3 shards them), prepare the student, its
+    optimizer and batches, place the teacher, and agree on the loss's chunking."""
+    placement = choose_teacher_placement(
+        cfg, accelerator, lambda: teacher_bytes(cfg), unneeded=teacher_unneeded(cfg)
+    )
     models = load_models(
-        cfg, tokenizer, loading=lambda role: partitioned_loading(accelerator, role, placement),
+        cfg, run.tokenizer, loading=lambda role: partitioned_loading(accelerator, role, placement),
         with_teacher=placement != "none",
     )  # fmt: skip
-    teacher, student = models.teacher, models.student
+    teacher = models.teacher
     if teacher is not None and placement.startswith("zero3"):
         logger.info("Teacher loaded partitioned: this process holds %d of its %d parameters",
                     *held_parameters(teacher))  # fmt: skip
-    vocab_size = len(tokenizer)
     if accelerator.is_main_process:
         cfg.save(cfg.output_dir)
 
-    collate = make_collator(tokenizer)
-    loader = train_data_loader(cfg, data.train, collate)
-    optimizer = build_optimizer(cfg, student)
-    student, optimizer, train_loader = accelerator.prepare(student, optimizer, loader)
+    loader = train_data_loader(cfg, run.data.train, run.train_examples, run.collate)
+    optimizer = build_optimizer(cfg, models.student)
+    student, optimizer, train_loader = accelerator.prepare(models.student, optimizer, loader)
     if cfg.group_by_length:
         # As accelerate does for its own seeded sampler: the sharded batch sampler holds it, so
         # that set_epoch reaches it on every process, through skip_first_batches too.
         train_loader.set_sampler(loader.sampler)
     # After prepare: the loader yields this process's share of each global batch.
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
-    total_steps = planned_steps(cfg, steps_per_epoch)
     if teacher is not None:
         teacher = place_teacher(accelerator, teacher, placement)
+    vocab_size = len(run.tokenizer)
     # The same on every rank, whatever each one found (see agree_on_minimum).
     chunk_rows, fused = agree_on_minimum(accelerator, [
         cfg.chunk_rows(vocab_size, accelerator.device, precision_dtype(cfg)),
         use_fused_loss(cfg, accelerator.unwrap_model(student), teacher),
     ])  # fmt: skip
     chunk_rows, fused = int(chunk_rows), bool(fused)
-    micro_step = make_micro_step(cfg, accelerator, student, teacher, vocab_size, chunk_rows, fused)
-    if accelerator.is_main_process:
-        logger.info(
-            run_summary(
-                cfg, accelerator, data, student, teacher, total_steps, steps_per_epoch, fused
-            )
-        )
-        if cfg.report_to != "none":
-            (Path(cfg.output_dir) / TRACKER_DIR).mkdir(exist_ok=True)
-        accelerator.init_trackers(
-            "kd_dist",
-            config={k: v for k, v in cfg.to_dict().items() if v is not None},
-            init_kwargs={"wandb": {"dir": str(Path(cfg.output_dir) / TRACKER_DIR)}},
-        )
-    evaluate_now = None
-    if data.eval is not None:
-        evaluate_now = functools.partial(
-            evaluate, accelerator.unwrap_model(student), teacher,
-            eval_loader(accelerator, data.eval, cfg.batch_size, collate),
-            task_type=cfg.task_type, vocab_size=vocab_size, chunk_rows=chunk_rows,
-            autocast=accelerator.autocast, gather=accelerator.gather_for_metrics, fused=fused,
-            compute_dtype=precision_dtype(cfg),
-        )  # fmt: skip
+    signal: TeacherSignal
+    if run.cache is not None:
+        signal = CachedTeacher(run.cache.temperature)
+    elif teacher is not None:
+        signal = LiveTeacher(teacher, cfg.task_type, fused, accelerator.autocast)
+    else:
+        signal = StudentAsTeacher(accelerator.unwrap_model(student), fused)
+    micro_step = make_micro_step(cfg, accelerator, student, signal, vocab_size, chunk_rows, fused)
+    return RunModels(student, teacher, signal, optimizer, train_loader, micro_step, chunk_rows,
+                     fused, steps_per_epoch, planned_steps(cfg, steps_per_epoch))  # fmt: skip
 
+
+def make_evaluator(
+    cfg: TrainConfig, accelerator: Accelerator, run: RunData, models: RunModels
+) -> Callable[[], dict[str, float | None]] | None:
+    """The held-out evaluation (None without an eval split): against the live teacher when
+    one is loaded, else against the cache's eval split, else the student's metrics alone."""
+    if run.data.eval is None:
+        return None
+    examples, collate = run.data.eval, make_collator(run.tokenizer)
+    signal: TeacherSignal | None = None
+    if models.teacher is not None:
+        signal = LiveTeacher(models.teacher, cfg.task_type, models.fused, accelerator.autocast)
+    elif run.cache is not None and run.cache.eval is not None:
+        signal = CachedTeacher(run.cache.temperature)
+        examples = ExamplesWithTeacher(run.data.eval, run.cache.eval)
+        collate = with_teacher_rows(collate, cfg.task_type == "causal")
+    elif run.cache is not None:
+        logger.warning(
+            "--teacher_cache %s holds no eval split and no --teacher_model is given: the "
+            "evaluation measures the student alone.", run.cache.folder,
+        )  # fmt: skip
+    return functools.partial(
+        evaluate, accelerator.unwrap_model(models.student), signal,
+        eval_loader(accelerator, examples, cfg.batch_size, collate),
+        task_type=cfg.task_type, vocab_size=len(run.tokenizer), chunk_rows=models.chunk_rows,
+        gather=accelerator.gather_for_metrics, fused=models.fused,
+        compute_dtype=precision_dtype(cfg), autocast=accelerator.autocast,
+    )  # fmt: skip
+
+
+def restore_state(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> TrainerState:
+    """A fresh state, or the checkpoint's (student, optimizer, RNG, position in the data)."""
     state = TrainerState()
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+    if run.checkpoint is not None:
+        state = load_checkpoint(accelerator, run.checkpoint)
     # What the next checkpoint records (after --allow_resume_mismatch: this run's values).
-    state.world_size, state.data_fingerprint = accelerator.num_processes, fingerprint
-    if checkpoint is not None:
+    state.world_size, state.data_fingerprint = accelerator.num_processes, run.fingerprint
+    if run.checkpoint is not None:
         if accelerator.is_main_process:
             drop_metrics_after(cfg.output_dir, state.global_step)
-            set_aside_abandoned(cfg.output_dir, checkpoint, state.global_step)
-        logger.info("Resumed from %s at step %d", checkpoint, state.global_step)
+            set_aside_abandoned(cfg.output_dir, run.checkpoint, state.global_step)
+        logger.info("Resumed from %s at step %d", run.checkpoint, state.global_step)
+    return state
 
+
+def start_trackers(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """--report_to's tracker (main process), writing under output_dir."""
+    if cfg.report_to != "none":
+        (Path(cfg.output_dir) / TRACKER_DIR).mkdir(exist_ok=True)
+    accelerator.init_trackers(
+        "kd_dist",
+        config={k: v for k, v in cfg.to_dict().items() if v is not None},
+        init_kwargs={"wandb": {"dir": str(Path(cfg.output_dir) / TRACKER_DIR)}},
+    )
+
+
+def train_steps(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    preemption: PreemptionWatch,
+    run: RunData,
+    models: RunModels,
+    state: TrainerState,
+    evaluate_now: Callable[[], dict[str, float | None]] | None,
+) -> tuple[MetricsLog, float | None, dict[str, float | None] | None]:
+    """The optimizer steps from ``state`` on, epoch by epoch, with logging, evaluation and
+    checkpoints: (the metrics log, the last step's loss, the last evaluation's metrics)."""
+    causal = cfg.task_type == "causal"
+    total_steps, train_loader = models.total_steps, models.train_loader
+    resumed = run.checkpoint is not None
     progress = tqdm(
         total=total_steps,
         initial=state.global_step,
@@ -616,15 +737,13 @@ def run_training(
     )
     metrics = MetricsLog(Path(cfg.output_dir) / METRICS_FILE, progress, accelerator)
     last_loss = None
-    saved_at = state.global_step if checkpoint is not None else -1  # never save a step twice
-    eval_metrics, evaluated_at = None, -1
-    if checkpoint is not None and evaluation_logged(cfg.output_dir, state.global_step):
-        evaluated_at = state.global_step
+    saved_at = state.global_step if resumed else -1  # never save a step twice
+    eval_metrics = None
+    if resumed and evaluation_logged(cfg.output_dir, state.global_step):
+        metrics.evaluated_at = state.global_step
     if evaluate_now and cfg.eval_before_training and state.global_step == 0:
         eval_metrics = metrics.log_eval(0, state.epoch, evaluate_now)
-        evaluated_at = 0
 
-    # --- the loop ---------------------------------------------------------------------------
     # An optimizer step waits on the host once and runs one small collective of its own, at its
     # end (agree_on_step): every decision that must be the same on every rank is taken there.
     # accelerate divides each backward by the accumulation steps and DDP/ZeRO average over
@@ -636,7 +755,7 @@ def run_training(
         epoch_loader.set_epoch(state.epoch)
         windows = step_windows(
             iter(epoch_loader), cfg, accelerator, first_batch=state.batches_done,
-            first_step=state.global_step + 1, dataset_size=len(data.train),
+            first_step=state.global_step + 1, dataset_size=len(run.data.train),
         )  # fmt: skip
         # [tokens, samples] of the coming step over all ranks, on the device. The loss is
         # normalised by the valid tokens of the whole optimizer step, over every micro-batch and
@@ -654,12 +773,13 @@ def run_training(
                 )
             # Set before the backward passes: DeepSpeed steps inside the window's last one.
             learning_rate = learning_rate_at(state.global_step, cfg, total_steps)
-            for group in optimizer.param_groups:
+            for group in models.optimizer.param_groups:
                 group["lr"] = learning_rate
             sums, skipped = run_window(
-                accelerator, student, micro_step, window, step_counts[0], backward_scale, step
-            )
-            grad_norm = gradient_norm(accelerator, student, cfg.clip_grad_norm or math.inf)
+                accelerator, models.student, models.micro_step, window, step_counts[0],
+                backward_scale, step,
+            )  # fmt: skip
+            grad_norm = gradient_norm(accelerator, models.student, cfg.clip_grad_norm or math.inf)
             faults.after_step(step)  # injected signals and hangs land before the agreement
             report = agree_on_step(
                 accelerator, step_counts, sums, skipped,
@@ -667,7 +787,7 @@ def run_training(
                 grad_norm=grad_norm, preempted=preemption.received is not None,
             )  # fmt: skip
             step_counts = report.next_counts
-            take_step(cfg, accelerator, optimizer, state, report, step, len(window))
+            take_step(cfg, accelerator, models.optimizer, state, report, step, len(window))
             progress.update(1)
 
             state.global_step += 1
@@ -682,7 +802,6 @@ def run_training(
                 )  # fmt: skip
             if evaluate_now and cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
                 eval_metrics = metrics.log_eval(state.global_step, state.epoch, evaluate_now)
-                evaluated_at = state.global_step
             if cfg.save_steps and state.global_step % cfg.save_steps == 0:
                 with metrics.paused():
                     save_checkpoint(accelerator, cfg, state)
@@ -704,15 +823,27 @@ def run_training(
                     save_checkpoint(accelerator, cfg, state)
                 saved_at = state.global_step
     progress.close()
+    return metrics, last_loss, eval_metrics
 
-    # --- evaluation and export --------------------------------------------------------------
-    if evaluate_now and evaluated_at != state.global_step:
+
+def finish(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    run: RunData,
+    models: RunModels,
+    state: TrainerState,
+    metrics: MetricsLog,
+    eval_metrics: dict[str, float | None] | None,
+    evaluate_now: Callable[[], dict[str, float | None]] | None,
+) -> dict[str, float | None] | None:
+    """The final evaluation (unless the last step had one) and the student's export."""
+    if evaluate_now and metrics.evaluated_at != state.global_step:
         eval_metrics = metrics.log_eval(state.global_step, state.epoch, evaluate_now)
     # (None when a resumed run had already evaluated its last step: its file is written.)
     if eval_metrics is not None and accelerator.is_main_process:
         (Path(cfg.output_dir) / EVAL_RESULTS_FILE).write_text(
             json.dumps(json_safe(eval_metrics), indent=2) + "\n"
         )
-    stop_at_end_of_turn(accelerator.unwrap_model(student), data.end_of_turn_id)
-    export_student(accelerator, student, tokenizer, cfg, state)
-    return TrainResult(cfg.output_dir, state.global_step, last_loss, eval_metrics)
+    stop_at_end_of_turn(accelerator.unwrap_model(models.student), run.data.end_of_turn_id)
+    export_student(accelerator, models.student, run.tokenizer, cfg, state)
+    return eval_metrics
