@@ -392,3 +392,63 @@ def test_auto_placement_is_the_same_on_every_rank_near_the_threshold(tmp_path):
     assert result.returncode == 0, output[-4000:]
     assert "rank 0 chose zero3" in output and "rank 1 chose zero3" in output
     assert "the least free on any process 5.0 GiB" in output
+
+
+def cached_rows(folder: Path) -> dict[str, list]:
+    """Every shard's rows of a teacher cache, by file name."""
+    import datasets
+
+    return {path.name: datasets.Dataset.from_file(str(path)).to_list()
+            for path in sorted(folder.glob("*.arrow"))}  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_a_teacher_cache_made_and_used_on_two_processes_matches_one_process(
+    model_pair, text_dataset, tmp_path
+):
+    """cache-teacher with a ZeRO-3-sharded teacher on 2 processes writes the single process's
+    cache (61 examples in shards of 5: 13 shards, so the last round leaves one rank without a
+    shard, which must still join the sharded teacher's forwards). Training from it for a whole
+    epoch on 2 processes (DDP, and a ZeRO-3 student) takes the single process's steps, and
+    evaluates on the cache's eval split the same."""
+    teacher, student = model_pair("llama")
+    data = ["--dataset", str(text_dataset), "--max_train_samples", "61", "--max_length", "32",
+            "--eval_ratio", "0.1", "--top_k", "8"]  # fmt: skip
+    cache_flags = [*data, "--teacher_model", teacher, "--cache_shard_size", "5",
+                   "--batch_size", "2"]  # fmt: skip
+    single_cache = tmp_path / "single_cache"
+    assert main(["cache-teacher", *cache_flags, "--output_dir", str(single_cache)]) == 0
+    sharded_cache = tmp_path / "sharded_cache"
+    output = launch(accelerate_launch(deepspeed_config(tmp_path, 3)),
+                    [*cache_flags, "--teacher_placement", "zero3", "--output_dir",
+                     str(sharded_cache)], tmp_path / "cache.log", subcommand="cache-teacher")  # fmt: skip
+    assert "Teacher placement: zero3 (asked for)" in output
+    assert len(list(sharded_cache.glob("train-*.arrow"))) == 13
+    expected_rows, actual_rows = cached_rows(single_cache), cached_rows(sharded_cache)
+    assert actual_rows.keys() == expected_rows.keys()
+    for name, rows in expected_rows.items():
+        for expected, actual in zip(rows, actual_rows[name], strict=True):
+            assert actual["top_ids"] == expected["top_ids"], name
+            assert actual["top_logprobs"] == pytest.approx(expected["top_logprobs"], abs=2e-3)
+
+    train_flags = [*data, "--student_model", student, "--teacher_cache", str(single_cache),
+                   "--epochs", "1", "--optimizer", "sgd", "--clip_grad_norm", "0",
+                   "--learning_rate", "0.1", "--alpha", "0.3", "--save_every", "0",
+                   "--logging_steps", "1"]  # fmt: skip
+    single = tmp_path / "single"
+    assert main(["train", *train_flags, "--batch_size", "8", "--output_dir", str(single)]) == 0
+    expected = load_file(single / "model.safetensors")
+    expected_eval = json.loads((single / "eval_results.json").read_text())
+    start = load_file(Path(student) / "model.safetensors")
+    split = ["--batch_size", "2", "--gradient_accumulation_steps", "2"]
+    launchers = {"ddp": torchrun(), "zero3": accelerate_launch(deepspeed_config(tmp_path, 3))}
+    for name, command in launchers.items():
+        out = tmp_path / name
+        output = launch(command, [*train_flags, *split, "--output_dir", str(out)],
+                        tmp_path / f"{name}.log")  # fmt: skip
+        assert "plan     7 optimizer steps (7 per epoch; 1 epoch)" in output, name
+        assert relative_difference(load_file(out / "model.safetensors"), expected, start) < 1e-4
+        evaluation = json.loads((out / "eval_results.json").read_text())
+        assert evaluation["teacher_ce"] is None
+        for key in ("kl_to_teacher", "top1_agreement", "student_ce", "tokens"):
+            assert evaluation[key] == pytest.approx(expected_eval[key], rel=1e-5), (name, key)
