@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -76,7 +76,9 @@ class CacheResult:
 def cache_teacher(cfg: TrainConfig) -> CacheResult:
     """Write the teacher cache of ``cfg``'s data to ``cfg.output_dir`` (or finish one)."""
     cfg.validate("cache-teacher")
-    cfg = resolve_lengths(cfg)
+    # --alpha weighs the training's losses: whatever a shared run file says, the cache runs the
+    # teacher (an --alpha of 1 would make the launch and the placement plan for none).
+    cfg = replace(resolve_lengths(cfg), alpha=0.0)
     folder = Path(cfg.output_dir)
     with accelerator_session(cfg) as accelerator:
         tokenizer = load_tokenizer(cfg)

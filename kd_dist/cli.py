@@ -3,8 +3,8 @@ kd_dist ...``).
 
 The ``train`` flags are generated from ``TrainConfig``'s fields, so every flag can also be set in
 a ``--config run.yaml`` file; precedence is defaults < YAML < command line. ``tokenize`` and
-``cache-teacher`` take exactly the ``train`` flags; ``eval`` takes the data, precision and chunking flags of ``train``
-(same names, same meanings).
+``cache-teacher`` take exactly the ``train`` flags; ``eval`` takes the data, precision and
+chunking flags of ``train`` (same names, same meanings).
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
         # The export gathers the sharded weights into one state dict; DeepSpeed refuses to
         # unless this is on (the questionnaire's default answer turns it off).
         student_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    if cfg.teacher_placement == "replicate" or cfg.alpha == 1.0:
+    if cfg.teacher_placement == "replicate" or teacher_unneeded(cfg):
         return {STUDENT: student}
     teacher_config = {
         key: value
@@ -370,17 +370,25 @@ class PreemptionWatch:
         self.received = signum
 
 
+def teacher_unneeded(cfg: TrainConfig) -> str | None:
+    """Why the run loads no teacher, if it does not: --alpha 1, or a teacher cache and no
+    teacher to evaluate against."""
+    if cfg.alpha == 1.0:
+        return "--alpha 1 trains on the labels alone: plain fine-tuning"
+    if cfg.teacher_cache and not cfg.teacher_model:
+        return "--teacher_cache holds its distributions"
+    return None
+
+
 def choose_teacher_placement(
-    cfg: TrainConfig,
-    accelerator: Accelerator,
-    teacher_bytes: Callable[[], int],
-    unneeded: str | None = None,
+    cfg: TrainConfig, accelerator: Accelerator, teacher_bytes: Callable[[], int]
 ) -> str:
     """Where the teacher goes: ``replicate``, ``zero3``, ``zero3_offload``, or ``none`` when the
-    run needs no teacher (``unneeded`` says why). Taken before any model loads (a sharded
-    teacher is loaded partitioned), the same on every rank, and logged. ``teacher_bytes`` sizes
-    the teacher without loading it (only ``auto`` on a GPU needs it)."""
+    run needs no teacher (``teacher_unneeded``). Taken before any model loads (a sharded teacher
+    is loaded partitioned), the same on every rank, and logged. ``teacher_bytes`` sizes the
+    teacher without loading it (only ``auto`` on a GPU needs it)."""
     placement, why = cfg.teacher_placement, "asked for"
+    unneeded = teacher_unneeded(cfg)
     if unneeded is not None:
         placement, why = "none", unneeded
     elif placement == "auto":

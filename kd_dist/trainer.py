@@ -603,22 +603,10 @@ class RunModels:
     total_steps: int
 
 
-def teacher_unneeded(cfg: TrainConfig) -> str | None:
-    """Why the run loads no teacher, if it does not: --alpha 1, or a cache and no teacher to
-    evaluate against."""
-    if cfg.alpha == 1.0:
-        return "--alpha 1 trains on the labels alone: plain fine-tuning"
-    if cfg.teacher_cache and not cfg.teacher_model:
-        return "--teacher_cache holds its distributions"
-    return None
-
-
 def prepare_models(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> RunModels:
     """Load the models (partitioned where ZeRO-3 shards them), prepare the student, its
     optimizer and batches, place the teacher, and agree on the loss's chunking."""
-    placement = choose_teacher_placement(
-        cfg, accelerator, lambda: teacher_bytes(cfg), unneeded=teacher_unneeded(cfg)
-    )
+    placement = choose_teacher_placement(cfg, accelerator, lambda: teacher_bytes(cfg))
     models = load_models(
         cfg, run.tokenizer, loading=lambda role: partitioned_loading(accelerator, role, placement),
         with_teacher=placement != "none",

@@ -90,8 +90,9 @@ def test_the_cache_is_a_dataset_of_the_teacher_s_top_k_for_every_trained_positio
         assert info["examples"] == len(examples)
         shards = sorted(llama_cache.glob(f"{split}-*.arrow"))
         assert len(shards) == info["shards"] == -(-len(examples) // 16)
-        loaded = datasets.load_dataset("arrow", data_files=[str(p) for p in shards],
-                                       split="train", cache_dir=str(llama_cache.parent / "hf"))  # fmt: skip
+        files = [str(path) for path in shards]
+        hf_cache = str(llama_cache.parent / "hf")
+        loaded = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=hf_cache)
         assert len(loaded) == len(examples)
     assert not list(llama_cache.glob("*.tmp"))
     assert (llama_cache / "tokenizer" / "tokenizer.json").is_file()
