@@ -306,8 +306,9 @@ def _top_k_divergence_and_grad(
     divergence, grad_bar = divergence_and_grad(
         log_q_bar.exp(), log_q_bar, log_p_bar.exp(), log_p_bar, spec
     )
-    # q_j / q_tail over the tail (0 on S). An empty tail (k = V) has log q_tail = -inf: the
-    # clamp keeps -inf - (-inf) = NaN out, giving exp(-inf) = 0.
+    # q_j / q_tail over the tail (0 on S). Where the student has no mass there (its logits -inf
+    # off S, as a model masking tokens makes them) log q_tail = -inf: the clamp keeps
+    # -inf - (-inf) = NaN out, giving exp(-inf) = 0.
     tail_softmax = log_q_rest.sub_(log_q_tail.clamp_min(torch.finfo(log_q.dtype).min)).exp_()
     grad_a = tail_softmax.mul_(grad_bar[:, -1:]).scatter_(-1, ids, grad_bar[:, :-1])
     return divergence, grad_a
