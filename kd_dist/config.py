@@ -376,13 +376,20 @@ class TrainConfig:
     def mixed_precision(self) -> str:
         return "fp16" if self.fp16 else "bf16" if self.bf16 else "no"
 
-    def chunk_rows(self, vocab_size: int, device: torch.device, compute_dtype: torch.dtype) -> int:
+    def chunk_rows(
+        self,
+        vocab_size: int,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        teacher_logits: bool = True,
+    ) -> int:
         """Rows per loss/metrics chunk: --vocab_chunk_size, else sized from the vocabulary, the
-        dtype and --loss_chunk_memory_mb or the device's free memory (``auto_chunk_rows``); the
-        trainer agrees on the smallest over the ranks."""
+        dtype and --loss_chunk_memory_mb or the device's free memory (``auto_chunk_rows``;
+        ``teacher_logits=False``: a chunk holds no teacher logits, the teacher is a cache's
+        top-k); the trainer agrees on the smallest over the ranks."""
         return self.vocab_chunk_size or auto_chunk_rows(
             vocab_size, device.type, compute_dtype=compute_dtype, free_bytes=free_memory(device),
-            memory_budget_mb=self.loss_chunk_memory_mb,
+            memory_budget_mb=self.loss_chunk_memory_mb, teacher_logits=teacher_logits,
         )  # fmt: skip
 
     def validate(self, command: str = "train") -> None:

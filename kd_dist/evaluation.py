@@ -47,6 +47,7 @@ from kd_dist.losses import (
     logit_chunks,
     plogx,
     softmax_and_log_softmax,
+    top_k_outcomes,
     valid_mask,
     valid_rows,
 )
@@ -92,14 +93,16 @@ def row_metrics(
     agreement (0/1) of each row; no teacher (None) -> [C, 1], the student NLL alone.
 
     Against cached rows, the KL is over their k + 1 outcomes at the cache's ``temperature``
-    (``topk_log_probs``), the teacher's NLL is not known (0 here, None in the metrics), and its
+    (``top_k_outcomes``), the teacher's NLL is not known (0 here, None in the metrics), and its
     most likely token is its first stored one."""
     log_q = torch.log_softmax(student_logits, dim=-1)
     student_nll = -log_q.gather(-1, labels[:, None]).squeeze(-1)
     if teacher is None:
         return student_nll[:, None]
     if isinstance(teacher, TopKTeacher):
-        log_q_bar, log_p_bar = topk_log_probs(student_logits / temperature, teacher)
+        log_q_bar, log_p_bar, _ = top_k_outcomes(
+            torch.log_softmax(student_logits / temperature, dim=-1), teacher
+        )
         return torch.stack(
             [
                 student_nll,
@@ -119,20 +122,6 @@ def row_metrics(
         ],
         dim=-1,
     )
-
-
-def topk_log_probs(
-    tempered: torch.Tensor, teacher: TopKTeacher
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's and the teacher's log-probabilities of the k + 1 outcomes (the teacher's
-    top-k tokens and the rest): [C, V] tempered student logits and C cached rows -> [C, k + 1]
-    x 2, in log space (the rest's mass by logsumexp, no cancellation)."""
-    ids = teacher.ids.long()
-    log_q = torch.log_softmax(tempered, dim=-1)
-    log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
-    log_q_bar = torch.cat([log_q.gather(-1, ids), log_q_tail], -1)
-    log_p_bar = torch.cat([teacher.logprobs.float(), teacher.tail_logprob.float()[:, None]], -1)
-    return log_q_bar, log_p_bar - log_p_bar.logsumexp(-1, keepdim=True)
 
 
 def batch_sums(

@@ -284,6 +284,25 @@ def top_k_teacher(logits: torch.Tensor, k: int, temperature: float) -> TopKTeach
     return TopKTeacher(ids, top - log_total[:, None], log_rest - log_total)
 
 
+def top_k_outcomes(
+    log_q: torch.Tensor, teacher: TopKTeacher
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k + 1 outcomes (the teacher's top-k tokens and the rest) of the student's log q
+    [C, V] fp32 and of C stored teacher rows: (the student's log q_bar [C, k + 1], the
+    teacher's log p_bar [C, k + 1], the student's log q over the rest [C, V], -inf on S).
+
+    The rest's mass is a logsumexp in log space (no cancellation). Stored in fp16, the
+    teacher's k + 1 masses sum to 1 only within its rounding: renormalised, so that a
+    divergence compares two distributions (and is >= 0).
+    """
+    ids = teacher.ids.long()
+    log_q_rest = log_q.scatter(-1, ids, float("-inf"))  # [C, V]: the tail's log q, -inf on S
+    log_q_tail = log_q_rest.logsumexp(-1, keepdim=True)  # [C, 1]
+    log_q_bar = torch.cat([log_q.gather(-1, ids), log_q_tail], -1)  # [C, k + 1]
+    log_p_bar = torch.cat([teacher.logprobs.float(), teacher.tail_logprob.float()[:, None]], -1)
+    return log_q_bar, log_p_bar - log_p_bar.logsumexp(-1, keepdim=True), log_q_rest
+
+
 def _top_k_divergence_and_grad(
     q: torch.Tensor, log_q: torch.Tensor, teacher: TopKTeacher, spec: LossSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,14 +314,8 @@ def _top_k_divergence_and_grad(
     dD/da_bar; back to a: da_bar_i/da_j = delta_ij on S, and d a_bar_tail / da_j = q_j / q_tail,
     the tail's own softmax, for j outside S.
     """
-    ids = teacher.ids.long()
-    log_q_rest = log_q.scatter(-1, ids, float("-inf"))  # [C, V]: the tail's log q, -inf on S
-    log_q_tail = log_q_rest.logsumexp(-1, keepdim=True)  # [C, 1], log space: no cancellation
-    log_q_bar = torch.cat([log_q.gather(-1, ids), log_q_tail], -1)  # [C, k + 1]
-    log_p_bar = torch.cat([teacher.logprobs.float(), teacher.tail_logprob.float()[:, None]], -1)
-    # Stored in fp16, the teacher's k + 1 masses sum to 1 only within its rounding: renormalise,
-    # so that D compares two distributions (and is >= 0).
-    log_p_bar = log_p_bar - log_p_bar.logsumexp(-1, keepdim=True)
+    log_q_bar, log_p_bar, log_q_rest = top_k_outcomes(log_q, teacher)
+    log_q_tail = log_q_bar[:, -1:]
     divergence, grad_bar = divergence_and_grad(
         log_q_bar.exp(), log_q_bar, log_p_bar.exp(), log_p_bar, spec
     )
@@ -310,7 +323,7 @@ def _top_k_divergence_and_grad(
     # off S, as a model masking tokens makes them) log q_tail = -inf: the clamp keeps
     # -inf - (-inf) = NaN out, giving exp(-inf) = 0.
     tail_softmax = log_q_rest.sub_(log_q_tail.clamp_min(torch.finfo(log_q.dtype).min)).exp_()
-    grad_a = tail_softmax.mul_(grad_bar[:, -1:]).scatter_(-1, ids, grad_bar[:, :-1])
+    grad_a = tail_softmax.mul_(grad_bar[:, -1:]).scatter_(-1, teacher.ids.long(), grad_bar[:, :-1])
     return divergence, grad_a
 
 

@@ -631,8 +631,10 @@ def prepare_models(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> 
         teacher = place_teacher(accelerator, teacher, placement)
     vocab_size = len(run.tokenizer)
     # The same on every rank, whatever each one found (see agree_on_minimum).
+    # With only a cache to compare with, no chunk (of the loss or the metrics) holds teacher logits.
+    teacher_logits = teacher is not None or run.cache is None
     chunk_rows, fused = agree_on_minimum(accelerator, [
-        cfg.chunk_rows(vocab_size, accelerator.device, precision_dtype(cfg)),
+        cfg.chunk_rows(vocab_size, accelerator.device, precision_dtype(cfg), teacher_logits),
         use_fused_loss(cfg, accelerator.unwrap_model(student), teacher),
     ])  # fmt: skip
     chunk_rows, fused = int(chunk_rows), bool(fused)
