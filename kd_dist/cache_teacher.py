@@ -18,6 +18,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.compute
 import torch
 from accelerate import Accelerator
 from deepspeed.runtime.zero import GatheredParameters
@@ -44,6 +45,7 @@ from kd_dist.models import (
     output_head,
     resolve_lengths,
     teacher_bytes,
+    teacher_dtype,
 )
 from kd_dist.teacher_cache import (
     MANIFEST_FILE,
@@ -54,6 +56,7 @@ from kd_dist.teacher_cache import (
     example_rows,
     missing_shards,
     read_manifest,
+    shard_names,
     split_shards,
     write_manifest,
     write_shard,
@@ -89,6 +92,7 @@ def cache_teacher(cfg: TrainConfig) -> CacheResult:
         manifest = describe(
             cfg,
             tokenizer,
+            teacher_dtype(cfg),
             {name: content_fingerprint(examples) for name, examples in splits.items()},
             {name: len(examples) for name, examples in splits.items()},
         )
@@ -117,22 +121,15 @@ def cache_teacher(cfg: TrainConfig) -> CacheResult:
             manifest["complete"] = True
             write_manifest(folder, manifest)
         accelerator.wait_for_everyone()
-    shard_files = sorted(folder.glob("*.arrow"))
-    tokens = sum(int(examples_tokens(folder, split)) for split in manifest["splits"])
-    return CacheResult(folder, manifest, tokens, sum(p.stat().st_size for p in shard_files))
+    shard_files = [folder / shard for shard in shard_names(manifest)]
+    tokens = sum(cached_tokens(path) for path in shard_files)
+    return CacheResult(folder, manifest, tokens, sum(path.stat().st_size for path in shard_files))
 
 
-def examples_tokens(folder: Path, split: str) -> int:
-    """Trained positions a cached split holds (the length of its tail column)."""
-    import pyarrow.compute
-
-    files = sorted(folder.glob(f"{split}-*.arrow"))
-    shards = [datasets.Dataset.from_file(str(path)).with_format("arrow") for path in files]
-    return sum(
-        int(pyarrow.compute.sum(pyarrow.compute.list_value_length(s[:]["tail_logprob"])).as_py()
-            or 0)
-        for s in shards
-    )  # fmt: skip
+def cached_tokens(shard: Path) -> int:
+    """The trained positions a shard holds: the total length of its tail column."""
+    tails = datasets.Dataset.from_file(str(shard)).data.column("tail_logprob")
+    return int(pyarrow.compute.sum(pyarrow.compute.list_value_length(tails)).as_py() or 0)
 
 
 def check_cache_folder(folder: Path, manifest: dict, overwrite: bool) -> None:
@@ -206,7 +203,7 @@ class TeacherRun:
         self, examples: datasets.Dataset, shards: list[Shard], folder: Path, collate: Callable
     ) -> None:
         ranks, rank = self.accelerator.num_processes, self.accelerator.process_index
-        pending = [shard for shard in shards if not shard.path(folder, len(shards)).is_file()]
+        pending = [shard for shard in shards if not (folder / shard.name).is_file()]
         lengths = np.asarray(example_lengths(examples)) if pending else np.zeros(0)
         batches_of = {shard.index: self.batch_order(shard, lengths) for shard in pending}
         total = sum(int(lengths[shard.examples.start : shard.examples.stop].sum())
@@ -234,7 +231,7 @@ class TeacherRun:
             if mine is not None:
                 ordered = [rows[example] for example in mine.examples]
                 columns = {name: [row[name] for row in ordered] for name in ordered[0]}
-                write_shard(mine.path(folder, len(shards)), columns)
+                write_shard(folder / mine.name, columns)
         progress.close()
 
     def batch_order(self, shard: Shard, lengths: np.ndarray) -> list[np.ndarray]:

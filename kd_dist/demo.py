@@ -5,9 +5,11 @@
 2. Train a tokenizer and a teacher on it with plain cross-entropy.
 3. With the same budget, train one student by distillation and an identical one by
    cross-entropy alone, through the same ``train`` used by ``kd-dist train``.
-4. Evaluate the untrained student and the cross-entropy one against the teacher (``kd-dist
+4. Store the teacher's top-8 tokens per position (``kd-dist cache-teacher``) and distil a third
+   identical student from that cache alone, with the same budget.
+5. Evaluate the untrained student and the cross-entropy one against the teacher (``kd-dist
    eval``'s function: the cross-entropy run, --alpha 1, never loaded the teacher), print the
-   held-out metrics of all three and keep the distilled student in ``OUTPUT_DIR/student_kd``.
+   held-out metrics of all four and keep the distilled student in ``OUTPUT_DIR/student_kd``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kd_dist.cache_teacher import cache_teacher
 from kd_dist.checkpoint import remove_entries
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.evaluation import evaluate_saved, metrics_table
@@ -70,7 +73,10 @@ def demo_config(
 
 
 # Everything the demo writes in its folder; a rerun replaces exactly these and nothing else.
-DEMO_OUTPUTS = ("corpus.jsonl", "init", "teacher", "student_kd", "student_ce", "demo_results.json")
+DEMO_OUTPUTS = ("corpus.jsonl", "init", "teacher", "student_kd", "student_ce", "teacher_cache",
+                "student_cached", "demo_results.json")  # fmt: skip
+# The cached student's teacher: its top CACHE_TOP_K of the vocabulary's 384 tokens per position.
+CACHE_TOP_K = 8
 
 
 def prepare_demo_dir(root: Path) -> None:
@@ -113,26 +119,43 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
         root / "init" / "student", build_model("llama", tokenizer, "tiny"), tokenizer
     )
 
-    print("[1/4] training the teacher (cross-entropy)")
+    print("[1/5] training the teacher (cross-entropy)")
     teacher = demo_config(
         root / "teacher", teacher_init, teacher_init, dataset, alpha=1.0, epochs=3, seed=seed
     )
     train(teacher)
     budget = dict(epochs=2, seed=seed)
-    print("[2/4] distilling the student (forward KL to the teacher)")
+    print("[2/5] distilling the student (forward KL to the teacher)")
     kd = train(
         demo_config(
             root / "student_kd", teacher.output_dir, student_init, dataset, alpha=0.0, **budget
         )
     )
-    print("[3/4] training the same student on cross-entropy only (baseline)")
+    print("[3/5] training the same student on cross-entropy only (baseline)")
     ce = train(
         demo_config(
             root / "student_ce", teacher.output_dir, student_init, dataset, alpha=1.0, **budget
         )
     )
 
-    print("[4/4] evaluating the untrained and the cross-entropy students against the teacher")
+    print(f"[4/5] caching the teacher's top-{CACHE_TOP_K} tokens, distilling the same student "
+          "from the cache alone")  # fmt: skip
+    cache = demo_config(root / "teacher_cache", teacher.output_dir, "", dataset, top_k=CACHE_TOP_K,
+                        **budget)  # fmt: skip
+    cache_teacher(cache)
+    # Evaluated against the live teacher (given too), for figures comparable with the others.
+    cached = train(
+        demo_config(
+            root / "student_cached",
+            teacher.output_dir,
+            student_init,
+            dataset,
+            teacher_cache=cache.output_dir,
+            **budget,
+        )
+    )
+
+    print("[5/5] evaluating the untrained and the cross-entropy students against the teacher")
     untrained = evaluate_saved(
         demo_config(root / "student_kd", teacher.output_dir, student_init, dataset, **budget)
     )
@@ -144,12 +167,14 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
     results = {
         "untrained": untrained,
         "distilled": kd.eval_metrics,
+        "distilled_from_cache": cached.eval_metrics,
         "cross_entropy_only": cross_entropy_only,
     }
     (root / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
     print("Held-out metrics")
     print(metrics_table(results))
     print(verdict(results))
+    print(cache_verdict(results))
     print(f"Distilled student saved in {root / 'student_kd'} (load it with from_pretrained).")
     return results
 
@@ -164,4 +189,15 @@ def verdict(results: dict[str, dict[str, float]]) -> str:
     return (
         f"Distillation did NOT beat the cross-entropy baseline on KL to the teacher this time "
         f"({kd['kl_to_teacher']:.4f} vs {ce['kl_to_teacher']:.4f})."
+    )
+
+
+def cache_verdict(results: dict[str, dict[str, float]]) -> str:
+    live, cached = (
+        results["distilled"]["kl_to_teacher"],
+        results["distilled_from_cache"]["kl_to_teacher"],
+    )
+    return (
+        f"From the cached teacher (its top-{CACHE_TOP_K} tokens and the rest's mass): KL to the "
+        f"teacher {cached:.4f}, {cached / live:.0%} of the live-teacher student's {live:.4f}."
     )

@@ -5,6 +5,10 @@
 - KL(teacher || student) at temperature 1;
 - top-1 agreement: how often the student's most likely token is the teacher's.
 
+Against a teacher cache (``kd-dist train --teacher_cache`` without a --teacher_model) the KL is
+over the cache's k + 1 outcomes (its top-k tokens and the rest) at the cache's temperature, the
+agreement is with its most likely token, and the teacher's cross-entropy is None (not stored).
+
 A run without a teacher (--alpha 1: plain fine-tuning, the teacher never loads) is measured on
 the student's cross-entropy and perplexity alone; the teacher's metrics are None (null in JSON),
 not values of the student against itself.

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ import pyarrow as pa
 import torch
 
 from kd_dist.config import ConfigError, TrainConfig
-from kd_dist.data import DataSplits
+from kd_dist.data import DataSplits, content_fingerprint
 from kd_dist.losses import TopKTeacher, valid_mask
 
 logger = logging.getLogger("kd_dist")
@@ -82,40 +82,41 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.blake2b(json.dumps(vocab).encode(), digest_size=16).hexdigest()
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.arrow"
-
-
 @dataclass(frozen=True)
 class Shard:
     split: str
     index: int
+    count: int  # the split's shards
     examples: range  # positions in the tokenized split
 
-    def path(self, folder: Path, count: int) -> Path:
-        return folder / shard_name(self.split, self.index, count)
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}-of-{self.count:05d}.arrow"
 
 
 def split_shards(split: str, examples: int, shard_size: int) -> list[Shard]:
     """The shards of a split of ``examples`` examples (the last one may be shorter)."""
+    starts = range(0, examples, shard_size)
     return [
-        Shard(split, index, range(start, min(start + shard_size, examples)))
-        for index, start in enumerate(range(0, examples, shard_size))
+        Shard(split, index, len(starts), range(start, min(start + shard_size, examples)))
+        for index, start in enumerate(starts)
     ]
 
 
 def describe(
-    cfg: TrainConfig, tokenizer: Any, fingerprints: dict[str, str], sizes: dict[str, int]
+    cfg: TrainConfig,
+    tokenizer: Any,
+    teacher_dtype: torch.dtype,
+    fingerprints: dict[str, str],
+    sizes: dict[str, int],
 ) -> dict[str, Any]:
     """The manifest of a cache made with ``cfg`` (``complete`` False until every shard is in)."""
-    from kd_dist.models import teacher_dtype  # models imports the losses, as this module does
-
     packages = ("kd_dist", "torch", "transformers", "datasets")
     return {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "teacher_model": cfg.teacher_model,
-        "teacher_dtype": str(teacher_dtype(cfg)).removeprefix("torch."),
+        "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
         "top_k": cfg.top_k,
         "temperature": cfg.temperature,
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "size": len(tokenizer)},
@@ -154,14 +155,19 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     os.replace(temporary, folder / MANIFEST_FILE)
 
 
+def shard_names(manifest: dict[str, Any], splits: Sequence[str] | None = None) -> list[str]:
+    """The shard files of the manifest's splits (or of ``splits``), in order."""
+    return [
+        shard.name
+        for split, info in manifest["splits"].items()
+        if splits is None or split in splits
+        for shard in split_shards(split, info["examples"], info["shard_size"])
+    ]
+
+
 def missing_shards(folder: Path, manifest: dict[str, Any]) -> list[str]:
     """The shard files of the manifest's splits that are not (yet) in ``folder``."""
-    return [
-        shard_name(split, index, info["shards"])
-        for split, info in manifest["splits"].items()
-        for index in range(info["shards"])
-        if not (folder / shard_name(split, index, info["shards"])).is_file()
-    ]
+    return [name for name in shard_names(manifest) if not (folder / name).is_file()]
 
 
 def example_rows(teacher: TopKTeacher, counts: Sequence[int]) -> dict[str, list[np.ndarray]]:
@@ -191,10 +197,9 @@ def write_shard(path: Path, rows: dict[str, list[np.ndarray]]) -> None:
 
 def load_split(folder: Path, split: str, manifest: dict[str, Any]) -> datasets.Dataset:
     """A cached split as one memory-mapped dataset (no copy), its rows the split's examples."""
-    count = manifest["splits"][split]["shards"]
-    shards = [datasets.Dataset.from_file(str(folder / shard_name(split, i, count)))
-              for i in range(count)]  # fmt: skip
-    return datasets.concatenate_datasets(shards).with_format("numpy")
+    names = shard_names(manifest, [split])
+    files = [datasets.Dataset.from_file(str(folder / name)) for name in names]
+    return datasets.concatenate_datasets(files).with_format("numpy")
 
 
 @dataclass
@@ -214,8 +219,6 @@ class TeacherCache:
 def cache_lengths(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the lengths it leaves unset taken from --teacher_cache's (its examples were
     cut at those lengths; the models' own default could differ)."""
-    from dataclasses import replace
-
     manifest = opened_manifest(cfg)
     recorded = {name: manifest["data"][name] for name in ("max_length", "max_target_length")}
     unset = {name: value for name, value in recorded.items() if getattr(cfg, name) is None}
@@ -247,8 +250,6 @@ def opened_manifest(cfg: TrainConfig) -> dict[str, Any]:
 def open_cache(cfg: TrainConfig, tokenizer: Any, data: DataSplits) -> TeacherCache:
     """--teacher_cache, checked against this run before any model loads: the same tokenizer,
     temperature, task and tokenized examples (each split's content fingerprint)."""
-    from kd_dist.data import content_fingerprint
-
     folder = Path(cfg.teacher_cache)
     manifest = opened_manifest(cfg)
     problems = []

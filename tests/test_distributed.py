@@ -409,7 +409,7 @@ def test_a_teacher_cache_made_and_used_on_two_processes_matches_one_process(
     """cache-teacher with a ZeRO-3-sharded teacher on 2 processes writes the single process's
     cache (58 train examples in shards of 4: 15 shards, the last one of 2, so the last round
     leaves one rank without a shard, which must still join the sharded teacher's forwards).
-    Training from it for a whole epoch on 2 processes (DDP, and a ZeRO-3 student) takes the
+    Training from it for a whole epoch on 2 processes (DDP, ZeRO-2, ZeRO-3) takes the
     single process's steps, and evaluates on the cache's eval split the same."""
     teacher, student = model_pair("llama")
     data = ["--dataset", str(text_dataset), "--max_train_samples", "61", "--max_length", "32",
@@ -442,7 +442,8 @@ def test_a_teacher_cache_made_and_used_on_two_processes_matches_one_process(
     expected_eval = json.loads((single / "eval_results.json").read_text())
     start = load_file(Path(student) / "model.safetensors")
     split = ["--batch_size", "2", "--gradient_accumulation_steps", "2"]
-    launchers = {"ddp": torchrun(), "zero3": accelerate_launch(deepspeed_config(tmp_path, 3))}
+    launchers = {"ddp": torchrun(), "zero2": accelerate_launch(deepspeed_config(tmp_path, 2)),
+                 "zero3": accelerate_launch(deepspeed_config(tmp_path, 3))}  # fmt: skip
     for name, command in launchers.items():
         out = tmp_path / name
         output = launch(command, [*train_flags, *split, "--output_dir", str(out)],

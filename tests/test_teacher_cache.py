@@ -282,3 +282,27 @@ def test_a_student_with_another_tokenizer_is_refused(llama_cache, text_dataset, 
     student = save_pair(tmp_path / "other", build_model("llama", other, "tiny"), other)
     assert main(cached_train_args(llama_cache, student, text_dataset, tmp_path / "out")) == 2
     assert "tokenizers differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("family", "dataset", "flags"),
+    [("llama", "text_dataset", ("--packing",)), ("t5", "pairs_dataset", ("--task_type", "seq2seq")),
+     ("gpt2", "text_dataset", ("--teacher_dtype", "bfloat16", "--no-fused_loss"))],
+)  # fmt: skip
+def test_packed_seq2seq_and_half_precision_caches_train(family, dataset, flags, model_pair,
+                                                        request, tmp_path):  # fmt: skip
+    """Packed blocks and seq2seq targets are examples like any other: the cache holds a row per
+    trained position of each, and training reads them back (here for 2 steps and the eval);
+    a bf16 teacher is cached in bf16 (and a student on the logits path reads the cache too)."""
+    teacher, student = model_pair(family)
+    data = request.getfixturevalue(dataset)
+    folder = tmp_path / "cache"
+    assert main(cache_args(teacher, data, folder, *flags)) == 0
+    dtype = "bfloat16" if "bfloat16" in flags else "float32"
+    assert read_manifest(folder)["teacher_dtype"] == dtype
+    out = tmp_path / "out"
+    train_flags = [flag for flag in flags if flag != "--teacher_dtype" and flag != "bfloat16"]
+    assert main(cached_train_args(folder, student, data, out, "--max_steps", "2",
+                                  *train_flags)) == 0  # fmt: skip
+    final = json.loads((out / "eval_results.json").read_text())
+    assert final["kl_to_teacher"] > 0 and final["tokens"] > 0

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from kd_dist.config import TrainConfig
 from kd_dist.engine import accelerator_session, partitioned_loading
 from kd_dist.models import forward_hidden
+from kd_dist.teacher_signal import LiveTeacher
 from kd_dist.trainer import make_micro_step
 
 VOCAB, STEPS = 101, 2
@@ -67,7 +68,8 @@ def main() -> None:
         bias, weight = (p.ds_tensor.numel() * p.ds_tensor.element_size()
                         for p in (head.bias, head.weight))  # fmt: skip
         head_messages = {bias, bias + weight}
-        micro_step = make_micro_step(cfg, accelerator, student, teacher, VOCAB, chunk_rows=8,
+        signal = LiveTeacher(teacher, "causal", fused=True)
+        micro_step = make_micro_step(cfg, accelerator, student, signal, VOCAB, chunk_rows=8,
                                      fused=True)  # fmt: skip
         deepspeed.comm.configure(enabled=True, prof_all=True)
         counts = {"forward_hidden": [], "micro_step": []}
