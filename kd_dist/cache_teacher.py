@@ -198,6 +198,7 @@ class TeacherRun:
         )
         self.chunk_rows = int(chunk_rows)
         self.fused = cfg.fused_loss and output_head(teacher) is not None
+        self.written = 0  # shards this process has written
 
     def cache_split(
         self, examples: datasets.Dataset, shards: list[Shard], folder: Path, collate: Callable
@@ -231,7 +232,8 @@ class TeacherRun:
             if mine is not None:
                 ordered = [rows[example] for example in mine.examples]
                 columns = {name: [row[name] for row in ordered] for name in ordered[0]}
-                write_shard(folder / mine.name, columns)
+                self.written += 1
+                write_shard(folder / mine.name, columns, sequence=self.written)
         progress.close()
 
     def batch_order(self, shard: Shard, lengths: np.ndarray) -> list[np.ndarray]:

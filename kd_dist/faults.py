@@ -7,7 +7,8 @@ every call here is a no-op. Format: comma-separated ``NAME@STEP`` or ``NAME@STEP
 the 1-based optimizer step, RANK the global rank; no rank means every rank). Names:
 
 - ``kill_save_<point>``: SIGKILL this process at ``<point>`` of the checkpoint save of STEP
-  (points in ``checkpoint.save_checkpoint``);
+  (points in ``checkpoint.save_checkpoint``); ``kill_save_shard``: in the STEP-th teacher-cache
+  shard this process writes, between its temporary file and its rename;
 - ``signal_<SIG>`` / ``signal_parent_<SIG>``: send signal SIG (e.g. SIGTERM) to this process /
   to its launcher, after STEP;
 - ``hang``: stop responding after STEP (Python's signal handlers off, as in a process stuck in

@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from kd_dist import faults
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import DataSplits, content_fingerprint
 from kd_dist.losses import TopKTeacher, valid_mask
@@ -184,14 +185,17 @@ def example_rows(teacher: TopKTeacher, counts: Sequence[int]) -> dict[str, list[
     }
 
 
-def write_shard(path: Path, rows: dict[str, list[np.ndarray]]) -> None:
-    """One shard, atomically: under a temporary name, flushed to disk, then renamed."""
+def write_shard(path: Path, rows: dict[str, list[np.ndarray]], sequence: int = 0) -> None:
+    """One shard, atomically: under a temporary name, flushed to disk, then renamed.
+    ``sequence``: how many shards this process has written before, plus one (for the
+    ``kill_save_shard`` fault)."""
     table = datasets.Dataset.from_dict(rows, features=FEATURES).data.table
     temporary = path.with_name(path.name + ".tmp")
     with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
         out.write_table(table)
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
+    faults.kill_in_save("shard", sequence)
     os.replace(temporary, path)
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -14,6 +18,7 @@ from safetensors.torch import load_file
 from kd_dist.cli import main
 from kd_dist.config import TrainConfig
 from kd_dist.data import build_datasets, make_collator
+from kd_dist.faults import FAULT_ENV
 from kd_dist.losses import (
     TopKTeacher,
     distillation_loss,
@@ -22,7 +27,6 @@ from kd_dist.losses import (
 )
 from kd_dist.models import forward_logits, load_models, load_tokenizer
 from kd_dist.teacher_cache import (
-    MANIFEST_FILE,
     ExamplesWithTeacher,
     batch_teacher,
     bytes_per_token,
@@ -30,6 +34,7 @@ from kd_dist.teacher_cache import (
     read_manifest,
     with_teacher_rows,
 )
+from tests.test_distributed import REPO
 from tests.test_train import train_args
 
 TOP_K = 8
@@ -207,33 +212,32 @@ def test_training_from_the_cache_resumes_mid_epoch_exactly(
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
 
 
-def write_partial_cache(source: Path, folder: Path) -> Path:
-    """The state a killed job leaves: no complete flag, a shard missing, another half-written."""
-    shutil.copytree(source, folder)
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    manifest["complete"] = False
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
-    victim = sorted(folder.glob("train-*.arrow"))[1]
-    victim.rename(victim.with_name(victim.name + ".tmp"))
-    victim.with_name(victim.name + ".tmp").write_bytes(b"half a shard")
-    return victim
-
-
 def test_a_killed_cache_job_continues_from_its_last_complete_shard(
     llama_cache, model_pair, text_dataset, tmp_path, capsys
 ):
+    """SIGKILLed while writing its second shard (between the temporary file and the rename),
+    the job leaves one complete shard, a temporary file and an incomplete manifest; training
+    refuses that, and the same command continues: the first shard is kept as it was, and the
+    cache ends byte for byte the uninterrupted one."""
     teacher, student = model_pair("llama")
-    folder = tmp_path / "partial"
-    victim = write_partial_cache(llama_cache, folder)
-    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.arrow")}
-    # Not usable yet: train refuses it and names the way out.
+    folder = tmp_path / "killed"
+    env = {**os.environ, FAULT_ENV: "kill_save_shard@2", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "kd_dist", *cache_args(teacher, text_dataset, folder)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    complete = sorted(p.name for p in folder.glob("*.arrow"))
+    assert complete == ["train-00000-of-00003.arrow"]
+    assert [p.name for p in folder.glob("*.tmp")] == ["train-00001-of-00003.arrow.tmp"]
+    assert not read_manifest(folder)["complete"]
+    first = (folder / complete[0]).stat().st_mtime_ns
     assert main(cached_train_args(folder, student, text_dataset, tmp_path / "early")) == 2
-    assert "incomplete" in capsys.readouterr().err
+    assert "incomplete (3 shard(s) missing" in capsys.readouterr().err
+
     assert main(cache_args(teacher, text_dataset, folder)) == 0
-    assert read_manifest(folder)["complete"]
-    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.arrow") if p.name in kept} == kept
-    assert victim.read_bytes() == (llama_cache / victim.name).read_bytes()
-    assert not list(folder.glob("*.tmp"))
+    assert read_manifest(folder)["complete"] and not list(folder.glob("*.tmp"))
+    assert (folder / complete[0]).stat().st_mtime_ns == first  # not written again
+    for path in llama_cache.glob("*.arrow"):
+        assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_a_cache_of_other_settings_or_an_unrelated_folder_is_refused(
