@@ -152,10 +152,16 @@ def time_steps(args: argparse.Namespace) -> dict[str, float]:
         "baseline": lambda: baseline_step(run),
         "kd_checkpointed": checkpointed_kd_step,
     }
-    for step in steps.values():  # warm-up, compilation included
+    return interleaved_medians(steps, args.repeats)
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each step, run in turn ``repeats`` times (this machine's speed
+    drifts: interleaving shares the drift out) after a warm-up of each (compilation included)."""
+    for step in steps.values():
         step()
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, step in steps.items():
             samples[name].append(timed(step))
     return {name: statistics.median(times) for name, times in samples.items()}

@@ -26,7 +26,6 @@ It prints, measured side by side in one run:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_bench import VOCAB, Setup, kd_step, setup, timed
+from step_bench import VOCAB, Setup, interleaved_medians, kd_step, setup
 
 from kd_dist.cache_teacher import concatenated
 from kd_dist.losses import (
@@ -154,13 +153,7 @@ def main() -> None:
     spec = LossSpec("forward_kl", temperature=1.0)
     steps = {"live teacher": lambda: kd_step(run, spec),
              "from the cache": lambda: cached_step(run, rows, spec)}  # fmt: skip
-    for step in steps.values():  # warm-up, compilation included
-        step()
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            samples[name].append(timed(step))
-    medians = {name: statistics.median(times) for name, times in samples.items()}
+    medians = interleaved_medians(steps, args.repeats)
     for name, seconds in medians.items():
         print(f"{name:>15}: {seconds:.3f} s per step, {tokens / seconds:,.0f} tokens/s")
     speedup = medians["live teacher"] / medians["from the cache"]

@@ -18,6 +18,7 @@ from kd_dist.losses import (
     MAX_CHUNK_ROWS,
     OBJECTIVES,
     LogitTransform,
+    LossOutput,
     LossSpec,
     OutputHead,
     auto_chunk_rows,
@@ -115,6 +116,35 @@ def fresh_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
+def assert_exact_zeros(fused: LossOutput, unfused: LossOutput, inputs: tuple) -> None:
+    """An all-masked batch: both entry points give an exact 0 loss over 0 tokens, and exact
+    zero gradients (no NaN) w.r.t. ``inputs``."""
+    for out in (fused, unfused):
+        assert out.loss.item() == 0.0 and out.num_tokens == 0
+    for grad in torch.autograd.grad(fused.loss + unfused.loss, inputs):
+        assert torch.isfinite(grad).all() and torch.all(grad == 0)
+
+
+def assert_matches_reference(
+    loss: torch.Tensor,
+    grads: dict[str, torch.Tensor],
+    expected: torch.Tensor,
+    expected_grads: tuple[torch.Tensor, ...],
+    vocab: int,
+    atol: float = 1e-7,
+) -> None:
+    """A loss and its gradients (by name; the first dimension of a weight's or bias's, the
+    last of logits', past ``vocab`` are padding) equal the float64 reference's."""
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    for (name, actual), wanted in zip(grads.items(), expected_grads, strict=True):
+        torch.testing.assert_close(actual.double(), wanted, rtol=1e-5, atol=atol, msg=name)
+    for name, grad in grads.items():  # padded rows and columns are not tokens
+        if name == "logits":
+            assert torch.all(grad[:, vocab:] == 0)
+        elif name in ("weight", "bias"):
+            assert torch.all(grad[vocab:] == 0)
+
+
 @pytest.mark.parametrize(("objective", "extra"), CASES)
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_unfused_matches_float64_reference(objective, extra, alpha):
@@ -132,10 +162,8 @@ def test_unfused_matches_float64_reference(objective, extra, alpha):
     expected = reference_loss(
         reference_logits[:, :vocab], teacher_logits[:, :vocab], labels, spec, 30
     )
-    (expected_grad,) = torch.autograd.grad(expected, reference_logits)
-    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
-    assert torch.all(grad[:, vocab:] == 0)  # padded columns are not tokens
+    expected_grads = torch.autograd.grad(expected, reference_logits)
+    assert_matches_reference(out.loss, {"logits": grad}, expected, expected_grads, vocab)
 
 
 @pytest.mark.parametrize(("objective", "extra"), CASES)
@@ -157,11 +185,8 @@ def test_fused_matches_float64_reference(objective, extra, transform):
     expected, leaves = fused_reference(s_hidden, s_head, t_hidden, t_head, labels, spec, vocab, 25)
     expected_grads = torch.autograd.grad(expected, leaves)
 
-    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
-    for name, actual, wanted in zip(("hidden", "weight", "bias"), grads, expected_grads,
-                                    strict=True):  # fmt: skip
-        torch.testing.assert_close(actual.double(), wanted, rtol=1e-5, atol=1e-6, msg=name)
-    assert torch.all(grads[1][vocab:] == 0) and torch.all(grads[2][vocab:] == 0)
+    named = dict(zip(("hidden", "weight", "bias"), grads, strict=True))
+    assert_matches_reference(out.loss, named, expected, expected_grads, vocab, atol=1e-6)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -194,11 +219,7 @@ def test_all_masked_input_gives_zero_loss_zero_gradients_and_no_nan(objective):
                                     vocab_size=53)  # fmt: skip
     logits = s_hidden @ s_head.weight.t()
     unfused = distillation_loss(logits[:0], logits[:0].detach(), label_rows, spec, vocab_size=53)
-    for out in (fused, unfused):
-        assert out.loss.item() == 0.0 and out.num_tokens == 0
-    grads = torch.autograd.grad(fused.loss + unfused.loss, (s_hidden, s_head.weight, s_head.bias))
-    for grad in grads:
-        assert torch.isfinite(grad).all() and torch.all(grad == 0)
+    assert_exact_zeros(fused, unfused, (s_hidden, s_head.weight, s_head.bias))
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
