@@ -15,16 +15,17 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow.compute
 import torch
 from accelerate import Accelerator
 from deepspeed.runtime.zero import GatheredParameters
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kd_dist.checkpoint import check_writable_folder
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import build_datasets, content_fingerprint, example_lengths, make_collator
 from kd_dist.data.parallel import tokenize_first
@@ -52,7 +53,7 @@ from kd_dist.teacher_cache import (
     TOKENIZER_DIR,
     Shard,
     bytes_per_token,
-    describe,
+    cache_manifest,
     example_rows,
     missing_shards,
     read_manifest,
@@ -64,16 +65,20 @@ from kd_dist.teacher_cache import (
 
 logger = logging.getLogger("kd_dist")
 
-# Manifest entries that may differ between the job that started a cache and the one resuming it.
-RESUMABLE_DIFFERENCES = ("versions", "complete")
+# Manifest entries that may differ between the job that started a cache and the one resuming it
+# (the data flags are compared through the examples they make: the splits' fingerprints).
+RESUMABLE_DIFFERENCES = ("versions", "complete", "data")
+# Below this mean share of the teacher's mass in its top-k, the summary suggests keeping more.
+LOW_TOP_K_MASS = 0.8
 
 
 @dataclass
 class CacheResult:
     folder: Path
-    manifest: dict
+    manifest: dict[str, Any]
     tokens: int  # trained positions cached over all splits
     bytes: int  # the shard files' size on disk
+    top_k_mass: float  # the mean share of the teacher's distribution its top-k hold
 
 
 def cache_teacher(cfg: TrainConfig) -> CacheResult:
@@ -85,11 +90,16 @@ def cache_teacher(cfg: TrainConfig) -> CacheResult:
     folder = Path(cfg.output_dir)
     with accelerator_session(cfg) as accelerator:
         tokenizer = load_tokenizer(cfg)
+        if cfg.top_k > len(tokenizer):
+            raise ConfigError(
+                f"--top_k {cfg.top_k} is more than the tokenizer's {len(tokenizer)} tokens: pass "
+                f"--top_k {len(tokenizer)} or less (all of them: the full distribution)."
+            )
         check_models(cfg, tokenizer)
         data = build_datasets(cfg, tokenizer, main_process_first=tokenize_first(cfg, accelerator))
         splits = {"train": data.train, "eval": data.eval}
         splits = {name: examples for name, examples in splits.items() if examples is not None}
-        manifest = describe(
+        manifest = cache_manifest(
             cfg,
             tokenizer,
             teacher_dtype(cfg),
@@ -101,7 +111,13 @@ def cache_teacher(cfg: TrainConfig) -> CacheResult:
         if accelerator.is_main_process:
             start_cache(folder, manifest, tokenizer, cfg.overwrite_output_dir)
         accelerator.wait_for_everyone()
-        if missing_shards(folder, manifest):
+        # Planned once, before any rank writes: the ranks agree on who writes which shard.
+        pending = {
+            name: [shard for shard in split_shards(name, len(examples), cfg.cache_shard_size)
+                   if not (folder / shard.name).is_file()]
+            for name, examples in splits.items()
+        }  # fmt: skip
+        if any(pending.values()):
             placement = choose_teacher_placement(cfg, accelerator, lambda: teacher_bytes(cfg))
             teacher = load_teacher(
                 cfg, tokenizer, lambda role: partitioned_loading(accelerator, role, placement)
@@ -109,8 +125,7 @@ def cache_teacher(cfg: TrainConfig) -> CacheResult:
             teacher = place_teacher(accelerator, teacher, placement)
             run = TeacherRun(cfg, accelerator, teacher, len(tokenizer), placement)
             for name, examples in splits.items():
-                shards = split_shards(name, len(examples), cfg.cache_shard_size)
-                run.cache_split(examples, shards, folder, make_collator(tokenizer))
+                run.cache_split(examples, pending[name], folder, make_collator(tokenizer))
             accelerator.wait_for_everyone()  # every rank's shards are written
         else:
             logger.info("%s already holds the complete cache: nothing to run.", folder)
@@ -122,22 +137,28 @@ def cache_teacher(cfg: TrainConfig) -> CacheResult:
             write_manifest(folder, manifest)
         accelerator.wait_for_everyone()
     shard_files = [folder / shard for shard in shard_names(manifest)]
-    tokens = sum(cached_tokens(path) for path in shard_files)
-    return CacheResult(folder, manifest, tokens, sum(path.stat().st_size for path in shard_files))
+    tails = np.concatenate([stored_tails(path) for path in shard_files])
+    return CacheResult(
+        folder, manifest, len(tails), sum(path.stat().st_size for path in shard_files),
+        top_k_mass=float((1.0 - np.exp(tails)).mean()) if len(tails) else 1.0,
+    )  # fmt: skip
 
 
-def cached_tokens(shard: Path) -> int:
-    """The trained positions a shard holds: the total length of its tail column."""
-    tails = datasets.Dataset.from_file(str(shard)).data.column("tail_logprob")
-    return int(pyarrow.compute.sum(pyarrow.compute.list_value_length(tails)).as_py() or 0)
+def stored_tails(shard: Path) -> np.ndarray:
+    """The log tail masses a shard holds, one per trained position: [positions] float32."""
+    tails = datasets.Dataset.from_file(str(shard)).data.column("tail_logprob").combine_chunks()
+    return tails.flatten().to_numpy()
 
 
-def check_cache_folder(folder: Path, manifest: dict, overwrite: bool) -> None:
-    """Read-only (every rank): the folder is empty, or holds the start of this very cache (which
-    the job continues), or --overwrite_output_dir says to replace what is there."""
-    existing = read_manifest(folder) if folder.is_dir() else None
+def check_cache_folder(folder: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """Read-only (every rank): the folder is writable, and empty, or holds the start of this
+    very cache (which the job continues), or --overwrite_output_dir says to replace its files.
+    A cache of the same examples continues from another --dataset path (a copy of the data on
+    node-local disk): the data flags only explain a difference of the examples."""
+    check_writable_folder(folder)
     if overwrite or not folder.is_dir() or not any(folder.iterdir()):
         return
+    existing = read_manifest(folder)
     if existing is None:
         raise ConfigError(
             f"--output_dir {folder} is not empty and holds no teacher cache: pass an empty or new "
@@ -148,6 +169,10 @@ def check_cache_folder(folder: Path, manifest: dict, overwrite: bool) -> None:
         for key, value in manifest.items()
         if key not in RESUMABLE_DIFFERENCES and existing.get(key) != value
     ]
+    if existing["splits"] != manifest["splits"]:
+        differences += [f"--{name} {existing['data'].get(name)!r} -> {value!r}"
+                        for name, value in manifest["data"].items()
+                        if existing["data"].get(name) != value]  # fmt: skip
     if differences:
         raise ConfigError(
             f"--output_dir {folder} holds a teacher cache made with other settings "
@@ -156,16 +181,19 @@ def check_cache_folder(folder: Path, manifest: dict, overwrite: bool) -> None:
         )
 
 
-def start_cache(folder: Path, manifest: dict, tokenizer, overwrite: bool) -> None:
+def start_cache(
+    folder: Path, manifest: dict[str, Any], tokenizer: PreTrainedTokenizerBase, overwrite: bool
+) -> None:
     """The folder with this cache's manifest and tokenizer (main process); an overwritten
     folder loses its earlier shards and manifest first."""
-    existing = read_manifest(folder) if folder.is_dir() else None
+    existing = None
     if overwrite and folder.is_dir():
         for path in [*folder.glob("*.arrow"), *folder.glob("*.arrow.tmp")]:
             path.unlink()
         shutil.rmtree(folder / TOKENIZER_DIR, ignore_errors=True)
         (folder / MANIFEST_FILE).unlink(missing_ok=True)
-        existing = None
+    elif folder.is_dir():
+        existing = read_manifest(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder / TOKENIZER_DIR)
     if existing is not None:
@@ -201,17 +229,19 @@ class TeacherRun:
         self.written = 0  # shards this process has written
 
     def cache_split(
-        self, examples: datasets.Dataset, shards: list[Shard], folder: Path, collate: Callable
+        self, examples: datasets.Dataset, pending: list[Shard], folder: Path, collate: Callable
     ) -> None:
+        """Write a split's ``pending`` shards: the same list on every rank (planned before any
+        rank writes), so that each shard has exactly one writer."""
         ranks, rank = self.accelerator.num_processes, self.accelerator.process_index
-        pending = [shard for shard in shards if not (folder / shard.name).is_file()]
         lengths = np.asarray(example_lengths(examples)) if pending else np.zeros(0)
         batches_of = {shard.index: self.batch_order(shard, lengths) for shard in pending}
         total = sum(int(lengths[shard.examples.start : shard.examples.stop].sum())
                     for shard in pending)  # fmt: skip
         progress = tqdm(
             total=total, unit="tok", unit_scale=True, disable=not self.accelerator.is_main_process,
-            desc=f"teacher over {shards[0].split if shards else ''} (input tokens, all processes)",
+            desc=f"teacher over {pending[0].split if pending else ''} (input tokens, all "
+            "processes, estimated from this one's)",
         )  # fmt: skip
         for start in range(0, len(pending), ranks):
             round_shards = pending[start : start + ranks]
@@ -254,10 +284,10 @@ class TeacherRun:
             outputs = forward(self.teacher, self.teacher, batch, self.cfg.task_type)
         rows, _, _ = valid_rows(outputs, None, batch["labels"], self.causal)
         counts = valid_mask(batch["labels"], self.causal).sum(1).tolist()
-        head = output_head(self.teacher) if self.fused else None
         layer = self.teacher.get_output_embeddings()
         weights = list(layer.parameters()) if self.fused else []
         with GatheredParameters(weights):  # a ZeRO-3 teacher's output layer, for the chunks
+            head = output_head(self.teacher) if self.fused else None
             chunks = logit_chunks(rows, None, vocab_size=self.vocab_size,
                                   chunk_rows=self.chunk_rows, student_head=head)  # fmt: skip
             parts = [top_k_teacher(logits, self.cfg.top_k, self.cfg.temperature)
@@ -283,12 +313,21 @@ def describe_result(result: CacheResult) -> str:
     splits = ", ".join(f"{name} {info['examples']:,} examples"
                        for name, info in manifest["splits"].items())  # fmt: skip
     per_token = result.bytes / max(result.tokens, 1)
-    return "\n".join([
+    k, temperature = manifest["top_k"], manifest["temperature"]
+    lines = [
         f"Teacher cache of {manifest['teacher_model']} in {result.folder}:",
         f"  {splits}; {result.tokens:,} trained tokens",
-        f"  top-{manifest['top_k']} at temperature {manifest['temperature']}: "
-        f"{result.bytes / 2**20:,.1f} MiB, {per_token:,.0f} bytes per token "
-        f"({bytes_per_token(manifest['top_k'])} of them the rows themselves)",
+        f"  top-{k} at temperature {temperature}: {result.bytes / 2**20:,.1f} MiB, "
+        f"{per_token:,.0f} bytes per token ({bytes_per_token(k)} of them the rows themselves)",
+        f"  the top-{k} hold {result.top_k_mass:.1%} of the teacher's mass on average",
         f"  train from it: kd-dist train --teacher_cache {result.folder} --student_model ... "
         "(the same data flags)",
-    ])  # fmt: skip
+    ]
+    if result.top_k_mass < LOW_TOP_K_MASS:
+        lines.append(
+            f"  warning: the rest, which the cache keeps as one number, is "
+            f"{1 - result.top_k_mass:.0%} of the teacher's distribution: a cache at a lower "
+            "--temperature (1 keeps the teacher's own) or a larger --top_k keeps more of it "
+            "(see the README's figures)."
+        )
+    return "\n".join(lines)

@@ -71,7 +71,8 @@ RUN_RECORDS = (CHECKPOINTS_DIR, METRICS_FILE, EVAL_RESULTS_FILE, TRACKER_DIR, RE
 class TrainerState:
     """Where the loop is. ``batches_done`` counts micro-batches consumed in the current epoch.
 
-    ``world_size`` and ``data_fingerprint`` identify what the checkpoint can be resumed with;
+    ``world_size``, ``data_fingerprint`` and ``teacher_cache`` identify what the checkpoint can
+    be resumed with;
     the counters cover the whole run, resumes included.
     """
 
@@ -80,6 +81,7 @@ class TrainerState:
     batches_done: int = 0
     world_size: int = 1
     data_fingerprint: str = ""
+    teacher_cache: str | None = None  # the identity of the run's teacher cache (None: live)
     skipped_nonfinite: int = 0  # batches skipped by --skip_nonfinite
     overflow_steps: int = 0  # optimizer steps the fp16 loss scaler skipped
 
@@ -331,9 +333,7 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> Path | None:
     --overwrite_output_dir is given, so nothing there is lost by accident.
     """
     output_dir = Path(cfg.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"--output_dir {output_dir} is a file: pass a folder.")
-    _check_writable(output_dir)
+    check_writable_folder(output_dir)
     checkpoint = resolve_checkpoint(cfg) if cfg.resume_from_checkpoint else None
     if checkpoint is not None:
         check_safe_to_load(checkpoint)
@@ -365,9 +365,12 @@ def restarts_own_run(cfg: TrainConfig) -> bool:
     return same_run and all(entry.name in own for entry in output_dir.iterdir())
 
 
-def _check_writable(output_dir: Path) -> None:
-    """output_dir, or the folder it will be created in, must be writable: tried with a
-    temporary file (permission bits alone miss read-only mounts and say nothing for root)."""
+def check_writable_folder(output_dir: Path) -> None:
+    """output_dir must be a folder or not exist yet, and it, or the folder it will be created
+    in, must be writable: tried with a temporary file (permission bits alone miss read-only
+    mounts and say nothing for root)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output_dir {output_dir} is a file: pass a folder.")
     existing = output_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -101,7 +101,8 @@ class TrainConfig:
         default=1000,
         metadata=_help(
             "kd-dist cache-teacher: examples per shard of the cache, the unit a killed job "
-            "resumes from."
+            "resumes from (a shard's rows are held in memory until written: about "
+            "examples x tokens x (6 x --top_k + 4) bytes)."
         ),
     )
 
@@ -399,6 +400,11 @@ class TrainConfig:
         required = ["dataset"]
         if command == "cache-teacher":
             required.append("teacher_model")
+            if self.output_dir == CONFIG_FIELDS["output_dir"].default:
+                problems.append(
+                    "--output_dir is required: the folder `kd-dist cache-teacher` writes the "
+                    "cache to (then `kd-dist train --teacher_cache` that folder)."
+                )
             if self.teacher_cache:
                 problems.append(
                     "--teacher_cache is what `kd-dist train` reads; `kd-dist cache-teacher` "

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from datasets import Dataset
 from deepspeed.runtime.zero import GatheredParameters
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
@@ -269,7 +268,10 @@ def evaluate(
 
 
 def eval_loader(
-    accelerator: Accelerator, examples: Dataset, batch_size: int, collate: Callable
+    accelerator: Accelerator,
+    examples: torch.utils.data.Dataset,
+    batch_size: int,
+    collate: Callable,
 ) -> DataLoader:
     """This process's share of ``examples``, in order. accelerate's ``even_batches`` pads the
     last batch with repeated examples, which ``gather_for_metrics`` drops before anything is

@@ -262,7 +262,7 @@ class TopKTeacher:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def __getitem__(self, rows: slice | torch.Tensor) -> TopKTeacher:
+    def __getitem__(self, rows: slice | torch.Tensor | tuple[torch.Tensor, ...]) -> TopKTeacher:
         return TopKTeacher(self.ids[rows], self.logprobs[rows], self.tail_logprob[rows])
 
 
@@ -845,13 +845,14 @@ def fused_distillation_loss(
 
 
 def valid_rows(
-    student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    student: torch.Tensor, teacher: Teacher | None, labels: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, Teacher | None, torch.Tensor]:
     """Rows of both models' outputs (logits or hidden states) that predict a non-masked label.
 
     [B, L, D_s], [B, L, D_t] and [B, L] -> [N, D_s], [N, D_t] and [N]. Causal models predict
     token t+1 at position t, so outputs drop their last position and labels their first;
-    seq2seq decoders are already aligned with their labels. No teacher (None) gives None.
+    seq2seq decoders are already aligned with their labels. No teacher (None) gives None; a
+    cache's rows per position (a TopKTeacher of [B, L, k], [B, L, k], [B, L]) give its rows.
     """
     # The (example, position) of each valid row, found once: the count is the one wait on the
     # device (indexing with the mask itself would wait once per tensor).

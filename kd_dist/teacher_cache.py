@@ -78,9 +78,18 @@ def bytes_per_token(k: int) -> int:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of the tokenizer's vocabulary (token -> id): what token ids mean."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.blake2b(json.dumps(vocab).encode(), digest_size=16).hexdigest()
+    """A hash of what token ids mean (the vocabulary) and of the settings that shape tokenized
+    examples beyond it: the special tokens and the chat template."""
+    described = [sorted(tokenizer.get_vocab().items()), tokenizer.special_tokens_map,
+                 tokenizer.chat_template]  # fmt: skip
+    return hashlib.blake2b(json.dumps(described).encode(), digest_size=16).hexdigest()
+
+
+def cache_identity(manifest: dict[str, Any]) -> str:
+    """What a training run distils from, for the resume check: the manifest without what may
+    change with the files staying the same (library versions, the data flags' paths)."""
+    kept = {k: v for k, v in manifest.items() if k not in ("versions", "data", "complete")}
+    return hashlib.blake2b(json.dumps(kept, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ def split_shards(split: str, examples: int, shard_size: int) -> list[Shard]:
     ]
 
 
-def describe(
+def cache_manifest(
     cfg: TrainConfig,
     tokenizer: Any,
     teacher_dtype: torch.dtype,
@@ -140,7 +149,13 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST_FILE
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{path} is not valid JSON ({error}): make the cache again (`kd-dist cache-teacher "
+            "--overwrite_output_dir`)."
+        ) from None
     if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
         raise ConfigError(
             f"{path} is not a kd_dist teacher cache of version {CACHE_VERSION}: make the cache "
@@ -219,6 +234,10 @@ class TeacherCache:
     def temperature(self) -> float:
         return self.manifest["temperature"]
 
+    @property
+    def top_k(self) -> int:
+        return self.manifest["top_k"]
+
 
 def cache_lengths(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the lengths it leaves unset taken from --teacher_cache's (its examples were
@@ -233,7 +252,8 @@ def cache_lengths(cfg: TrainConfig) -> TrainConfig:
 
 
 def opened_manifest(cfg: TrainConfig) -> dict[str, Any]:
-    """--teacher_cache's manifest, refused when the folder holds no complete cache."""
+    """--teacher_cache's manifest, refused when the folder holds no complete cache, or one made
+    for another task or temperature (checked before the data is read)."""
     folder = Path(cfg.teacher_cache)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -248,20 +268,11 @@ def opened_manifest(cfg: TrainConfig) -> dict[str, Any]:
             f"{', '.join(missing[:3]) or 'none'}): run the same `kd-dist cache-teacher` command "
             "again, it continues from the last complete shard."
         )
-    return manifest
-
-
-def open_cache(cfg: TrainConfig, tokenizer: Any, data: DataSplits) -> TeacherCache:
-    """--teacher_cache, checked against this run before any model loads: the same tokenizer,
-    temperature, task and tokenized examples (each split's content fingerprint)."""
-    folder = Path(cfg.teacher_cache)
-    manifest = opened_manifest(cfg)
     problems = []
-    if manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
+    if manifest["data"]["task_type"] != cfg.task_type:
         problems.append(
-            f"the student's tokenizer ({len(tokenizer)} tokens) is not the cache's "
-            f"({manifest['tokenizer']['size']} tokens, saved in {folder / TOKENIZER_DIR}): "
-            "the student must share the teacher's tokenizer"
+            f"the cache is of a {manifest['data']['task_type']} teacher, the run is "
+            f"--task_type {cfg.task_type}"
         )
     if manifest["temperature"] != cfg.temperature:
         # The tail's mass at another temperature depends on the tail's shape, which the cache
@@ -271,22 +282,48 @@ def open_cache(cfg: TrainConfig, tokenizer: Any, data: DataSplits) -> TeacherCac
             f"asks for {cfg.temperature}: pass --temperature {manifest['temperature']}, or make "
             f"a cache at {cfg.temperature}"
         )
-    splits = {"train": data.train, "eval": data.eval}
+    refuse(folder, problems)
+    return manifest
+
+
+def refuse(folder: Path, problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(f"--teacher_cache {folder} does not fit this run:\n  - "
+                          + "\n  - ".join(problems))  # fmt: skip
+
+
+def open_cache(
+    cfg: TrainConfig, tokenizer: Any, data: DataSplits, train_fingerprint: str
+) -> TeacherCache:
+    """--teacher_cache, checked against this run before any model loads: the same task,
+    temperature, tokenizer and tokenized examples (each split's content fingerprint;
+    ``train_fingerprint``: the train split's, computed already)."""
+    folder = Path(cfg.teacher_cache)
+    manifest = opened_manifest(cfg)
+    problems = []
+    if manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
+        problems.append(
+            f"the student's tokenizer ({len(tokenizer)} tokens) is not the cache's "
+            f"({manifest['tokenizer']['size']} tokens, saved in {folder / TOKENIZER_DIR}): "
+            "the student must share the teacher's tokenizer, its special tokens and chat "
+            "template (make the cache with the student named: `kd-dist cache-teacher "
+            "--student_model ...` tokenizes with the student's tokenizer, as training does)"
+        )
+    eval_fingerprint = None if data.eval is None else content_fingerprint(data.eval)
+    fingerprints = {"train": train_fingerprint, "eval": eval_fingerprint}
     for split, info in manifest["splits"].items():
-        if splits[split] is not None and content_fingerprint(splits[split]) != info["fingerprint"]:
+        if fingerprints[split] is not None and fingerprints[split] != info["fingerprint"]:
             flags = [
                 f"--{name} {value!r} (cache) vs {getattr(cfg, name)!r} (this run)"
                 for name, value in manifest["data"].items()
                 if getattr(cfg, name) != value
             ]
-            why = "; ".join(flags) if flags else "the same flags: the data files changed"
+            why = "; ".join(flags) if flags else "the same data flags: the data changed"
             problems.append(
                 f"its {split} examples are not this run's tokenized {split} examples ({why}): "
                 "train with the data flags the cache was made with, or make the cache again"
             )
-    if problems:
-        raise ConfigError(f"--teacher_cache {folder} does not fit this run:\n  - "
-                          + "\n  - ".join(problems))  # fmt: skip
+    refuse(folder, problems)
     train = load_split(folder, "train", manifest)
     cached_eval = data.eval is not None and "eval" in manifest["splits"]
     return TeacherCache(folder, manifest, train, load_split(folder, "eval", manifest)
@@ -318,7 +355,7 @@ class ExamplesWithTeacher(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
 
-def with_teacher_rows(collate: Callable, causal: bool) -> Callable:
+def with_teacher_rows(collate: Callable, causal: bool, k: int) -> Callable:
     """A collate function that also lays each example's cached rows out per position:
     teacher_top_ids [B, L, k] int32, teacher_top_logprobs [B, L, k] float16 and
     teacher_tail_logprob [B, L] float32, at the output positions ``valid_mask`` marks (so
@@ -329,7 +366,6 @@ def with_teacher_rows(collate: Callable, causal: bool) -> Callable:
         batch = collate(examples)
         mask = valid_mask(batch["labels"], causal)  # [B, L']
         counts = mask.sum(1).tolist()
-        k = next((len(c["top_ids"]) // n for c, n in zip(cached, counts, strict=True) if n), 1)
         shape = (*batch["labels"].shape, k)
         ids = torch.zeros(shape, dtype=torch.int32)
         logprobs = torch.zeros(shape, dtype=torch.float16)

@@ -88,7 +88,13 @@ from kd_dist.models import (
     teacher_bytes,
 )
 from kd_dist.run_log import MetricsLog, held_parameters, run_summary
-from kd_dist.teacher_cache import ExamplesWithTeacher, TeacherCache, open_cache, with_teacher_rows
+from kd_dist.teacher_cache import (
+    ExamplesWithTeacher,
+    TeacherCache,
+    cache_identity,
+    open_cache,
+    with_teacher_rows,
+)
 from kd_dist.teacher_signal import (
     CachedTeacher,
     LiveTeacher,
@@ -320,7 +326,7 @@ def make_micro_step(
         forward = forward_hidden if fused else forward_logits
         student_out = forward(student, student_module, batch, cfg.task_type)  # [B, L, H or V]
         teacher_out = teacher.outputs(batch, student_out)  # per position, no gradient
-        if faults.wants("nan_teacher", step):
+        if faults.wants("nan_teacher", step) and isinstance(teacher, LiveTeacher):
             teacher_out = torch.full_like(teacher_out, math.nan)
         s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
         if fused:
@@ -548,6 +554,7 @@ class RunData:
     tokenizer: PreTrainedTokenizerBase
     data: DataSplits
     cache: TeacherCache | None  # --teacher_cache, checked against the data
+    cache_id: str | None  # its identity (``cache_identity``), which a resume must match
     train_examples: torch.utils.data.Dataset  # data.train, with the cache's rows if any
     collate: Callable  # batches train_examples
     checkpoint: Path | None  # the checkpoint to resume from
@@ -568,10 +575,18 @@ def prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> RunData:
             data.summary(),
             data.example,
         )
-    cache = open_cache(cfg, tokenizer, data) if cfg.teacher_cache else None
     fingerprint = content_fingerprint(data.train)
-    if checkpoint is not None and read_trainer_state(checkpoint).data_fingerprint != fingerprint:
-        refuse_mismatch(checkpoint, ["the training data (its tokenized examples)"], cfg)
+    cache = open_cache(cfg, tokenizer, data, fingerprint) if cfg.teacher_cache else None
+    cache_id = None if cache is None else cache_identity(cache.manifest)
+    if checkpoint is not None:
+        saved = read_trainer_state(checkpoint)
+        differences = []
+        if saved.data_fingerprint != fingerprint:
+            differences.append("the training data (its tokenized examples)")
+        if saved.teacher_cache != cache_id:
+            before, now = teacher_source(saved.teacher_cache), teacher_source(cache_id)
+            differences.append(f"what the loss compares with ({before} -> {now})")
+        refuse_mismatch(checkpoint, differences, cfg)
     if data.eval is None and (cfg.eval_steps or cfg.eval_before_training):
         raise ConfigError(
             "--eval_steps and --eval_before_training need an eval split, and the dataset has "
@@ -582,9 +597,13 @@ def prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> RunData:
         prepare_output_dir(cfg, resuming=checkpoint is not None)
     collate, examples = make_collator(tokenizer), data.train
     if cache is not None:
-        collate = with_teacher_rows(collate, causal)
+        collate = with_teacher_rows(collate, causal, cache.top_k)
         examples = ExamplesWithTeacher(data.train, cache.train)
-    return RunData(tokenizer, data, cache, examples, collate, checkpoint, fingerprint)
+    return RunData(tokenizer, data, cache, cache_id, examples, collate, checkpoint, fingerprint)
+
+
+def teacher_source(cache_id: str | None) -> str:
+    return "a live teacher" if cache_id is None else f"teacher cache {cache_id[:12]}"
 
 
 @dataclass
@@ -664,7 +683,7 @@ def make_evaluator(
     elif run.cache is not None and run.cache.eval is not None:
         signal = CachedTeacher(run.cache.temperature)
         examples = ExamplesWithTeacher(run.data.eval, run.cache.eval)
-        collate = with_teacher_rows(collate, cfg.task_type == "causal")
+        collate = with_teacher_rows(collate, cfg.task_type == "causal", run.cache.top_k)
     elif run.cache is not None:
         logger.warning(
             "--teacher_cache %s holds no eval split and no --teacher_model is given: the "
@@ -686,6 +705,7 @@ def restore_state(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> T
         state = load_checkpoint(accelerator, run.checkpoint)
     # What the next checkpoint records (after --allow_resume_mismatch: this run's values).
     state.world_size, state.data_fingerprint = accelerator.num_processes, run.fingerprint
+    state.teacher_cache = run.cache_id
     if run.checkpoint is not None:
         if accelerator.is_main_process:
             drop_metrics_after(cfg.output_dir, state.global_step)

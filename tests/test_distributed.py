@@ -408,7 +408,8 @@ def test_a_teacher_cache_made_and_used_on_two_processes_matches_one_process(
 ):
     """cache-teacher with a ZeRO-3-sharded teacher on 2 processes writes the single process's
     cache (58 train examples in shards of 4: 15 shards, the last one of 2, so the last round
-    leaves one rank without a shard, which must still join the sharded teacher's forwards).
+    leaves one rank without a shard, which must still join the sharded teacher's forwards), and
+    so does a replicated one under DDP.
     Training from it for a whole epoch on 2 processes (DDP, ZeRO-2, ZeRO-3) takes the
     single process's steps, and evaluates on the cache's eval split the same."""
     teacher, student = model_pair("llama")
@@ -425,12 +426,18 @@ def test_a_teacher_cache_made_and_used_on_two_processes_matches_one_process(
                     tmp_path / "cache.log", subcommand="cache-teacher")  # fmt: skip
     assert "Teacher placement: zero3 (asked for)" in output
     assert len(list(sharded_cache.glob("train-*.arrow"))) == 15
-    expected_rows, actual_rows = cached_rows(single_cache), cached_rows(sharded_cache)
-    assert actual_rows.keys() == expected_rows.keys()
-    for name, rows in expected_rows.items():
-        for expected, actual in zip(rows, actual_rows[name], strict=True):
-            assert actual["top_ids"] == expected["top_ids"], name
-            assert actual["top_logprobs"] == pytest.approx(expected["top_logprobs"], abs=2e-3)
+    # Replicated, nothing keeps the ranks in step: each shard still has exactly one writer.
+    replicated_cache = tmp_path / "replicated_cache"
+    launch(torchrun(), [*cache_flags, "--output_dir", str(replicated_cache)],
+           tmp_path / "replicated.log", subcommand="cache-teacher")  # fmt: skip
+    expected_rows = cached_rows(single_cache)
+    for cache in (sharded_cache, replicated_cache):
+        actual_rows = cached_rows(cache)
+        assert actual_rows.keys() == expected_rows.keys()
+        for name, rows in expected_rows.items():
+            for expected, actual in zip(rows, actual_rows[name], strict=True):
+                assert actual["top_ids"] == expected["top_ids"], name
+                assert actual["top_logprobs"] == pytest.approx(expected["top_logprobs"], abs=2e-3)
 
     train_flags = [*data, "--student_model", student, "--teacher_cache", str(single_cache),
                    "--epochs", "1", "--optimizer", "sgd", "--clip_grad_norm", "0",

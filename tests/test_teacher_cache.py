@@ -137,8 +137,8 @@ def test_k_equal_to_the_vocabulary_gives_the_live_teacher_s_loss_and_gradient(
     data = build_datasets(cfg, tokenizer)
     manifest = read_manifest(folder)
     examples = ExamplesWithTeacher(data.train, load_split(folder, "train", manifest))
-    batch = with_teacher_rows(make_collator(tokenizer), causal=True)(examples.__getitems__(
-        list(range(8))))  # fmt: skip
+    collate = with_teacher_rows(make_collator(tokenizer), causal=True, k=vocab)
+    batch = collate(examples.__getitems__(list(range(8))))
     models = load_models(cfg, tokenizer)
     with torch.no_grad():
         teacher_logits = forward_logits(models.teacher, models.teacher, batch, "causal")
@@ -234,6 +234,9 @@ def test_a_killed_cache_job_continues_from_its_last_complete_shard(
     assert "incomplete (3 shard(s) missing" in capsys.readouterr().err
 
     assert main(cache_args(teacher, text_dataset, folder)) == 0
+    printed = capsys.readouterr().out
+    # A random tiny teacher at T = 2 is nearly uniform: its top-8 of 300 tokens hold little.
+    assert "of the teacher's mass on average" in printed and "warning: the rest" in printed
     assert read_manifest(folder)["complete"] and not list(folder.glob("*.tmp"))
     assert (folder / complete[0]).stat().st_mtime_ns == first  # not written again
     for path in llama_cache.glob("*.arrow"):
@@ -310,3 +313,45 @@ def test_packed_seq2seq_and_half_precision_caches_train(family, dataset, flags, 
                                   *train_flags)) == 0  # fmt: skip
     final = json.loads((out / "eval_results.json").read_text())
     assert final["kl_to_teacher"] > 0 and final["tokens"] > 0
+
+
+def test_cache_teacher_refuses_bad_folders_and_a_top_k_beyond_the_vocabulary(
+    model_pair, text_dataset, tmp_path, capsys
+):
+    teacher, _ = model_pair("llama")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert main(cache_args(teacher, text_dataset, a_file)) == 2
+    assert "is a file: pass a folder" in capsys.readouterr().err
+    argv = cache_args(teacher, text_dataset, tmp_path / "cache")
+    del argv[argv.index("--output_dir") : argv.index("--output_dir") + 2]
+    assert main(argv) == 2
+    assert "--output_dir is required" in capsys.readouterr().err
+    assert main(cache_args(teacher, text_dataset, tmp_path / "big", "--top_k", "100000")) == 2
+    assert "--top_k 100000 is more than the tokenizer's" in capsys.readouterr().err
+    # A corrupt manifest is named, and --overwrite_output_dir replaces it.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    assert main(cache_args(teacher, text_dataset, broken)) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    argv = cache_args(teacher, text_dataset, broken, "--overwrite_output_dir",
+                      "--max_train_samples", "8")  # fmt: skip
+    assert main(argv) == 0 and read_manifest(broken)["complete"]
+
+
+def test_a_checkpoint_resumes_only_with_the_teacher_signal_it_was_trained_on(
+    llama_cache, model_pair, text_dataset, tmp_path, capsys
+):
+    """Trained from the cache (with the live teacher for evaluation), a checkpoint does not
+    resume from the live teacher alone: the loss would compare with another distribution."""
+    teacher, student = model_pair("llama")
+    out = tmp_path / "run"
+    argv = cached_train_args(llama_cache, student, text_dataset, out, "--max_steps", "2",
+                             "--save_steps", "1", "--teacher_model", teacher)  # fmt: skip
+    assert main(argv) == 0
+    live = train_args(teacher, student, text_dataset, out, "--eval_ratio", "0.25",
+                      "--max_steps", "3", "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert main(live) == 2
+    err = capsys.readouterr().err
+    assert "what the loss compares with (teacher cache " in err and "-> a live teacher)" in err
