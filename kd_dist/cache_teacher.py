@@ -88,6 +88,7 @@ def cache_teacher(cfg: TrainConfig) -> CacheResult:
     # teacher (an --alpha of 1 would make the launch and the placement plan for none).
     cfg = replace(resolve_lengths(cfg), alpha=0.0)
     folder = Path(cfg.output_dir)
+    check_writable_folder(folder)  # before the data is read
     with accelerator_session(cfg) as accelerator:
         tokenizer = load_tokenizer(cfg)
         if cfg.top_k > len(tokenizer):
@@ -151,11 +152,10 @@ def stored_tails(shard: Path) -> np.ndarray:
 
 
 def check_cache_folder(folder: Path, manifest: dict[str, Any], overwrite: bool) -> None:
-    """Read-only (every rank): the folder is writable, and empty, or holds the start of this
-    very cache (which the job continues), or --overwrite_output_dir says to replace its files.
-    A cache of the same examples continues from another --dataset path (a copy of the data on
-    node-local disk): the data flags only explain a difference of the examples."""
-    check_writable_folder(folder)
+    """Read-only (every rank): the folder is empty, or holds the start of this very cache (which
+    the job continues), or --overwrite_output_dir says to replace its files. A cache of the
+    same examples continues from another --dataset path (a copy of the data on node-local
+    disk): the data flags only explain a difference of the examples."""
     if overwrite or not folder.is_dir() or not any(folder.iterdir()):
         return
     existing = read_manifest(folder)

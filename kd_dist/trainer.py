@@ -608,11 +608,10 @@ def teacher_source(cache_id: str | None) -> str:
 
 @dataclass
 class RunModels:
-    """The prepared student, its optimizer and batches, the teacher's signal, and the plan."""
+    """The prepared student, its optimizer and batches, its micro-step, and the plan."""
 
     student: torch.nn.Module  # as prepared (DDP/DeepSpeed wrapper)
     teacher: PreTrainedModel | None  # the live teacher, if one is loaded
-    signal: TeacherSignal  # what the loss compares the student with
     optimizer: torch.optim.Optimizer
     train_loader: DataLoader
     micro_step: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -665,8 +664,8 @@ def prepare_models(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> 
     else:
         signal = StudentAsTeacher(accelerator.unwrap_model(student), fused)
     micro_step = make_micro_step(cfg, accelerator, student, signal, vocab_size, chunk_rows, fused)
-    return RunModels(student, teacher, signal, optimizer, train_loader, micro_step, chunk_rows,
-                     fused, steps_per_epoch, planned_steps(cfg, steps_per_epoch))  # fmt: skip
+    return RunModels(student, teacher, optimizer, train_loader, micro_step, chunk_rows, fused,
+                     steps_per_epoch, planned_steps(cfg, steps_per_epoch))  # fmt: skip
 
 
 def make_evaluator(
