@@ -68,7 +68,8 @@ EVAL_FLAGS = (
     "dataset_format", "text_column", "messages_column", "prompt_column", "response_column",
     "max_length", "max_target_length", "train_on_prompt", "packing", "max_eval_samples",
     "num_proc", "batch_size", "bf16", "fp16", "seed", "vocab_chunk_size", "loss_chunk_memory_mb",
-    "trust_remote_code", "teacher_dtype", "attn_implementation", "tokenize_on",
+    "trust_remote_code", "teacher_dtype", "attn_implementation", "tokenize_on", "eval_on_policy",
+    "max_new_tokens", "generation_temperature", "top_p",
 )  # fmt: skip
 
 

@@ -368,10 +368,58 @@ class TrainConfig:
         ),
     )
 
+    # --- on-policy distillation -------------------------------------------------------------
+    lmbda: float = field(
+        default=0.0,
+        metadata=_help(
+            "On-policy distillation (GKD): the fraction of batches whose responses the student "
+            "generates from the batch's prompts; the teacher scores them and the loss covers the "
+            "generated tokens only (0: the dataset's responses, off-policy)."
+        ),
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata=_help(
+            "Sequence-level KD: the teacher generates the responses of the batches the student "
+            "does not (--lmbda)."
+        ),
+    )
+    max_new_tokens: int = field(
+        default=128, metadata=_help("Tokens a generated response may have at most.")
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata=_help(
+            "Sampling temperature of generated responses (1: the model's own distribution; "
+            "0: greedy)."
+        ),
+    )
+    top_p: float = field(
+        default=1.0, metadata=_help("Nucleus sampling of generated responses (1: off).")
+    )
+    eval_on_policy: bool | None = field(
+        default=None,
+        metadata=_help(
+            "Also evaluate on the student's own sampled completions of the held-out prompts: "
+            "the teacher's mean NLL of them and the reverse KL there (default: when the run "
+            "generates, --lmbda > 0 or --seq_kd)."
+        ),
+    )
+
     # ----------------------------------------------------------------------------------------
     @property
     def loss_spec(self) -> LossSpec:
         return LossSpec(self.loss, self.temperature, self.alpha, self.jsd_beta, self.skew_alpha)
+
+    @property
+    def generates(self) -> bool:
+        """Whether training generates responses (--lmbda > 0 or --seq_kd)."""
+        return self.lmbda > 0 or self.seq_kd
+
+    @property
+    def measures_on_policy(self) -> bool:
+        """Whether the evaluation measures the student's own completions (--eval_on_policy)."""
+        return self.generates if self.eval_on_policy is None else self.eval_on_policy
 
     @property
     def mixed_precision(self) -> str:
@@ -517,8 +565,59 @@ class TrainConfig:
                 "--attn_implementation flash_attention_2 computes in fp16 or bf16 only: pass "
                 "--bf16 (or --fp16), or use sdpa."
             )
+        problems += self.generation_problems(command)
         if problems:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def generation_problems(self, command: str) -> list[str]:
+        """What keeps --lmbda, --seq_kd and --eval_on_policy from running as asked."""
+        problems = []
+        if not 0.0 <= self.lmbda <= 1.0:
+            problems.append(f"--lmbda must be in [0, 1] (got {self.lmbda}).")
+        if self.max_new_tokens < 1:
+            problems.append(f"--max_new_tokens must be at least 1 (got {self.max_new_tokens}).")
+        if self.generation_temperature < 0:
+            problems.append(
+                f"--generation_temperature must be >= 0 (got {self.generation_temperature}; "
+                "0 is greedy)."
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"--top_p must be in (0, 1] (got {self.top_p}; 1 turns it off).")
+        generating = [
+            flag
+            for flag, on in (("--lmbda", self.lmbda > 0), ("--seq_kd", self.seq_kd),
+                             ("--eval_on_policy", self.eval_on_policy))
+            if on
+        ]  # fmt: skip
+        if not generating:
+            return problems
+        flags = " and ".join(generating)
+        if command == "cache-teacher":
+            problems.append(
+                f"{flags} generate responses while training; a cache stores the teacher's "
+                "distributions of the dataset's responses: drop them from cache-teacher."
+            )
+        elif self.teacher_cache:
+            problems.append(
+                f"{flags} need the teacher to score responses the models write, which no "
+                "--teacher_cache holds: pass --teacher_model instead of --teacher_cache."
+            )
+        if self.alpha == 1.0:
+            problems.append(
+                f"--alpha 1 trains on the ground truth alone and loads no teacher to score "
+                f"generated responses: lower --alpha or drop {flags}."
+            )
+        if self.packing:
+            problems.append(
+                f"{flags} generate a response per example from its prompt; --packing joins "
+                "examples into blocks: drop --packing."
+            )
+        if self.train_on_prompt:
+            problems.append(
+                f"{flags} train on the generated responses only; --train_on_prompt would hide "
+                "where each prompt ends: drop --train_on_prompt."
+            )
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

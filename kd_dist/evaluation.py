@@ -45,6 +45,7 @@ from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.data.parallel import tokenize_first
 from kd_dist.engine import accelerator_session, deepspeed_launch
+from kd_dist.generation import Sampling, check_prompts, generated_batches, sampling_settings
 from kd_dist.losses import (
     TopKTeacher,
     logit_chunks,
@@ -71,8 +72,14 @@ logger = logging.getLogger("kd_dist")
 
 # Per-example sums, in this order; the metrics are ratios of their totals. Without a teacher its
 # three columns stay 0 (never computed) and its metrics are reported as None.
-METRIC_SUMS = ("student_ce", "teacher_ce", "kl", "agreement", "tokens")
-TEACHER_KEYS = ("teacher_ce", "teacher_ppl", "kl_to_teacher", "top1_agreement")
+METRIC_SUMS = ("student_ce", "teacher_ce", "kl", "reverse_kl", "agreement", "tokens")
+TEACHER_KEYS = (
+    "teacher_ce",
+    "teacher_ppl",
+    "kl_to_teacher",
+    "reverse_kl_to_teacher",
+    "top1_agreement",
+)
 # The keys of ``evaluate``'s result.
 METRIC_KEYS = (
     "student_ce",
@@ -80,9 +87,14 @@ METRIC_KEYS = (
     "teacher_ce",
     "teacher_ppl",
     "kl_to_teacher",
+    "reverse_kl_to_teacher",
     "top1_agreement",
     "tokens",
 )
+# ``evaluate_on_policy``'s keys (--eval_on_policy): the teacher's mean NLL of the student's own
+# sampled completions of the held-out prompts, the reverse KL(student || teacher) on them, and
+# their number of tokens.
+ON_POLICY_KEYS = ("on_policy_teacher_nll", "on_policy_reverse_kl", "on_policy_tokens")
 
 
 def row_metrics(
@@ -92,8 +104,9 @@ def row_metrics(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """[C, V] fp32 student logits, the teacher's [C, V] fp32 logits (or its cached top-k rows)
-    and [C] labels -> [C, 4]: student NLL, teacher NLL, KL(teacher || student) and top-1
-    agreement (0/1) of each row; no teacher (None) -> [C, 1], the student NLL alone.
+    and [C] labels -> [C, 5]: student NLL, teacher NLL, KL(teacher || student), KL(student ||
+    teacher) and top-1 agreement (0/1) of each row; no teacher (None) -> [C, 1], the student
+    NLL alone.
 
     Against cached rows, the KL is over their k + 1 outcomes at the cache's ``temperature``
     (``top_k_outcomes``), the teacher's NLL is not known (0 here, None in the metrics), and its
@@ -111,6 +124,7 @@ def row_metrics(
                 student_nll,
                 torch.zeros_like(student_nll),
                 plogx(log_p_bar.exp(), log_p_bar - log_q_bar),
+                plogx(log_q_bar.exp(), log_q_bar - log_p_bar),
                 (student_logits.argmax(-1) == teacher.ids[:, 0]).float(),
             ],
             dim=-1,
@@ -121,6 +135,7 @@ def row_metrics(
             student_nll,
             -log_p.gather(-1, labels[:, None]).squeeze(-1),
             plogx(p, log_p - log_q),
+            plogx(log_q.exp(), log_q - log_p),
             (student_logits.argmax(-1) == teacher.argmax(-1)).float(),
         ],
         dim=-1,
@@ -139,7 +154,7 @@ def batch_sums(
     fused: bool = True,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """[B, 5] float64 sums of one batch's examples, in METRIC_SUMS order. ``fused``: project
+    """[B, 6] float64 sums of one batch's examples, in METRIC_SUMS order. ``fused``: project
     hidden states chunk by chunk (--fused_loss; the teacher's signal was made alike), else chunk
     the models' own logits; the student's are projected in ``compute_dtype``, as in training
     (``projection_input``). The metrics' math is fp32 either way. No teacher (None): the
@@ -154,7 +169,7 @@ def batch_sums(
     s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
     if fused:
         s = projection_input(s, compute_dtype)
-    row_sums = torch.zeros(mask.shape[0], 4, dtype=torch.float64, device=mask.device)
+    row_sums = torch.zeros(mask.shape[0], 5, dtype=torch.float64, device=mask.device)
     # Under ZeRO-3 the output weights are shards: gathered while the chunks are projected.
     layers = [student.get_output_embeddings(), *(teacher.output_layers if teacher else [])]
     weights = [p for layer in layers for p in layer.parameters()] if fused else []
@@ -178,7 +193,7 @@ def batch_sums(
                 values = row_metrics(
                     student_logits[part], teacher_part, labels[rows][part], temperature
                 )
-                # [B, 4], or its first column without a teacher (a view: added in place)
+                # [B, 5], or its first column without a teacher (a view: added in place)
                 row_sums[:, : values.shape[1]].index_add_(
                     0, example_of_row[rows][part], values.double()
                 )
@@ -188,7 +203,7 @@ def batch_sums(
 def metrics_from_sums(
     sums: torch.Tensor, with_teacher: bool = True, teacher_ce: bool = True
 ) -> dict[str, float | None]:
-    """Means over all valid tokens from the [5] totals (an empty set gives zeros, not NaN);
+    """Means over all valid tokens from the [6] totals (an empty set gives zeros, not NaN);
     ``with_teacher=False``: the teacher's metrics are None (there was none to measure);
     ``teacher_ce=False``: its cross-entropy and perplexity are (a cache does not keep them)."""
     totals = dict(zip(METRIC_SUMS, sums.tolist(), strict=True))
@@ -202,7 +217,9 @@ def metrics_from_sums(
     }
     if with_teacher:
         metrics.update(
-            kl_to_teacher=totals["kl"] / tokens, top1_agreement=totals["agreement"] / tokens
+            kl_to_teacher=totals["kl"] / tokens,
+            reverse_kl_to_teacher=totals["reverse_kl"] / tokens,
+            top1_agreement=totals["agreement"] / tokens,
         )
     if with_teacher and teacher_ce:
         teacher_ce_value = totals["teacher_ce"] / tokens
@@ -239,7 +256,7 @@ def evaluate(
     ``student`` and ``teacher`` are the models themselves (not DDP/DeepSpeed wrappers), or the
     teacher's signal (a ``CachedTeacher``: its batches carry the cached rows); no teacher (None,
     --alpha 1) gives the student's metrics and None for the teacher's;
-    ``autocast`` is entered around their forwards; ``gather`` collects every rank's [B, 5]
+    ``autocast`` is entered around their forwards; ``gather`` collects every rank's [B, 6]
     per-example sums and drops padding duplicates (``accelerator.gather_for_metrics``);
     ``compute_dtype`` is the run's mixed precision (``precision_dtype``), which the fused path
     projects the student's hidden states in.
@@ -265,6 +282,29 @@ def evaluate(
     return metrics_from_sums(
         totals, with_teacher=teacher is not None, teacher_ce=not isinstance(teacher, CachedTeacher)
     )
+
+
+def evaluate_on_policy(
+    accelerator: Accelerator,
+    student: torch.nn.Module,
+    teacher: PreTrainedModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    sampling: Sampling,
+    seed: int,
+    **options: Any,
+) -> dict[str, float | None]:
+    """--eval_on_policy: how the teacher judges what the student writes itself. The student
+    (as prepared: under ZeRO-3 it is gathered for generation) samples a completion of each
+    held-out prompt of ``batches`` (seeded by ``seed``, the batch and the rank, so every
+    evaluation samples alike); the teacher scores those tokens: its mean NLL of them (lower: the
+    teacher finds them likelier) and the reverse KL(student || teacher) at those positions, over
+    every rank's completions. ``options``: ``evaluate``'s keyword arguments."""
+    generated = generated_batches(
+        accelerator, student, batches, sampling, seed, options["task_type"] == "causal"
+    )
+    metrics = evaluate(accelerator.unwrap_model(student), teacher, generated, **options)
+    values = (metrics["teacher_ce"], metrics["reverse_kl_to_teacher"], metrics["tokens"])
+    return dict(zip(ON_POLICY_KEYS, values, strict=True))
 
 
 def eval_loader(
@@ -302,6 +342,7 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
         tokenizer = load_tokenizer(cfg)
         check_models(cfg, tokenizer)
         data = build_datasets(cfg, tokenizer, main_process_first=tokenize_first(cfg, accelerator))
+        check_prompts(cfg, data.format)
         examples = data.eval
         if examples is None:
             logger.warning(
@@ -318,18 +359,22 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
             cfg.student_model, cfg.teacher_model, len(examples), data.format,
         )  # fmt: skip
         models = load_models(cfg, tokenizer)
-        return evaluate(
-            models.student.to(accelerator.device),
-            models.teacher.to(accelerator.device),
-            eval_loader(accelerator, examples, cfg.batch_size, make_collator(tokenizer)),
-            task_type=cfg.task_type,
-            vocab_size=len(tokenizer),
+        student = models.student.to(accelerator.device)
+        teacher = models.teacher.to(accelerator.device)
+        batches = eval_loader(accelerator, examples, cfg.batch_size, make_collator(tokenizer))
+        options = dict(
+            task_type=cfg.task_type, vocab_size=len(tokenizer),
             chunk_rows=cfg.chunk_rows(len(tokenizer), accelerator.device, precision_dtype(cfg)),
-            autocast=accelerator.autocast,
-            gather=accelerator.gather_for_metrics,
-            fused=cfg.fused_loss,
-            compute_dtype=precision_dtype(cfg),
-        )
+            autocast=accelerator.autocast, gather=accelerator.gather_for_metrics,
+            fused=cfg.fused_loss, compute_dtype=precision_dtype(cfg),
+        )  # fmt: skip
+        metrics = evaluate(student, teacher, batches, **options)
+        if cfg.measures_on_policy:
+            sampling = sampling_settings(cfg, tokenizer, data.end_of_turn_id)
+            metrics |= evaluate_on_policy(
+                accelerator, student, teacher, batches, sampling, cfg.seed, **options
+            )
+        return metrics
 
 
 def json_safe(record: dict[str, Any]) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def eval_metrics(record: dict) -> dict[str, float]:
     """An evaluation record's metrics without their ``eval_`` prefix (``evaluate``'s keys)."""
-    return {key: record[f"eval_{key}"] for key in METRIC_KEYS}
+    return {key: record.get(f"eval_{key}") for key in METRIC_KEYS}  # (older runs: fewer keys)
 
 
 def _plot(plt: Any, path: Path, title: str, ylabel: str, series: dict, **options: Any) -> None:

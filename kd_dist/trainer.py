@@ -65,7 +65,14 @@ from kd_dist.engine import (
     partitioned_loading,
     place_teacher,
 )
-from kd_dist.evaluation import eval_loader, evaluate, json_safe
+from kd_dist.evaluation import eval_loader, evaluate, evaluate_on_policy, json_safe
+from kd_dist.generation import (
+    DatasetResponses,
+    GeneratedResponses,
+    ResponseSource,
+    check_prompts,
+    sampling_settings,
+)
 from kd_dist.losses import (
     IGNORE_INDEX,
     LossOutput,
@@ -575,6 +582,7 @@ def prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> RunData:
             data.summary(),
             data.example,
         )
+    check_prompts(cfg, data.format)
     fingerprint = content_fingerprint(data.train)
     cache = open_cache(cfg, tokenizer, data, fingerprint) if cfg.teacher_cache else None
     cache_id = None if cache is None else cache_identity(cache.manifest)
@@ -615,6 +623,7 @@ class RunModels:
     optimizer: torch.optim.Optimizer
     train_loader: DataLoader
     micro_step: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    responses: ResponseSource  # the dataset's, or generated (--lmbda, --seq_kd)
     chunk_rows: int
     fused: bool
     steps_per_epoch: int
@@ -664,8 +673,16 @@ def prepare_models(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> 
     else:
         signal = StudentAsTeacher(accelerator.unwrap_model(student), fused)
     micro_step = make_micro_step(cfg, accelerator, student, signal, vocab_size, chunk_rows, fused)
-    return RunModels(student, teacher, optimizer, train_loader, micro_step, chunk_rows, fused,
-                     steps_per_epoch, planned_steps(cfg, steps_per_epoch))  # fmt: skip
+    responses: ResponseSource = DatasetResponses()
+    if cfg.generates:
+        responses = GeneratedResponses(
+            accelerator, student, teacher,
+            sampling_settings(cfg, run.tokenizer, run.data.end_of_turn_id), lmbda=cfg.lmbda,
+            seq_kd=cfg.seq_kd, seed=cfg.seed, causal=cfg.task_type == "causal",
+        )  # fmt: skip
+    return RunModels(student, teacher, optimizer, train_loader, micro_step, responses,
+                     chunk_rows, fused, steps_per_epoch,
+                     planned_steps(cfg, steps_per_epoch))  # fmt: skip
 
 
 def make_evaluator(
@@ -688,13 +705,26 @@ def make_evaluator(
             "--teacher_cache %s holds no eval split and no --teacher_model is given: the "
             "evaluation measures the student alone.", run.cache.folder,
         )  # fmt: skip
-    return functools.partial(
-        evaluate, accelerator.unwrap_model(models.student), signal,
-        eval_loader(accelerator, examples, cfg.batch_size, collate),
+    batches = eval_loader(accelerator, examples, cfg.batch_size, collate)
+    options = dict(
         task_type=cfg.task_type, vocab_size=len(run.tokenizer), chunk_rows=models.chunk_rows,
         gather=accelerator.gather_for_metrics, fused=models.fused,
         compute_dtype=precision_dtype(cfg), autocast=accelerator.autocast,
     )  # fmt: skip
+    student = accelerator.unwrap_model(models.student)
+    if not cfg.measures_on_policy:
+        return functools.partial(evaluate, student, signal, batches, **options)
+    sampling = sampling_settings(cfg, run.tokenizer, run.data.end_of_turn_id)
+
+    def evaluate_both() -> dict[str, float | None]:
+        return {
+            **evaluate(student, signal, batches, **options),
+            **evaluate_on_policy(
+                accelerator, models.student, models.teacher, batches, sampling, cfg.seed, **options
+            ),
+        }
+
+    return evaluate_both
 
 
 def restore_state(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> TrainerState:
@@ -776,11 +806,15 @@ def train_steps(
                 break
             step = state.global_step + 1  # 1-based, as logged
             faults.trace_examples(step, state.epoch, window, causal)
-            if step_counts is None:  # an epoch's first step: no step before it counted it
+            # --lmbda / --seq_kd: generated responses replace the dataset's (on every rank the
+            # same micro-batches), so this step's tokens are counted after them.
+            window = models.responses.fill(window, step)
+            if step_counts is None:  # an epoch's first step, or a generated window
                 step_counts = accelerator.reduce(
                     local_counts(window, causal, accelerator.device), reduction="sum"
                 )
             # Set before the backward passes: DeepSpeed steps inside the window's last one.
+            counted_ahead = None if models.responses.generates else upcoming
             learning_rate = learning_rate_at(state.global_step, cfg, total_steps)
             for group in models.optimizer.param_groups:
                 group["lr"] = learning_rate
@@ -792,10 +826,10 @@ def train_steps(
             faults.after_step(step)  # injected signals and hangs land before the agreement
             report = agree_on_step(
                 accelerator, step_counts, sums, skipped,
-                next_counts=local_counts(upcoming, causal, accelerator.device),
+                next_counts=local_counts(counted_ahead, causal, accelerator.device),
                 grad_norm=grad_norm, preempted=preemption.received is not None,
             )  # fmt: skip
-            step_counts = report.next_counts
+            step_counts = None if models.responses.generates else report.next_counts
             take_step(cfg, accelerator, models.optimizer, state, report, step, len(window))
             progress.update(1)
 
@@ -808,6 +842,7 @@ def train_steps(
                 metrics.log(
                     step=state.global_step, epoch=state.epoch, loss=last_loss, kd_loss=kd,
                     ce_loss=ce, lr=learning_rate, grad_norm=report.grad_norm,
+                    **models.responses.report(),
                 )  # fmt: skip
             if evaluate_now and cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
                 eval_metrics = metrics.log_eval(state.global_step, state.epoch, evaluate_now)

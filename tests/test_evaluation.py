@@ -32,8 +32,8 @@ def reference_metrics(student, teacher, batches, vocab_size: int, causal: bool) 
     """The metrics by their definition, on full float64 logits of float64 copies of the models.
 
     Over every label position that is not -100 (causal: position t predicts label t+1):
-    cross-entropy -log q(label), KL(p || q) = sum_v p_v (log p_v - log q_v) at T=1, and
-    argmax q == argmax p; the logits are cut to the tokenizer's vocabulary first.
+    cross-entropy -log q(label), KL(p || q) = sum_v p_v (log p_v - log q_v) at T=1, its reverse
+    KL(q || p), and argmax q == argmax p; the logits are cut to the tokenizer's vocabulary first.
     """
     student, teacher = (copy.deepcopy(m).double().eval() for m in (student, teacher))
 
@@ -50,7 +50,7 @@ def reference_metrics(student, teacher, batches, vocab_size: int, causal: bool) 
 def metrics_of_logits(batches, logits, vocab_size: int, causal: bool) -> dict:
     """The metrics (as above) of the student and teacher logits ``logits(batch)`` returns, in
     float64 whatever their dtype."""
-    sums = dict(student_ce=0.0, teacher_ce=0.0, kl=0.0, agreement=0.0, tokens=0)
+    sums = dict(student_ce=0.0, teacher_ce=0.0, kl=0.0, reverse_kl=0.0, agreement=0.0, tokens=0)
     for batch in batches:
         s, t = (values[..., :vocab_size].double() for values in logits(batch))
         labels = batch["labels"]
@@ -62,6 +62,7 @@ def metrics_of_logits(batches, logits, vocab_size: int, causal: bool) -> dict:
         sums["student_ce"] -= log_q.gather(-1, labels[:, None]).sum().item()
         sums["teacher_ce"] -= log_p.gather(-1, labels[:, None]).sum().item()
         sums["kl"] += (log_p.exp() * (log_p - log_q)).sum().item()
+        sums["reverse_kl"] += (log_q.exp() * (log_q - log_p)).sum().item()
         sums["agreement"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
         sums["tokens"] += int(valid.sum())
     n = sums["tokens"]
@@ -69,6 +70,7 @@ def metrics_of_logits(batches, logits, vocab_size: int, causal: bool) -> dict:
         "student_ce": sums["student_ce"] / n,
         "teacher_ce": sums["teacher_ce"] / n,
         "kl_to_teacher": sums["kl"] / n,
+        "reverse_kl_to_teacher": sums["reverse_kl"] / n,
         "top1_agreement": sums["agreement"] / n,
         "tokens": n,
     }
@@ -100,7 +102,8 @@ def bf16_reference(student, teacher, batches, vocab_size: int, projection: torch
 def assert_metrics_match(actual: dict, expected: dict) -> None:
     assert set(actual) == set(METRIC_KEYS)
     assert actual["tokens"] == expected["tokens"]
-    for key in ("student_ce", "teacher_ce", "kl_to_teacher", "top1_agreement"):
+    for key in ("student_ce", "teacher_ce", "kl_to_teacher", "reverse_kl_to_teacher",
+                "top1_agreement"):  # fmt: skip
         assert actual[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
     assert actual["student_ppl"] == pytest.approx(math.exp(expected["student_ce"]), rel=1e-4)
 

@@ -1,0 +1,348 @@
+"""Responses the models write themselves: on-policy distillation and sequence-level KD.
+
+Off-policy distillation trains the student on the dataset's responses, text it will never write
+itself. With --lmbda a share of the batches is answered by the student instead (GKD, Agarwal et
+al. 2024; MiniLLM): its own completions of the batch's prompts, which the teacher then scores
+like any other batch. With --seq_kd the teacher writes the other batches' responses (Kim & Rush
+2016). Either way a generated batch has the layout of a tokenized one (``prompt + completion``,
+labels on the completion only), so that the teacher's forward, the fused loss, the token
+normalisation and the evaluation read it unchanged.
+
+- The prompt of a causal example is every token before its last response (the last trained
+  span): for chat data the template's rendering of the earlier turns with its generation prompt,
+  for instruction data the rendered instruction. A seq2seq example's prompt is its source.
+- A completion ends with its first stop token (eos, or the chat template's end of turn), which is
+  trained on, so that the student learns to stop; a row with nothing to train on (accelerate's
+  repeated examples, a masked batch) keeps nothing to train on, and an empty completion adds no
+  token: its loss is an exact 0, never NaN.
+- Which batches are generated, and the sampling, are functions of (--seed, step, micro-batch,
+  rank), drawn from their own RNG: a resumed run regenerates exactly what the interrupted one
+  would have, and dropout's stream is untouched. The choice of batch does not depend on the
+  rank, so that every rank generates together (ZeRO-3's gathers are collectives).
+- Generation runs the unwrapped model in eval mode (no dropout) with its KV cache. A ZeRO-3
+  student is gathered once per optimizer step and generates without ZeRO's per-module hooks
+  (DeepSpeed's ``unwrap_model_for_generation``); a ZeRO-3-sharded teacher, which need not fit on
+  one device, generates with its shards gathered layer by layer (``synced_gpus``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from deepspeed import DeepSpeedEngine
+from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from kd_dist.config import ConfigError, TrainConfig
+from kd_dist.data.collate import pad
+from kd_dist.losses import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are sampled: --max_new_tokens, --generation_temperature, --top_p."""
+
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    stop_ids: tuple[int, ...]  # eos, and the chat template's end of turn
+    pad_id: int
+    vocab_size: int  # the tokenizer's: rows of a padded embedding beyond it are never sampled
+
+    def generation_config(self) -> GenerationConfig:
+        """Every sampling setting explicit: a checkpoint's generation_config (its top_k,
+        temperature, repetition penalty) would otherwise change what the model samples, and
+        on-policy distillation needs samples of the student's own distribution."""
+        sampled = self.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sampled,
+            temperature=self.temperature if sampled else None,
+            top_p=self.top_p if sampled else None,
+            top_k=0 if sampled else None,
+            repetition_penalty=1.0,
+            eos_token_id=list(self.stop_ids),
+            pad_token_id=self.pad_id,
+            use_cache=True,
+        )
+
+
+class TokenizerVocabulary(LogitsProcessor):
+    """Only the tokenizer's tokens can be generated: the extra rows a checkpoint pads its
+    embedding with (Qwen2, Llama-3, ...) get a zero probability, as the loss gives them."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.index_fill(
+            -1, torch.arange(self.vocab_size, scores.shape[-1], device=scores.device), -math.inf
+        )
+
+
+def prompt_lengths(labels: torch.Tensor, lengths: torch.Tensor) -> list[int | None]:
+    """Causal rows ([B, L] labels, [B] real lengths): the length of each row's prompt, every
+    token before its last trained span; None for a row with nothing trained, or no prompt."""
+    prompts: list[int | None] = []
+    for row, length in zip(labels.tolist(), lengths.tolist(), strict=True):
+        trained = [i for i in range(length) if row[i] != IGNORE_INDEX]
+        start = trained[-1] if trained else 0
+        while start > 0 and row[start - 1] != IGNORE_INDEX:
+            start -= 1
+        prompts.append(start or None)
+    return prompts
+
+
+def completion(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    """A generated row up to and including its first stop token; a row that never stopped
+    fills --max_new_tokens (generate pads a row only after its stop)."""
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: index + 1]
+    return tokens
+
+
+@torch.no_grad()
+def generate_responses(
+    model: PreTrainedModel,
+    batch: Batch,
+    sampling: Sampling,
+    seed: int,
+    causal: bool,
+    sharded: bool = False,
+) -> Batch:
+    """``batch`` with its responses replaced by ``model``'s completions of its prompts, in the
+    layout of a tokenized batch: right-padded, labels on the completions only (a row with
+    nothing trained keeps nothing trained). ``model`` is unwrapped and in eval mode; the
+    sampling draws from the RNG seeded with ``seed``, and leaves the global RNG as it was."""
+    device = batch["input_ids"].device
+    # A ZeRO-3-sharded model gathers each layer's weights from every rank at each of its
+    # forwards (synced_gpus): every rank runs as many as the longest generation needs.
+    options = {
+        "generation_config": sampling.generation_config(),
+        "synced_gpus": sharded,
+        "logits_processor": LogitsProcessorList([TokenizerVocabulary(sampling.vocab_size)]),
+    }
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if not causal:  # the source is the prompt; the decoder writes the completion
+            out = model.generate(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **options
+            )
+            trained = (batch["labels"] != IGNORE_INDEX).any(1).tolist()
+            labels = [
+                completion(tokens, sampling.stop_ids) if keep else [IGNORE_INDEX]
+                for tokens, keep in zip(out[:, 1:].tolist(), trained, strict=True)  # after start
+            ]
+            return {**batch, "labels": pad(labels, IGNORE_INDEX).to(device)}
+
+        lengths = batch["attention_mask"].sum(1).tolist()
+        starts = prompt_lengths(batch["labels"], batch["attention_mask"].sum(1))
+        # A row with nothing trained is generated for too (from its whole text), and masked.
+        prompts = [
+            row[: start or length]
+            for row, start, length in zip(batch["input_ids"].tolist(), starts, lengths, strict=True)
+        ]
+        width = max(len(prompt) for prompt in prompts)
+        # Left-padded [B, width]: generation continues every row from its last real token.
+        left = torch.full((len(prompts), width), sampling.pad_id, dtype=torch.long)
+        left_mask = torch.zeros_like(left)
+        for i, prompt in enumerate(prompts):
+            left[i, width - len(prompt) :] = torch.as_tensor(prompt)
+            left_mask[i, width - len(prompt) :] = 1
+        out = model.generate(
+            input_ids=left.to(device), attention_mask=left_mask.to(device), **options
+        )
+    rows, labels = [], []
+    for prompt, start, tokens in zip(prompts, starts, out[:, width:].tolist(), strict=True):
+        written = completion(tokens, sampling.stop_ids)
+        rows.append(prompt + written)
+        labels.append(
+            [IGNORE_INDEX] * len(prompt) + (written if start else [IGNORE_INDEX] * len(written))
+        )
+    generated = {
+        "input_ids": pad(rows, sampling.pad_id),
+        "attention_mask": pad([[1] * len(row) for row in rows], 0),
+        "labels": pad(labels, IGNORE_INDEX),
+    }
+    return {key: value.to(device) for key, value in generated.items()}
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are ZeRO-3 partitions (a sharded teacher)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def generating(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[PreTrainedModel]:
+    """The unwrapped ``model`` (as prepared: DDP or DeepSpeed) in eval mode, under the run's
+    autocast. A ZeRO-3 student is gathered whole once, and generates without ZeRO's
+    per-module hooks: a gather per layer and per generated token would be the bottleneck."""
+    module = accelerator.unwrap_model(model)
+    zero3 = isinstance(model, DeepSpeedEngine) and model.zero_optimization_stage() == 3
+    was_training = module.training
+    module.eval()
+    try:
+        with (
+            unwrap_model_for_generation(model) if zero3 else contextlib.nullcontext(),
+            accelerator.autocast(),
+        ):
+            yield module
+    finally:
+        module.train(was_training)
+
+
+def sample_seed(*parts: object) -> int:
+    """A seed for one generation, a pure function of ``parts`` (the run's seed, the step, the
+    micro-batch, the rank): a resumed run samples exactly what the interrupted one would."""
+    return random.Random(":".join(map(str, parts))).getrandbits(63)
+
+
+class ResponseSource(Protocol):
+    """Where each micro-batch's responses come from: the dataset, or the models."""
+
+    generates: bool  # whether the labels of a batch may change here (tokens are counted after)
+
+    def fill(self, window: list[Batch], step: int) -> list[Batch]:
+        """The optimizer step's micro-batches, their responses written where they should be."""
+        ...
+
+    def report(self) -> dict[str, float]:
+        """Generation figures since the last report, for metrics.jsonl (empty: none)."""
+        ...
+
+
+class DatasetResponses:
+    """Off-policy distillation: every batch keeps the dataset's responses."""
+
+    generates = False
+
+    def fill(self, window: list[Batch], step: int) -> list[Batch]:
+        return window
+
+    def report(self) -> dict[str, float]:
+        return {}
+
+
+@dataclass
+class GeneratedResponses:
+    """--lmbda and --seq_kd: a micro-batch's responses are the student's completions with
+    probability --lmbda, else the teacher's under --seq_kd, else the dataset's."""
+
+    accelerator: Accelerator
+    student: torch.nn.Module  # as prepared
+    teacher: PreTrainedModel | None  # needed for --seq_kd; replicated or ZeRO-3-sharded
+    sampling: Sampling
+    lmbda: float
+    seq_kd: bool
+    seed: int
+    causal: bool
+    generates = True
+    tokens: int = 0  # generated (trained) tokens on this rank since the last report
+    seconds: float = 0.0
+
+    def writer(self, step: int, index: int) -> str | None:
+        """Who writes micro-batch ``index`` of step ``step``: "student", "teacher" or None (the
+        dataset). The same on every rank: a rank that generates alone would wait forever for
+        the others in a ZeRO-3 gather."""
+        if random.Random(f"lmbda:{self.seed}:{step}:{index}").random() < self.lmbda:
+            return "student"
+        return "teacher" if self.seq_kd else None
+
+    def fill(self, window: list[Batch], step: int) -> list[Batch]:
+        start = time.perf_counter()
+        writers = [self.writer(step, index) for index in range(len(window))]
+        filled = list(window)
+        if "student" in writers:  # gathered whole under ZeRO-3: no per-layer gathers
+            with generating(self.accelerator, self.student) as student:
+                self.write(student, "student", writers, filled, step, sharded=False)
+        if "teacher" in writers:  # frozen, in eval mode already
+            with self.accelerator.autocast():
+                self.write(self.teacher, "teacher", writers, filled, step, is_sharded(self.teacher))
+        self.seconds += time.perf_counter() - start
+        return filled
+
+    def write(
+        self,
+        model: PreTrainedModel,
+        who: str,
+        writers: list[str | None],
+        filled: list[Batch],
+        step: int,
+        sharded: bool,
+    ) -> None:
+        """Replace the responses of the micro-batches ``who`` writes, in place in ``filled``."""
+        for index, writer in enumerate(writers):
+            if writer == who:
+                seed = sample_seed(self.seed, step, index, self.accelerator.process_index)
+                filled[index] = generate_responses(
+                    model, filled[index], self.sampling, seed, self.causal, sharded
+                )
+                self.tokens += int((filled[index]["labels"] != IGNORE_INDEX).sum())
+
+    def report(self) -> dict[str, float]:
+        record = {
+            "generated_tokens": self.tokens,
+            "generation_tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+            "generation_seconds": self.seconds,
+        }
+        self.tokens, self.seconds = 0, 0.0
+        return record
+
+
+def generated_batches(
+    accelerator: Accelerator,
+    student: torch.nn.Module,
+    batches: Iterable[Batch],
+    sampling: Sampling,
+    seed: int,
+    causal: bool,
+) -> Iterator[Batch]:
+    """The on-policy evaluation's batches: the student's own completions of ``batches``'
+    prompts, sampled from (seed, batch, rank)."""
+    for index, batch in enumerate(batches):
+        batch_seed = sample_seed("eval", seed, index, accelerator.process_index)
+        with generating(accelerator, student) as model:
+            generated = generate_responses(model, batch, sampling, batch_seed, causal)
+        yield generated  # outside: the student's ZeRO-3 hooks are back for the metrics' forward
+
+
+def sampling_settings(
+    cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, end_of_turn: int | None
+) -> Sampling:
+    """The run's sampling: a completion stops at eos or at the chat template's end of turn."""
+    stops = tuple(token for token in (tokenizer.eos_token_id, end_of_turn) if token is not None)
+    return Sampling(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.generation_temperature,
+        top_p=cfg.top_p, stop_ids=stops, pad_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+    )  # fmt: skip
+
+
+def check_prompts(cfg: TrainConfig, data_format: str) -> None:
+    """Generated responses need prompts: refuse plain text data (before any model loads)."""
+    if data_format != "text" or not (cfg.generates or cfg.measures_on_policy):
+        return
+    flags = [f for f, on in (("--lmbda", cfg.lmbda > 0), ("--seq_kd", cfg.seq_kd)) if on]
+    flags = flags or ["--eval_on_policy"]
+    raise ConfigError(
+        f"{' and '.join(flags)} generate responses to the dataset's prompts, and {cfg.dataset} "
+        "is plain text, which has none: use instruction, prompt/completion, chat or seq2seq "
+        "data (--dataset_format), or drop them."
+    )
