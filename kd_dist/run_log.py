@@ -56,10 +56,14 @@ class MetricsLog:
         record["samples_per_s"] = self.samples / max(now - self.since, 1e-9)
         record["peak_memory_mb"] = peak_memory_mb(self.accelerator.device)
         self.tokens, self.samples, self.since = 0, 0, now
+        generation = {}
+        if "generation_tokens_per_s" in record:  # --lmbda / --seq_kd
+            generation["gen_tok_s"] = f"{record['generation_tokens_per_s']:.0f}"
         self.progress.set_postfix(
             loss=f"{record['loss']:.4f}",
             lr=f"{record['lr']:.2e}",
             tok_s=f"{record['tokens_per_s']:.0f}",
+            **generation,
         )
         self._write(record)
 
@@ -100,12 +104,19 @@ def _format_metrics(metrics: dict[str, float | None]) -> str:
     if not has_teacher(metrics):  # --alpha 1: no teacher was loaded to compare with
         return f"student ppl {metrics['student_ppl']:.3f} {tokens} (no teacher to compare with)"
     # A teacher cache keeps no teacher perplexity (format_metric shows n/a).
-    return (
+    line = (
         f"student ppl {metrics['student_ppl']:.3f} (teacher "
         f"{format_metric(metrics['teacher_ppl'], '.3f')}), "
         f"KL to teacher {metrics['kl_to_teacher']:.4f}, "
         f"top-1 agreement {metrics['top1_agreement']:.1%} {tokens}"
     )
+    if "on_policy_teacher_nll" in metrics:  # --eval_on_policy
+        line += (
+            f"; on the student's own completions: teacher NLL "
+            f"{metrics['on_policy_teacher_nll']:.4f}, reverse KL "
+            f"{metrics['on_policy_reverse_kl']:.4f} over {metrics['on_policy_tokens']} tokens"
+        )
+    return line
 
 
 def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
