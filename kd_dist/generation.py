@@ -214,6 +214,16 @@ def sample_seed(*parts: object) -> int:
     return random.Random(":".join(map(str, parts))).getrandbits(63)
 
 
+def response_writer(seed: int, step: int, index: int, lmbda: float, seq_kd: bool) -> str | None:
+    """Who writes micro-batch ``index`` of optimizer step ``step``: "student" (with probability
+    ``lmbda``), else "teacher" under --seq_kd, else None (the dataset). A function of the seed,
+    the step and the micro-batch, never of the rank: a rank that generated alone would wait
+    forever for the others in a ZeRO-3 gather."""
+    if random.Random(f"lmbda:{seed}:{step}:{index}").random() < lmbda:
+        return "student"
+    return "teacher" if seq_kd else None
+
+
 class ResponseSource(Protocol):
     """Where each micro-batch's responses come from: the dataset, or the models."""
 
@@ -257,17 +267,12 @@ class GeneratedResponses:
     tokens: int = 0  # generated (trained) tokens on this rank since the last report
     seconds: float = 0.0
 
-    def writer(self, step: int, index: int) -> str | None:
-        """Who writes micro-batch ``index`` of step ``step``: "student", "teacher" or None (the
-        dataset). The same on every rank: a rank that generates alone would wait forever for
-        the others in a ZeRO-3 gather."""
-        if random.Random(f"lmbda:{self.seed}:{step}:{index}").random() < self.lmbda:
-            return "student"
-        return "teacher" if self.seq_kd else None
-
     def fill(self, window: list[Batch], step: int) -> list[Batch]:
         start = time.perf_counter()
-        writers = [self.writer(step, index) for index in range(len(window))]
+        writers = [
+            response_writer(self.seed, step, index, self.lmbda, self.seq_kd)
+            for index in range(len(window))
+        ]
         filled = list(window)
         if "student" in writers:  # gathered whole under ZeRO-3: no per-layer gathers
             with generating(self.accelerator, self.student) as student:

@@ -149,6 +149,18 @@ BAD_INPUTS = {
     ),
     "temperature 0": BadInput("--temperature must be > 0 (got 0.0)", ("--temperature", "0")),
     "batch size 0": BadInput("--batch_size must be at least 1 (got 0)", ("--batch_size", "0")),
+    # On-policy distillation (--lmbda, --seq_kd): generation needs prompts and a live teacher.
+    "on-policy on plain text": BadInput("is plain text, which has none", ("--lmbda", "0.5")),
+    "lmbda beyond 1": BadInput("--lmbda must be in [0, 1] (got 1.5)", ("--lmbda", "1.5")),
+    "top_p 0": BadInput("--top_p must be in (0, 1]", ("--top_p", "0")),
+    "on-policy from a cache": BadInput(
+        "pass --teacher_model instead of --teacher_cache",
+        ("--lmbda", "1", "--teacher_cache", "/nonexistent/cache"),
+    ),
+    "sequence-level KD without a teacher": BadInput(
+        "--alpha 1 trains on the ground truth alone", ("--seq_kd", "--alpha", "1")
+    ),
+    "on-policy packed": BadInput("drop --packing", ("--lmbda", "1", "--packing")),
 }
 
 

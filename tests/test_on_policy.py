@@ -1,0 +1,317 @@
+"""On-policy distillation (--lmbda) and sequence-level KD (--seq_kd) on tiny real models (CPU):
+the prompts and the masks of generated batches, one training step against a float64 reference
+written from the definition, λ = 0 as today's run, empty generations, exact resume, and the
+refusals that come before any model loads."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from kd_dist.cli import main
+from kd_dist.config import TrainConfig
+from kd_dist.data import build_datasets, make_collator
+from kd_dist.faults import FAULT_ENV
+from kd_dist.generation import (
+    Sampling,
+    completion,
+    generate_responses,
+    prompt_lengths,
+    response_writer,
+)
+from kd_dist.losses import IGNORE_INDEX
+from kd_dist.tiny import build_model
+from tests.test_evaluation import documented_keys, saved_tokenizer
+from tests.test_train import train_args
+
+ONE_SGD_STEP = ["--optimizer", "sgd", "--max_steps", "1", "--clip_grad_norm", "0",
+                "--warmup_ratio", "0", "--lr_scheduler", "constant", "--learning_rate", "0.5",
+                "--save_every", "0", "--no-compile_loss"]  # fmt: skip
+
+
+def test_a_prompt_is_every_token_before_the_last_response():
+    """Causal rows: the prompt ends where the last trained span starts (earlier answers of a
+    conversation stay in it); a row with nothing trained, or trained from its first token, has
+    none."""
+    X = IGNORE_INDEX
+    labels = torch.tensor([
+        [X, X, 5, 6, X, X, 9, 10, X],  # two answers, padding after
+        [X, X, X, X, X, X, X, X, X],  # nothing trained (a repeated or masked example)
+        [3, 4, 5, X, X, X, X, X, X],  # trained from the start: no prompt
+        [X, 7, 8, 9, 9, 9, 9, 9, 9],  # one answer to the end
+    ])  # fmt: skip
+    lengths = torch.tensor([8, 6, 3, 9])
+    assert prompt_lengths(labels, lengths) == [6, None, None, 1]
+    assert completion([4, 2, 9, 2], stop_ids=(2,)) == [4, 2]
+    assert completion([2, 5], stop_ids=(2,)) == [2]  # stopped at once: the stop is trained on
+    assert completion([4, 5, 6], stop_ids=(2, 7)) == [4, 5, 6]  # never stopped: all of it
+
+
+def test_a_chat_prompt_is_the_template_with_its_generation_prompt(tokenizer, sentences, tmp_path):
+    """The prompt cut from a tokenized conversation is exactly what the chat template renders
+    for its earlier turns with the generation prompt (here the plain template kd_dist gives a
+    tokenizer that has none)."""
+    rows = [{"conversations": [{"from": "human", "value": s[:12]}, {"from": "gpt", "value": s},
+                               {"from": "human", "value": s[-9:]}, {"from": "gpt", "value": s[:7]}]}
+            for s in sentences[:4]]  # fmt: skip
+    dataset = tmp_path / "chat.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    local = saved_tokenizer_copy(tokenizer)
+    cfg = TrainConfig(dataset=str(dataset), max_length=128)
+    data = build_datasets(cfg, local)
+    batch = make_collator(local)([data.train[i] for i in range(len(data.train))])
+    starts = prompt_lengths(batch["labels"], batch["attention_mask"].sum(1))
+    assert len(starts) == len(rows)
+    for index, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        turns = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                 for t in row["conversations"][:-1]]  # fmt: skip
+        expected = local.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        assert local.decode(batch["input_ids"][index, :start]) == expected
+
+
+def saved_tokenizer_copy(tokenizer):
+    """A copy of the session's tokenizer with a pad token, as kd_dist's loader gives it one."""
+    local = copy.deepcopy(tokenizer)
+    local.pad_token = local.eos_token
+    return local
+
+
+def padded_vocab_student(tokenizer, family: str = "gpt2"):
+    """A tiny random student whose embedding has rows beyond the tokenizer's vocabulary (300
+    tokens, 320 rows), in eval mode as generation runs it."""
+    torch.manual_seed(0)
+    return build_model(family, tokenizer, "tiny").eval()
+
+
+def dolly_batch(tokenizer, dolly_dataset) -> dict[str, torch.Tensor]:
+    """Three tokenized instruction examples and a fourth with every label masked."""
+    local = saved_tokenizer_copy(tokenizer)
+    data = build_datasets(TrainConfig(dataset=str(dolly_dataset), max_length=40), local)
+    examples = [data.train[i] for i in range(4)]
+    examples[3] = {**examples[3], "labels": [IGNORE_INDEX] * len(examples[3]["labels"])}
+    return make_collator(local)(examples)
+
+
+def test_a_generated_batch_trains_on_its_completions_only(tokenizer, dolly_dataset):
+    """Each row keeps its prompt, then the student's completion: labels on the completion only,
+    up to its first stop token or --max_new_tokens; a row with nothing trained stays so; only
+    the tokenizer's tokens are sampled; the same seed samples the same, and the global RNG is
+    left as it was."""
+    model = padded_vocab_student(tokenizer)
+    assert model.get_output_embeddings().weight.shape[0] > len(tokenizer)
+    batch = dolly_batch(tokenizer, dolly_dataset)
+    sampling = Sampling(max_new_tokens=6, temperature=1.0, top_p=1.0,
+                        stop_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.eos_token_id,
+                        vocab_size=len(tokenizer))  # fmt: skip
+    rng_before = torch.get_rng_state()
+    generated = generate_responses(model, batch, sampling, seed=5, causal=True)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    starts = prompt_lengths(batch["labels"], batch["attention_mask"].sum(1))
+    lengths = generated["attention_mask"].sum(1).tolist()
+    for row in range(4):
+        start = starts[row] if starts[row] is not None else batch["attention_mask"][row].sum()
+        ids, labels = generated["input_ids"][row], generated["labels"][row]
+        assert torch.equal(ids[:start], batch["input_ids"][row, :start])  # the prompt, kept
+        written = ids[start : lengths[row]].tolist()
+        assert 1 <= len(written) <= 6
+        assert len(written) == 6 or written[-1] == tokenizer.eos_token_id
+        assert max(written) < len(tokenizer)
+        if row == 3:  # nothing trained before: nothing trained now
+            assert (labels == IGNORE_INDEX).all()
+        else:
+            assert (labels[:start] == IGNORE_INDEX).all()
+            assert labels[start : lengths[row]].tolist() == written
+        assert (labels[lengths[row] :] == IGNORE_INDEX).all()  # padding
+    again = generate_responses(model, batch, sampling, seed=5, causal=True)
+    other = generate_responses(model, batch, sampling, seed=6, causal=True)
+    assert all(torch.equal(again[k], generated[k]) for k in generated)
+    assert not torch.equal(other["input_ids"], generated["input_ids"])
+
+
+def test_a_seq2seq_batch_keeps_its_source_and_trains_on_the_generated_target(
+    tokenizer, pairs_dataset
+):
+    local = saved_tokenizer_copy(tokenizer)
+    cfg = TrainConfig(dataset=str(pairs_dataset), task_type="seq2seq", max_length=24)
+    data = build_datasets(cfg, local)
+    batch = make_collator(local)([data.train[i] for i in range(3)])
+    torch.manual_seed(0)
+    model = build_model("t5", local, "tiny").eval()
+    sampling = Sampling(max_new_tokens=5, temperature=1.0, top_p=0.9,
+                        stop_ids=(local.eos_token_id,), pad_id=local.pad_token_id,
+                        vocab_size=len(local))  # fmt: skip
+    generated = generate_responses(model, batch, sampling, seed=1, causal=False)
+    assert torch.equal(generated["input_ids"], batch["input_ids"])
+    assert torch.equal(generated["attention_mask"], batch["attention_mask"])
+    for labels in generated["labels"].tolist():
+        written = [token for token in labels if token != IGNORE_INDEX]
+        assert 1 <= len(written) <= 5 and max(written) < len(local)
+        assert len(written) == 5 or written[-1] == local.eos_token_id
+
+
+def test_which_batches_are_generated_depends_on_the_seed_and_step_not_the_rank():
+    """The choice is a function of (seed, step, micro-batch), never of the rank (ZeRO-3's
+    gathers are collectives), which a resumed run repeats; λ of the batches over a long run."""
+
+    def writers(lmbda: float, seq_kd: bool, seed: int = 1) -> list:
+        steps = ((step, index) for step in range(1, 501) for index in range(2))
+        return [response_writer(seed, step, index, lmbda, seq_kd) for step, index in steps]
+
+    half = writers(0.5, seq_kd=False)
+    assert half == writers(0.5, seq_kd=False)
+    assert half != writers(0.5, seq_kd=False, seed=2)
+    assert set(half) == {"student", None} and 0.45 < half.count("student") / 1000 < 0.55
+    assert set(writers(1.0, seq_kd=False)) == {"student"}
+    assert set(writers(0.0, seq_kd=True)) == {"teacher"}
+    mixed = writers(0.3, seq_kd=True)
+    assert set(mixed) == {"student", "teacher"} and 0.25 < mixed.count("student") / 1000 < 0.35
+
+
+def greedy_completion(model, prompt: list[int], vocab_size: int, eos: int, limit: int) -> list:
+    """The student's greedy continuation of one prompt, token by token, unpadded: up to and
+    including eos, at most ``limit`` tokens, over the tokenizer's tokens only."""
+    written: list[int] = []
+    with torch.no_grad():
+        while len(written) < limit and (not written or written[-1] != eos):
+            logits = model(input_ids=torch.tensor([prompt + written])).logits[0, -1, :vocab_size]
+            written.append(int(logits.argmax()))
+    return written
+
+
+def one_step_on_completions(
+    teacher_dir: str, student_dir: str, rows: list[tuple[list, list]], cfg: TrainConfig,
+    vocab_size: int,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The student after one SGD step (momentum's first is lr * gradient) on the loss by its
+    definition, in float64: over every completion token of every (prompt, completion) row,
+    (1 - alpha) * T^2 * KL(p_T || q_T) + alpha * (-log q(token)), summed and divided by the
+    number of completion tokens."""
+    student = AutoModelForCausalLM.from_pretrained(student_dir).double()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).double().eval()
+    T, total, tokens = cfg.temperature, 0.0, 0
+    for prompt, written in rows:
+        ids = torch.tensor([prompt + written])
+        # Position i predicts token i + 1: the completion's tokens are predicted from
+        # positions len(prompt) - 1 ... len(ids) - 2.
+        where = slice(len(prompt) - 1, ids.shape[1] - 1)
+        s = student(input_ids=ids).logits[0, where, :vocab_size]
+        with torch.no_grad():
+            t = teacher(input_ids=ids).logits[0, where, :vocab_size]
+        log_p, log_q = (t / T).log_softmax(-1), (s / T).log_softmax(-1)
+        kd = T**2 * (log_p.exp() * (log_p - log_q)).sum()
+        ce = -s.log_softmax(-1).gather(-1, torch.tensor(written)[:, None]).sum()
+        total = total + (1 - cfg.alpha) * kd + cfg.alpha * ce
+        tokens += len(written)
+    (total / tokens).backward()
+    return {name: p.detach() - cfg.learning_rate * p.grad for name, p in student.named_parameters()}
+
+
+@pytest.mark.parametrize(("writer", "flags"), [("student", ["--lmbda", "1"]),
+                                               ("teacher", ["--seq_kd"])])  # fmt: skip
+def test_one_step_is_the_float64_step_on_the_generated_completions(
+    writer, flags, model_pair, dolly_dataset, tmp_path
+):
+    """Greedy: one SGD step over all 64 examples lands where the float64 gradient of the loss
+    on the completions of their prompts says, the student's own (--lmbda 1) or the teacher's
+    (--seq_kd); the loss covers the generated tokens only (the prompts and the dataset's
+    responses add nothing) and is divided by their number. A padded vocabulary's extra rows
+    are never generated."""
+    teacher, student = model_pair("llama")  # no dropout
+    out = tmp_path / "run"
+    argv = train_args(teacher, student, dolly_dataset, out, *ONE_SGD_STEP, "--batch_size", "64",
+                      *flags, "--generation_temperature", "0", "--max_new_tokens", "5",
+                      "--alpha", "0.2", "--max_length", "96")  # fmt: skip
+    assert main(argv) == 0
+    cfg = TrainConfig(**json.loads((out / "kd_config.json").read_text()))
+    tokenizer = saved_tokenizer(student)
+    examples = build_datasets(cfg, tokenizer).train
+    assert len(examples) == 64  # one batch: the whole step
+    model = AutoModelForCausalLM.from_pretrained(student if writer == "student" else teacher)
+    model.eval()
+    rows = []
+    for example in examples:
+        start = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+        prompt = example["input_ids"][:start]
+        written = greedy_completion(model, prompt, len(tokenizer), tokenizer.eos_token_id, 5)
+        rows.append((prompt, written))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["generated_tokens"] == sum(len(written) for _, written in rows)
+    expected = one_step_on_completions(teacher, student, rows, cfg, len(tokenizer))
+    actual = load_file(out / "model.safetensors")
+    before = load_file(Path(student) / "model.safetensors")
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value.float(), rtol=1e-5, atol=1e-6, msg=key)
+    assert max((expected[k].float() - before[k]).abs().max() for k in before) > 1e-3
+
+
+def test_lmbda_0_is_the_off_policy_run_and_an_empty_generation_adds_nothing(
+    model_pair, dolly_dataset, tmp_path, monkeypatch
+):
+    """--lmbda 0 trains exactly as a run without the flag. Under --lmbda 1, a micro-batch with
+    nothing to train on (here every label masked, as accelerate's repeated examples are)
+    generates nothing to train on: its step has loss 0, not NaN, and the run goes on."""
+    teacher, student = model_pair("gpt2")  # dropout: the RNG stream must be the same too
+    common = ["--max_steps", "3", "--seed", "4", "--save_every", "0", "--max_length", "96"]
+    runs = {}
+    for name, extra in {"off": [], "lmbda_0": ["--lmbda", "0"]}.items():
+        runs[name] = tmp_path / name
+        assert main(train_args(teacher, student, dolly_dataset, runs[name], *common, *extra)) == 0
+    expected, actual = (load_file(runs[name] / "model.safetensors") for name in runs)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    assert "generated_tokens" not in (runs["lmbda_0"] / "metrics.jsonl").read_text()
+
+    monkeypatch.setenv(FAULT_ENV, "mask_labels@2")
+    masked = tmp_path / "masked"
+    argv = train_args(teacher, student, dolly_dataset, masked, *common, "--lmbda", "1",
+                      "--max_new_tokens", "4")  # fmt: skip
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (masked / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generated_tokens"] for r in records] == [16, 0, 16]  # 4 rows x 4 at most
+    assert records[1]["loss"] == 0.0 and records[1]["grad_norm"] == 0.0
+    assert all(r["loss"] > 0 for r in (records[0], records[2]))
+    keys = documented_keys("Each training line") | documented_keys("adds to each training line")
+    assert all(set(r) == keys for r in records)
+
+
+def test_a_run_preempted_mid_epoch_resumes_to_the_same_weights(
+    model_pair, dolly_dataset, tmp_path, monkeypatch
+):
+    """--lmbda 0.5 with sampling, 2 epochs, dropout: stopped mid-way through the second epoch
+    (a checkpoint is saved, exit 75) and resumed with the same command, the run regenerates
+    what the uninterrupted one did and ends on exactly its weights and losses."""
+    teacher, student = model_pair("gpt2")
+    common = ("--epochs", "2", "--batch_size", "8", "--gradient_accumulation_steps", "2",
+              "--lmbda", "0.5", "--max_new_tokens", "6", "--top_p", "0.9", "--seed", "7",
+              "--max_length", "96", "--save_every", "0", "--eval_ratio", "0.25",
+              "--eval_steps", "3", "--resume_from_checkpoint", "auto")  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(train_args(teacher, student, dolly_dataset, straight, *common)) == 0
+    monkeypatch.setenv(FAULT_ENV, "signal_SIGUSR1@5")  # 3 steps an epoch: inside the second
+    assert main(train_args(teacher, student, dolly_dataset, stopped, *common)) == 75
+    monkeypatch.delenv(FAULT_ENV)
+    assert main(train_args(teacher, student, dolly_dataset, stopped, *common)) == 0
+    expected, actual = (load_file(d / "model.safetensors") for d in (straight, stopped))
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+    def lines(run: Path) -> list[dict]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        timings = ("_per_s", "seconds", "memory")  # measured, not computed
+        return [{k: v for k, v in r.items() if not any(t in k for t in timings)}
+                for r in records]  # fmt: skip
+
+    assert lines(stopped) == lines(straight)
+    # Both kinds of batch ran, and the evaluation measured the student's own completions.
+    generated = [r["generated_tokens"] for r in lines(straight) if "generated_tokens" in r]
+    assert 0 in generated and max(generated) > 0
+    evals = [r for r in lines(straight) if "eval_on_policy_teacher_nll" in r]
+    assert len(evals) == 2 and all(r["eval_on_policy_tokens"] > 0 for r in evals)
+    keys = documented_keys("Each evaluation line") | documented_keys("each evaluation line also")
+    assert all(set(r) | {"eval_seconds"} == keys for r in evals)
