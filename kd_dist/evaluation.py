@@ -397,6 +397,10 @@ def metrics_table(results: dict[str, dict[str, float | None]], markdown: bool = 
     """
 
     header = ["model", "cross-entropy", "perplexity", "KL to teacher", "top-1 agreement"]
+    # --eval_on_policy: the teacher's judgement of what each student writes itself.
+    on_policy = all(ON_POLICY_KEYS[0] in m for m in results.values())
+    if on_policy:
+        header += ["teacher NLL of own samples", "reverse KL on own samples"]
     rows = [
         [
             name,
@@ -404,6 +408,7 @@ def metrics_table(results: dict[str, dict[str, float | None]], markdown: bool = 
             format_metric(m["student_ppl"], ".3f"),
             format_metric(m["kl_to_teacher"], ".4f"),
             format_metric(m["top1_agreement"], ".1%"),
+            *([format_metric(m[key], ".4f") for key in ON_POLICY_KEYS[:2]] if on_policy else []),
         ]
         for name, m in results.items()
     ]
@@ -413,7 +418,7 @@ def metrics_table(results: dict[str, dict[str, float | None]], markdown: bool = 
             format_metric(reference["teacher_ce"], ".4f"),
             format_metric(reference["teacher_ppl"], ".3f"),
         ]
-        rows.append(["teacher", *teacher, "-", "-"])
+        rows.append(["teacher", *teacher, *["-"] * (len(header) - 3)])
     if markdown:
         lines = [header, ["---"] + ["---:"] * (len(header) - 1), *rows]
         return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)

@@ -27,6 +27,13 @@ from kd_dist.generation import (
 )
 from kd_dist.losses import IGNORE_INDEX
 from kd_dist.tiny import build_model
+from tests.test_distributed import (
+    accelerate_launch,
+    deepspeed_config,
+    launch,
+    relative_difference,
+    torchrun,
+)
 from tests.test_evaluation import documented_keys, saved_tokenizer
 from tests.test_train import train_args
 
@@ -315,3 +322,54 @@ def test_a_run_preempted_mid_epoch_resumes_to_the_same_weights(
     assert len(evals) == 2 and all(r["eval_on_policy_tokens"] > 0 for r in evals)
     keys = documented_keys("Each evaluation line") | documented_keys("each evaluation line also")
     assert all(set(r) | {"eval_seconds"} == keys for r in evals)
+
+
+@pytest.mark.distributed
+def test_two_processes_take_the_single_process_step_on_generated_completions(
+    model_pair, dolly_dataset, tmp_path
+):
+    """Greedy, so the completions do not depend on how the batch is split: one SGD step of 2
+    processes x batch 2 x accumulation 2 equals one process's step on the whole batch of 8,
+    with completions of different lengths on every rank and micro-batch (the loss is divided by
+    the step's generated tokens over all of them). The student writes them under ZeRO-3
+    (gathered once for generation) and DDP; the teacher under --seq_kd, sharded by its own
+    ZeRO-3 engine (gathered layer by layer, every rank in step). The on-policy evaluation of the
+    held-out prompts, split over the ranks, measures what one process measures."""
+    teacher, student = model_pair("llama")
+    common = ["--teacher_model", teacher, "--student_model", student, "--dataset",
+              str(dolly_dataset), *ONE_SGD_STEP, "--generation_temperature", "0",
+              "--max_new_tokens", "5", "--alpha", "0.2", "--max_length", "96",
+              "--eval_ratio", "0.25", "--eval_on_policy"]  # fmt: skip
+    split = ["--batch_size", "2", "--gradient_accumulation_steps", "2"]
+    start = load_file(Path(student) / "model.safetensors")
+    lmbda, seq_kd = ["--lmbda", "1"], ["--seq_kd"]
+    runs = {  # name: (launcher, what generates, this run's own flags)
+        "zero3": (accelerate_launch(deepspeed_config(tmp_path, 3)), lmbda, []),
+        "ddp": (torchrun(), lmbda, []),
+        "zero3_teacher": (accelerate_launch(deepspeed_config(tmp_path, 3)), seq_kd,
+                          ["--teacher_placement", "zero3"]),
+    }  # fmt: skip
+    singles: dict[str, Path] = {}
+    for name, (command, generating, flags) in runs.items():
+        key = generating[0]
+        if key not in singles:
+            singles[key] = tmp_path / f"single{len(singles)}"
+            argv = ["train", *common, *generating, "--batch_size", "8", "--output_dir",
+                    str(singles[key])]  # fmt: skip
+            assert main(argv) == 0
+        out = tmp_path / name
+        argv = [*common, *generating, *flags, *split, "--output_dir", str(out)]
+        launch(command, argv, tmp_path / f"{name}.log")
+        expected = load_file(singles[key] / "model.safetensors")
+        actual = load_file(out / "model.safetensors")
+        assert relative_difference(actual, expected, start) < 1e-3, name
+        records = [
+            [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (singles[key], out)
+        ]
+        assert records[1][0]["loss"] == pytest.approx(records[0][0]["loss"], rel=1e-5), name
+        single_eval, split_eval = (r[-1] for r in records)
+        for metric in ("on_policy_teacher_nll", "on_policy_reverse_kl", "on_policy_tokens"):
+            assert split_eval[f"eval_{metric}"] == pytest.approx(
+                single_eval[f"eval_{metric}"], rel=1e-4
+            ), (name, metric)
