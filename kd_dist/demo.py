@@ -10,6 +10,10 @@
 5. Evaluate the untrained student and the cross-entropy one against the teacher (``kd-dist
    eval``'s function: the cross-entropy run, --alpha 1, never loaded the teacher), print the
    held-out metrics of all four and keep the distilled student in ``OUTPUT_DIR/student_kd``.
+6. Exposure bias: distil two more students on prompts ("the cat sees") whose responses leave
+   out what the teacher often writes (place phrases), off-policy and on-policy (GKD: --lmbda
+   0.5, JSD), with the same budget, and measure each on its own sampled completions of held-out
+   prompts (--eval_on_policy): how likely the teacher finds them, and the reverse KL there.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ OBJECTS = ["the ball", "a house", "the river", "some bread", "the tree", "a lett
 PLACES = ["in the park", "at home", "by the sea", "near the school", "in the morning"]
 
 
-def make_corpus(rng: random.Random, size: int) -> list[str]:
-    """Sentences from a random grammar, with skewed choices so that probabilities matter."""
+def make_corpus(rng: random.Random, size: int, place_rate: float = 0.5) -> list[str]:
+    """Sentences from a random grammar, with skewed choices so that probabilities matter; a
+    clause ends with a place phrase ("in the park") at ``place_rate``."""
     weights = [2**-i for i in range(len(SUBJECTS))]
     sentences = []
     for _ in range(size):
@@ -43,10 +48,20 @@ def make_corpus(rng: random.Random, size: int) -> list[str]:
             subject = rng.choices(SUBJECTS, weights)[0]
             verb = rng.choices(VERBS, weights)[0]
             obj = rng.choices(OBJECTS, weights[::-1])[0]
-            place = f" {rng.choice(PLACES)}" if rng.random() < 0.5 else ""
+            place = f" {rng.choice(PLACES)}" if rng.random() < place_rate else ""
             clauses.append(f"{subject} {verb} {obj}{place}")
         sentences.append(" and ".join(clauses) + ".")
     return sentences
+
+
+def prompt_completions(sentences: list[str]) -> list[dict[str, str]]:
+    """Each sentence as a prompt (its first subject and verb) and the completion after it."""
+    rows = []
+    for sentence in sentences:
+        words = sentence.split(" ")
+        cut = next(i for i, word in enumerate(words, 1) if word in VERBS)
+        rows.append({"prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:])})
+    return rows
 
 
 def demo_config(
@@ -74,7 +89,8 @@ def demo_config(
 
 # Everything the demo writes in its folder; a rerun replaces exactly these and nothing else.
 DEMO_OUTPUTS = ("corpus.jsonl", "init", "teacher", "student_kd", "student_ce", "teacher_cache",
-                "student_cached", "demo_results.json")  # fmt: skip
+                "student_cached", "prompts.jsonl", "student_off_policy", "student_on_policy",
+                "demo_results.json")  # fmt: skip
 # The cached student's teacher: its top CACHE_TOP_K of the vocabulary's 384 tokens per position.
 CACHE_TOP_K = 8
 
@@ -119,26 +135,26 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
         root / "init" / "student", build_model("llama", tokenizer, "tiny"), tokenizer
     )
 
-    print("[1/5] training the teacher (cross-entropy)")
+    print("[1/6] training the teacher (cross-entropy)")
     teacher = demo_config(
         root / "teacher", teacher_init, teacher_init, dataset, alpha=1.0, epochs=3, seed=seed
     )
     train(teacher)
     budget = dict(epochs=2, seed=seed)
-    print("[2/5] distilling the student (forward KL to the teacher)")
+    print("[2/6] distilling the student (forward KL to the teacher)")
     kd = train(
         demo_config(
             root / "student_kd", teacher.output_dir, student_init, dataset, alpha=0.0, **budget
         )
     )
-    print("[3/5] training the same student on cross-entropy only (baseline)")
+    print("[3/6] training the same student on cross-entropy only (baseline)")
     ce = train(
         demo_config(
             root / "student_ce", teacher.output_dir, student_init, dataset, alpha=1.0, **budget
         )
     )
 
-    print(f"[4/5] caching the teacher's top-{CACHE_TOP_K} tokens, distilling the same student "
+    print(f"[4/6] caching the teacher's top-{CACHE_TOP_K} tokens, distilling the same student "
           "from the cache alone")  # fmt: skip
     cache = demo_config(root / "teacher_cache", teacher.output_dir, "", dataset, top_k=CACHE_TOP_K,
                         **budget)  # fmt: skip
@@ -155,7 +171,7 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
         )
     )
 
-    print("[5/5] evaluating the untrained and the cross-entropy students against the teacher")
+    print("[5/6] evaluating the untrained and the cross-entropy students against the teacher")
     untrained = evaluate_saved(
         demo_config(root / "student_kd", teacher.output_dir, student_init, dataset, **budget)
     )
@@ -164,17 +180,37 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
         demo_config(root / "student_ce", teacher.output_dir, ce.output_dir, dataset, **budget)
     )
 
+    print("[6/6] distilling two students on prompts whose responses leave out the teacher's place "
+          "phrases: off-policy, and on-policy (--lmbda 0.5)")  # fmt: skip
+    # The same grammar without place phrases: what the teacher often writes, the data never
+    # shows. Held-out prompts, and the students' own completions of them, measure the rest.
+    prompts = root / "prompts.jsonl"
+    narrow = make_corpus(random.Random(seed + 1), corpus_size, place_rate=0.0)
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in prompt_completions(narrow)))
+    # The same number of optimizer steps whatever the corpus size (the test runs a small one).
+    recipe = dict(loss="jsd", eval_on_policy=True, max_new_tokens=40, max_steps=150, seed=seed)
+    on_policy_results = {}
+    for name, lmbda in (("off_policy", 0.0), ("on_policy", 0.5)):
+        config = demo_config(root / f"student_{name}", teacher.output_dir, student_init, prompts,
+                             lmbda=lmbda, **recipe)  # fmt: skip
+        on_policy_results[name] = train(config).eval_metrics
+
     results = {
         "untrained": untrained,
         "distilled": kd.eval_metrics,
         "distilled_from_cache": cached.eval_metrics,
         "cross_entropy_only": cross_entropy_only,
     }
-    (root / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (root / "demo_results.json").write_text(
+        json.dumps({**results, **on_policy_results}, indent=2) + "\n"
+    )
     print("Held-out metrics")
     print(metrics_table(results))
     print(verdict(results))
     print(cache_verdict(results))
+    print("On the prompts, and on each student's own completions of them")
+    print(metrics_table(on_policy_results))
+    print(on_policy_verdict(on_policy_results))
     print(f"Distilled student saved in {root / 'student_kd'} (load it with from_pretrained).")
     return results
 
@@ -200,4 +236,15 @@ def cache_verdict(results: dict[str, dict[str, float]]) -> str:
     return (
         f"From the cached teacher (its top-{CACHE_TOP_K} tokens and the rest's mass): KL to the "
         f"teacher {cached:.4f}, {cached / live:.0%} of the live-teacher student's {live:.4f}."
+    )
+
+
+def on_policy_verdict(results: dict[str, dict[str, float]]) -> str:
+    off, on = results["off_policy"], results["on_policy"]
+    nll, reverse_kl = "on_policy_teacher_nll", "on_policy_reverse_kl"
+    outcome = "wins" if on[nll] < off[nll] else "did NOT win this time"
+    return (
+        f"On-policy distillation {outcome} on the students' own completions: the teacher's NLL "
+        f"of them {on[nll]:.4f} vs {off[nll]:.4f}, reverse KL {on[reverse_kl]:.4f} vs "
+        f"{off[reverse_kl]:.4f}."
     )

@@ -39,6 +39,7 @@ import torch
 from accelerate import Accelerator
 from deepspeed.runtime.zero import GatheredParameters
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from kd_dist.config import ConfigError, TrainConfig
@@ -299,8 +300,11 @@ def evaluate_on_policy(
     evaluation samples alike); the teacher scores those tokens: its mean NLL of them (lower: the
     teacher finds them likelier) and the reverse KL(student || teacher) at those positions, over
     every rank's completions. ``options``: ``evaluate``'s keyword arguments."""
+    # Generating takes the time here: its progress is shown (main process).
+    shown = tqdm(batches, desc="on-policy eval: generating", leave=False,
+                 disable=not accelerator.is_main_process)  # fmt: skip
     generated = generated_batches(
-        accelerator, student, batches, sampling, seed, options["task_type"] == "causal"
+        accelerator, student, shown, sampling, seed, options["task_type"] == "causal"
     )
     metrics = evaluate(accelerator.unwrap_model(student), teacher, generated, **options)
     values = (metrics["teacher_ce"], metrics["reverse_kl_to_teacher"], metrics["tokens"])

@@ -92,11 +92,16 @@ def check_positions(config: PretrainedConfig, role: str, name: str, cfg: TrainCo
     lengths = {"--max_length": cfg.max_length}
     if cfg.task_type == "seq2seq" and cfg.max_target_length is not None:
         lengths["--max_target_length"] = cfg.max_target_length
-    for flag, length in lengths.items():
+    if cfg.generates or cfg.measures_on_policy:  # a prompt and its generated completion
+        if cfg.task_type == "causal":
+            lengths["--max_length + --max_new_tokens"] = cfg.max_length + cfg.max_new_tokens
+        else:
+            lengths["--max_new_tokens"] = cfg.max_new_tokens
+    for flags, length in lengths.items():
         if limit is not None and length > limit:
             raise ConfigError(
-                f"{flag} {length} is longer than the {limit} positions of --{role}_model "
-                f"{name!r}: pass {flag} {limit} or less."
+                f"{flags} {length} is longer than the {limit} positions of --{role}_model "
+                f"{name!r}: pass {flags} {limit} or less."
             )
 
 
@@ -119,14 +124,23 @@ def resolve_lengths(cfg: TrainConfig) -> TrainConfig:
             role: position_limit(_load_config(name, role, cfg)) for role, name in model_roles(cfg)
         }
         known = {role: limit for role, limit in limits.items() if limit is not None}
-        length = min([DEFAULT_MAX_LENGTH, *known.values()])
+        # A causal prompt and its generated completion share the positions.
+        generated = cfg.task_type == "causal" and (cfg.generates or cfg.measures_on_policy)
+        room = cfg.max_new_tokens if generated else 0
+        length = min([DEFAULT_MAX_LENGTH, *(limit - room for limit in known.values())])
         if known:
             smallest = min(known.values())
             binding = [role for role, limit in known.items() if limit == smallest]
             whose = "models'" if len(binding) > 1 else f"{binding[0]}'s"
-            why = f"min of {DEFAULT_MAX_LENGTH} and the {whose} {smallest} positions"
+            less = f" less --max_new_tokens {room}" if room else ""
+            why = f"min of {DEFAULT_MAX_LENGTH} and the {whose} {smallest} positions{less}"
         else:
             why = "the models have no position limit"
+        if length < 2:
+            raise ConfigError(
+                f"--max_new_tokens {room} leaves no room for the prompts in the {whose} "
+                f"{smallest} positions: lower --max_new_tokens."
+            )
         logger.info("--max_length not set: using %d (%s).", length, why)
         cfg = replace(cfg, max_length=length)
     if cfg.task_type == "seq2seq" and cfg.max_target_length is None:

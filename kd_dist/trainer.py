@@ -813,8 +813,9 @@ def train_steps(
                 step_counts = accelerator.reduce(
                     local_counts(window, causal, accelerator.device), reduction="sum"
                 )
-            # Set before the backward passes: DeepSpeed steps inside the window's last one.
+            # A generated window is counted once generated, not a step ahead.
             counted_ahead = None if models.responses.generates else upcoming
+            # Set before the backward passes: DeepSpeed steps inside the window's last one.
             learning_rate = learning_rate_at(state.global_step, cfg, total_steps)
             for group in models.optimizer.param_groups:
                 group["lr"] = learning_rate

@@ -161,6 +161,14 @@ BAD_INPUTS = {
         "--alpha 1 trains on the ground truth alone", ("--seq_kd", "--alpha", "1")
     ),
     "on-policy packed": BadInput("drop --packing", ("--lmbda", "1", "--packing")),
+    "prompt and completion beyond the positions": BadInput(
+        "--max_length + --max_new_tokens 600 is longer than the 512 positions",
+        ("--lmbda", "1", "--max_length", "400", "--max_new_tokens", "200"),
+    ),
+    "no room left for prompts": BadInput(
+        "--max_new_tokens 600 leaves no room for the prompts",
+        ("--seq_kd", "--max_new_tokens", "600"),
+    ),
 }
 
 

@@ -34,8 +34,8 @@ from tests.test_distributed import (
     relative_difference,
     torchrun,
 )
-from tests.test_evaluation import documented_keys, saved_tokenizer
-from tests.test_train import train_args
+from tests.test_evaluation import documented_keys
+from tests.test_train import train_args, training_examples
 
 ONE_SGD_STEP = ["--optimizer", "sgd", "--max_steps", "1", "--clip_grad_norm", "0",
                 "--warmup_ratio", "0", "--lr_scheduler", "constant", "--learning_rate", "0.5",
@@ -69,7 +69,7 @@ def test_a_chat_prompt_is_the_template_with_its_generation_prompt(tokenizer, sen
             for s in sentences[:4]]  # fmt: skip
     dataset = tmp_path / "chat.jsonl"
     dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    local = saved_tokenizer_copy(tokenizer)
+    local = with_pad_token(tokenizer)
     cfg = TrainConfig(dataset=str(dataset), max_length=128)
     data = build_datasets(cfg, local)
     batch = make_collator(local)([data.train[i] for i in range(len(data.train))])
@@ -82,7 +82,7 @@ def test_a_chat_prompt_is_the_template_with_its_generation_prompt(tokenizer, sen
         assert local.decode(batch["input_ids"][index, :start]) == expected
 
 
-def saved_tokenizer_copy(tokenizer):
+def with_pad_token(tokenizer):
     """A copy of the session's tokenizer with a pad token, as kd_dist's loader gives it one."""
     local = copy.deepcopy(tokenizer)
     local.pad_token = local.eos_token
@@ -98,7 +98,7 @@ def padded_vocab_student(tokenizer, family: str = "gpt2"):
 
 def dolly_batch(tokenizer, dolly_dataset) -> dict[str, torch.Tensor]:
     """Three tokenized instruction examples and a fourth with every label masked."""
-    local = saved_tokenizer_copy(tokenizer)
+    local = with_pad_token(tokenizer)
     data = build_datasets(TrainConfig(dataset=str(dolly_dataset), max_length=40), local)
     examples = [data.train[i] for i in range(4)]
     examples[3] = {**examples[3], "labels": [IGNORE_INDEX] * len(examples[3]["labels"])}
@@ -144,7 +144,7 @@ def test_a_generated_batch_trains_on_its_completions_only(tokenizer, dolly_datas
 def test_a_seq2seq_batch_keeps_its_source_and_trains_on_the_generated_target(
     tokenizer, pairs_dataset
 ):
-    local = saved_tokenizer_copy(tokenizer)
+    local = with_pad_token(tokenizer)
     cfg = TrainConfig(dataset=str(pairs_dataset), task_type="seq2seq", max_length=24)
     data = build_datasets(cfg, local)
     batch = make_collator(local)([data.train[i] for i in range(3)])
@@ -235,9 +235,7 @@ def test_one_step_is_the_float64_step_on_the_generated_completions(
                       *flags, "--generation_temperature", "0", "--max_new_tokens", "5",
                       "--alpha", "0.2", "--max_length", "96")  # fmt: skip
     assert main(argv) == 0
-    cfg = TrainConfig(**json.loads((out / "kd_config.json").read_text()))
-    tokenizer = saved_tokenizer(student)
-    examples = build_datasets(cfg, tokenizer).train
+    cfg, tokenizer, examples = training_examples(out, student)
     assert len(examples) == 64  # one batch: the whole step
     model = AutoModelForCausalLM.from_pretrained(student if writer == "student" else teacher)
     model.eval()

@@ -659,6 +659,14 @@ def test_report_of_a_run_without_a_teacher_shows_the_student_alone(fine_tuning_r
     assert "(no teacher: --alpha 1 is plain fine-tuning)" in summary
 
 
+def training_examples(out: Path, student: str) -> tuple[TrainConfig, object, object]:
+    """(the run's resolved config, its tokenizer, its tokenized training examples) of the run in
+    ``out``, rebuilt from its kd_config.json as the run built them."""
+    cfg = TrainConfig(**json.loads((out / "kd_config.json").read_text()))
+    tokenizer = saved_tokenizer(student)
+    return cfg, tokenizer, build_datasets(cfg, tokenizer).train
+
+
 def one_sgd_step_of_cross_entropy(student_dir: str, batch: dict, vocab_size: int,
                                   learning_rate: float) -> dict[str, torch.Tensor]:  # fmt: skip
     """The student's weights after one SGD step (momentum's first is lr * gradient) on the mean
@@ -684,9 +692,7 @@ def test_alpha_1_with_a_loadable_teacher_is_one_step_of_plain_cross_entropy(mode
                       "--warmup_ratio", "0", "--lr_scheduler", "constant", "--learning_rate",
                       "0.5", "--save_every", "0", "--no-compile_loss")  # fmt: skip
     assert main(argv) == 0
-    cfg = TrainConfig(**json.loads((out / "kd_config.json").read_text()))
-    tokenizer = saved_tokenizer(student)
-    examples = build_datasets(cfg, tokenizer).train
+    _, tokenizer, examples = training_examples(out, student)
     assert len(examples) == 64  # one batch: the whole step
     batch = make_collator(tokenizer)([examples[i] for i in range(len(examples))])
     expected = one_sgd_step_of_cross_entropy(student, batch, len(tokenizer), 0.5)
