@@ -371,3 +371,30 @@ def test_two_processes_take_the_single_process_step_on_generated_completions(
             assert split_eval[f"eval_{metric}"] == pytest.approx(
                 single_eval[f"eval_{metric}"], rel=1e-4
             ), (name, metric)
+
+
+def test_seq2seq_trains_on_its_own_targets_and_kd_dist_eval_measures_them(
+    model_pair, pairs_dataset, tmp_path, capsys
+):
+    """T5 under --lmbda 1: the decoder's own targets of each source are trained on; the run's
+    evaluation and `kd-dist eval --eval_on_policy` on the exported student measure the same
+    held-out completions alike (the same seeds), and the table shows them."""
+    teacher, student = model_pair("t5")
+    out = tmp_path / "run"
+    argv = train_args(teacher, student, pairs_dataset, out, "--task_type", "seq2seq",
+                      "--lmbda", "1", "--max_new_tokens", "6", "--max_steps", "2",
+                      "--eval_ratio", "0.25", "--save_every", "0")  # fmt: skip
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["generated_tokens"] > 0 for r in records if "loss" in r)
+    final = records[-1]
+    assert final["eval_on_policy_tokens"] > 0 and final["eval_on_policy_reverse_kl"] > 0
+    capsys.readouterr()
+    result = tmp_path / "eval.json"
+    assert main(["eval", "--student", str(out), "--teacher", teacher, "--eval_on_policy",
+                 "--output_json", str(result)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "teacher NLL of own samples" in printed and "reverse KL on own samples" in printed
+    measured = json.loads(result.read_text())
+    for key in ("on_policy_teacher_nll", "on_policy_reverse_kl", "on_policy_tokens"):
+        assert measured[key] == pytest.approx(final[f"eval_{key}"], rel=1e-5), key
