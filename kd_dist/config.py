@@ -31,6 +31,7 @@ AttnImplementation = Literal["auto", "sdpa", "flash_attention_2", "eager"]
 PreemptionSignal = Literal["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 TokenizeOn = Literal["auto", "main", "local_main"]
+GenerationBackend = Literal["transformers", "vllm"]
 
 CONFIG_FILE_NAME = "kd_config.json"
 
@@ -397,6 +398,21 @@ class TrainConfig:
     top_p: float = field(
         default=1.0, metadata=_help("Nucleus sampling of generated responses (1: off).")
     )
+    generation_backend: GenerationBackend = field(
+        default="transformers",
+        metadata=_help(
+            "What generates the student's responses (--lmbda): transformers (generate with "
+            "the KV cache), or vllm (an engine colocated on each process's GPU, given the "
+            "trained weights after each optimizer step; needs kd_dist[vllm] and a CUDA GPU)."
+        ),
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata=_help(
+            "--generation_backend vllm: the share of the GPU's memory its engine may take "
+            "(weights and KV cache), beside the training."
+        ),
+    )
     eval_on_policy: bool | None = field(
         default=None,
         metadata=_help(
@@ -480,6 +496,7 @@ class TrainConfig:
             ("preemption_signal", PreemptionSignal),
             ("report_to", ReportTo),
             ("tokenize_on", TokenizeOn),
+            ("generation_backend", GenerationBackend),
         ):
             allowed = get_args(kind)
             if getattr(self, name) not in allowed:
@@ -583,6 +600,16 @@ class TrainConfig:
             )
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"--top_p must be in (0, 1] (got {self.top_p}; 1 turns it off).")
+        if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
+            problems.append(
+                "--vllm_gpu_memory_utilization must be in (0, 1) (got "
+                f"{self.vllm_gpu_memory_utilization})."
+            )
+        if self.generation_backend == "vllm" and self.task_type == "seq2seq":
+            problems.append(
+                "--generation_backend vllm runs causal students only (vLLM has no "
+                "encoder-decoder models): pass --generation_backend transformers."
+            )
         generating = [
             flag
             for flag, on in (("--lmbda", self.lmbda > 0), ("--seq_kd", self.seq_kd),

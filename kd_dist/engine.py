@@ -57,6 +57,17 @@ def check_hardware_supports(cfg: TrainConfig) -> None:
                 "--attn_implementation flash_attention_2 needs a CUDA GPU and none is "
                 "available: pass sdpa or eager (or leave it at auto)."
             )
+    if cfg.generation_backend == "vllm" and cfg.lmbda > 0:
+        if importlib.util.find_spec("vllm") is None:
+            problems.append(
+                "--generation_backend vllm needs the vllm package: pip install 'kd_dist[vllm]' "
+                "(or pass --generation_backend transformers)."
+            )
+        if not torch.cuda.is_available():
+            problems.append(
+                "--generation_backend vllm needs a CUDA GPU and none is available: pass "
+                "--generation_backend transformers."
+            )
     if problems:
         raise ConfigError("\n".join(problems))
 

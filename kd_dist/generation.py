@@ -28,16 +28,18 @@ normalisation and the evaluation read it unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from accelerate import Accelerator
 from deepspeed import DeepSpeedEngine
+from deepspeed.runtime.zero import GatheredParameters
 from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 from transformers import (
     GenerationConfig,
@@ -118,6 +120,82 @@ def completion(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
     return tokens
 
 
+def causal_prompts(batch: Batch) -> tuple[list[list[int]], list[int | None]]:
+    """Each causal row's prompt (token ids) and where it starts to be trained (None: nothing
+    trained; such a row is generated for too, from its whole text, and stays masked)."""
+    lengths = batch["attention_mask"].sum(1)
+    starts = prompt_lengths(batch["labels"], lengths)
+    rows = zip(batch["input_ids"].tolist(), starts, lengths.tolist(), strict=True)
+    prompts = [row[: start or length] for row, start, length in rows]
+    return prompts, starts
+
+
+def with_completions(
+    prompts: list[list[int]],
+    starts: list[int | None],
+    completions: list[list[int]],
+    sampling: Sampling,
+    device: torch.device,
+) -> Batch:
+    """A causal batch of prompt + completion rows, right-padded, labels on the completions
+    (cut at their first stop token) of the rows that were trained."""
+    rows, labels = [], []
+    for prompt, start, tokens in zip(prompts, starts, completions, strict=True):
+        written = completion(tokens, sampling.stop_ids)
+        rows.append(prompt + written)
+        labels.append(
+            [IGNORE_INDEX] * len(prompt) + (written if start else [IGNORE_INDEX] * len(written))
+        )
+    batch = {
+        "input_ids": pad(rows, sampling.pad_id),
+        "attention_mask": pad([[1] * len(row) for row in rows], 0),
+        "labels": pad(labels, IGNORE_INDEX),
+    }
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def generation_options(sampling: Sampling, sharded: bool) -> dict:
+    """``generate``'s keyword arguments. A ZeRO-3-sharded model gathers each layer's weights
+    from every rank at each of its forwards (synced_gpus): every rank runs as many as the
+    longest generation needs."""
+    return {
+        "generation_config": sampling.generation_config(),
+        "synced_gpus": sharded,
+        "logits_processor": LogitsProcessorList([TokenizerVocabulary(sampling.vocab_size)]),
+    }
+
+
+def transformers_completions(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    sharded: bool,
+    device: torch.device,
+) -> list[list[int]]:
+    """``model.generate``'s new tokens after each (causal) prompt, in one left-padded batch
+    [B, width]: generation continues every row from its last real token."""
+    width = max(len(prompt) for prompt in prompts)
+    left = torch.full((len(prompts), width), sampling.pad_id, dtype=torch.long)
+    left_mask = torch.zeros_like(left)
+    for i, prompt in enumerate(prompts):
+        left[i, width - len(prompt) :] = torch.as_tensor(prompt)
+        left_mask[i, width - len(prompt) :] = 1
+    out = model.generate(
+        input_ids=left.to(device), attention_mask=left_mask.to(device),
+        **generation_options(sampling, sharded),
+    )  # fmt: skip
+    return out[:, width:].tolist()
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Sampling inside draws from the RNG seeded with ``seed``; the global RNG (dropout's
+    stream) is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def generate_responses(
     model: PreTrainedModel,
@@ -132,56 +210,23 @@ def generate_responses(
     nothing trained keeps nothing trained). ``model`` is unwrapped and in eval mode; the
     sampling draws from the RNG seeded with ``seed``, and leaves the global RNG as it was."""
     device = batch["input_ids"].device
-    # A ZeRO-3-sharded model gathers each layer's weights from every rank at each of its
-    # forwards (synced_gpus): every rank runs as many as the longest generation needs.
-    options = {
-        "generation_config": sampling.generation_config(),
-        "synced_gpus": sharded,
-        "logits_processor": LogitsProcessorList([TokenizerVocabulary(sampling.vocab_size)]),
-    }
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        if not causal:  # the source is the prompt; the decoder writes the completion
-            out = model.generate(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **options
-            )
-            trained = (batch["labels"] != IGNORE_INDEX).any(1).tolist()
-            labels = [
-                completion(tokens, sampling.stop_ids) if keep else [IGNORE_INDEX]
-                for tokens, keep in zip(out[:, 1:].tolist(), trained, strict=True)  # after start
-            ]
-            return {**batch, "labels": pad(labels, IGNORE_INDEX).to(device)}
-
-        lengths = batch["attention_mask"].sum(1).tolist()
-        starts = prompt_lengths(batch["labels"], batch["attention_mask"].sum(1))
-        # A row with nothing trained is generated for too (from its whole text), and masked.
-        prompts = [
-            row[: start or length]
-            for row, start, length in zip(batch["input_ids"].tolist(), starts, lengths, strict=True)
-        ]
-        width = max(len(prompt) for prompt in prompts)
-        # Left-padded [B, width]: generation continues every row from its last real token.
-        left = torch.full((len(prompts), width), sampling.pad_id, dtype=torch.long)
-        left_mask = torch.zeros_like(left)
-        for i, prompt in enumerate(prompts):
-            left[i, width - len(prompt) :] = torch.as_tensor(prompt)
-            left_mask[i, width - len(prompt) :] = 1
+    if causal:
+        prompts, starts = causal_prompts(batch)
+        with seeded(seed, device):
+            completions = transformers_completions(model, prompts, sampling, sharded, device)
+        return with_completions(prompts, starts, completions, sampling, device)
+    # seq2seq: the source is the prompt; the decoder writes the completion.
+    with seeded(seed, device):
         out = model.generate(
-            input_ids=left.to(device), attention_mask=left_mask.to(device), **options
-        )
-    rows, labels = [], []
-    for prompt, start, tokens in zip(prompts, starts, out[:, width:].tolist(), strict=True):
-        written = completion(tokens, sampling.stop_ids)
-        rows.append(prompt + written)
-        labels.append(
-            [IGNORE_INDEX] * len(prompt) + (written if start else [IGNORE_INDEX] * len(written))
-        )
-    generated = {
-        "input_ids": pad(rows, sampling.pad_id),
-        "attention_mask": pad([[1] * len(row) for row in rows], 0),
-        "labels": pad(labels, IGNORE_INDEX),
-    }
-    return {key: value.to(device) for key, value in generated.items()}
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            **generation_options(sampling, sharded),
+        )  # fmt: skip
+    trained = (batch["labels"] != IGNORE_INDEX).any(1).tolist()
+    labels = [
+        completion(tokens, sampling.stop_ids) if keep else [IGNORE_INDEX]
+        for tokens, keep in zip(out[:, 1:].tolist(), trained, strict=True)  # after the start
+    ]
+    return {**batch, "labels": pad(labels, IGNORE_INDEX).to(device)}
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -263,6 +308,7 @@ class GeneratedResponses:
     seq_kd: bool
     seed: int
     causal: bool
+    vllm: VllmStudent | None = None  # --generation_backend vllm: the student's completions
     generates = True
     tokens: int = 0  # generated (trained) tokens on this rank since the last report
     seconds: float = 0.0
@@ -274,31 +320,41 @@ class GeneratedResponses:
             for index in range(len(window))
         ]
         filled = list(window)
-        if "student" in writers:  # gathered whole under ZeRO-3: no per-layer gathers
+        if "student" in writers and self.vllm is not None:
+            self.vllm.load_weights(self.student, step)  # those of the last optimizer step
+            self.write(self.vllm.responses, "student", writers, filled, step)
+        elif "student" in writers:  # gathered whole under ZeRO-3: no per-layer gathers
             with generating(self.accelerator, self.student) as student:
-                self.write(student, "student", writers, filled, step, sharded=False)
+                respond = functools.partial(self.transformers_responses, student, sharded=False)
+                self.write(respond, "student", writers, filled, step)
         if "teacher" in writers:  # frozen, in eval mode already
             with self.accelerator.autocast():
-                self.write(self.teacher, "teacher", writers, filled, step, is_sharded(self.teacher))
+                respond = functools.partial(
+                    self.transformers_responses, self.teacher, sharded=is_sharded(self.teacher)
+                )
+                self.write(respond, "teacher", writers, filled, step)
         self.seconds += time.perf_counter() - start
         return filled
 
+    def transformers_responses(
+        self, model: PreTrainedModel, batch: Batch, seed: int, sharded: bool
+    ) -> Batch:
+        return generate_responses(model, batch, self.sampling, seed, self.causal, sharded)
+
     def write(
         self,
-        model: PreTrainedModel,
+        respond: Callable[[Batch, int], Batch],
         who: str,
         writers: list[str | None],
         filled: list[Batch],
         step: int,
-        sharded: bool,
     ) -> None:
-        """Replace the responses of the micro-batches ``who`` writes, in place in ``filled``."""
+        """Replace the responses of the micro-batches ``who`` writes, in place in ``filled``:
+        ``respond(batch, seed)`` gives the batch with its completions."""
         for index, writer in enumerate(writers):
             if writer == who:
                 seed = sample_seed(self.seed, step, index, self.accelerator.process_index)
-                filled[index] = generate_responses(
-                    model, filled[index], self.sampling, seed, self.causal, sharded
-                )
+                filled[index] = respond(filled[index], seed)
                 self.tokens += int((filled[index]["labels"] != IGNORE_INDEX).sum())
 
     def report(self) -> dict[str, float]:
@@ -309,6 +365,72 @@ class GeneratedResponses:
         }
         self.tokens, self.seconds = 0, 0.0
         return record
+
+
+class VllmStudent:
+    """--generation_backend vllm: the student's completions from a vLLM engine colocated with
+    the training on this process's GPU (vLLM's ``external_launcher``: one engine per process,
+    no server), as TRL's colocate mode runs it. It starts from --student_model's checkpoint and
+    takes the trained weights before the first generation after each optimizer step, one
+    parameter at a time (gathered one at a time under ZeRO-3). Causal students only (vLLM runs
+    no encoder-decoder models). Needs ``pip install 'kd_dist[vllm]'`` and a CUDA GPU; it is not
+    exercised by the CPU tests (see ``test_vllm_completions_train_as_the_transformers_ones``)."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, sampling: Sampling) -> None:
+        from vllm import LLM
+
+        self.accelerator, self.sampling = accelerator, sampling
+        self.llm = LLM(
+            model=cfg.student_model,
+            tensor_parallel_size=1,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            max_model_len=cfg.max_length + cfg.max_new_tokens,
+            distributed_executor_backend="external_launcher",
+            dtype="bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else "auto",
+            seed=cfg.seed + accelerator.process_index,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        self.weights_of_step: int | None = None  # the step whose weights the engine holds
+        accelerator.wait_for_everyone()  # every engine is up before training goes on
+
+    def load_weights(self, student: torch.nn.Module, step: int) -> None:
+        """Give the engine the weights the student has before optimizer step ``step``."""
+        if self.weights_of_step == step:
+            return
+        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        for name, parameter in self.accelerator.unwrap_model(student).named_parameters():
+            with GatheredParameters([parameter]):  # a no-op without ZeRO-3
+                engine_model.load_weights([(name, parameter.data)])
+        self.llm.reset_prefix_cache()  # its cached keys and values are of the old weights
+        self.weights_of_step = step
+
+    def responses(self, batch: Batch, seed: int) -> Batch:
+        """``generate_responses``'s batch, with vLLM's completions (request i seeded with
+        ``seed + i``, so that a resumed run samples the same)."""
+        from vllm import SamplingParams
+
+        prompts, starts = causal_prompts(batch)
+        sampling = self.sampling
+        requests = [
+            SamplingParams(
+                n=1,
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,  # 0: greedy
+                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+                top_k=-1,
+                repetition_penalty=1.0,
+                seed=seed + i,
+                stop_token_ids=list(sampling.stop_ids),
+                allowed_token_ids=list(range(sampling.vocab_size)),
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": prompt} for prompt in prompts], requests, use_tqdm=False
+        )
+        completions = [list(output.outputs[0].token_ids) for output in outputs]
+        return with_completions(prompts, starts, completions, self.sampling, batch["labels"].device)
 
 
 def generated_batches(

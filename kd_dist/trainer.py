@@ -70,6 +70,7 @@ from kd_dist.generation import (
     DatasetResponses,
     GeneratedResponses,
     ResponseSource,
+    VllmStudent,
     check_prompts,
     sampling_settings,
 )
@@ -675,10 +676,12 @@ def prepare_models(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> 
     micro_step = make_micro_step(cfg, accelerator, student, signal, vocab_size, chunk_rows, fused)
     responses: ResponseSource = DatasetResponses()
     if cfg.generates:
+        sampling = sampling_settings(cfg, run.tokenizer, run.data.end_of_turn_id)
+        use_vllm = cfg.generation_backend == "vllm" and cfg.lmbda > 0
         responses = GeneratedResponses(
-            accelerator, student, teacher,
-            sampling_settings(cfg, run.tokenizer, run.data.end_of_turn_id), lmbda=cfg.lmbda,
-            seq_kd=cfg.seq_kd, seed=cfg.seed, causal=cfg.task_type == "causal",
+            accelerator, student, teacher, sampling, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd,
+            seed=cfg.seed, causal=cfg.task_type == "causal",
+            vllm=VllmStudent(cfg, accelerator, sampling) if use_vllm else None,
         )  # fmt: skip
     return RunModels(student, teacher, optimizer, train_loader, micro_step, responses,
                      chunk_rows, fused, steps_per_epoch,

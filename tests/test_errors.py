@@ -165,6 +165,14 @@ BAD_INPUTS = {
         "--max_length + --max_new_tokens 600 is longer than the 512 positions",
         ("--lmbda", "1", "--max_length", "400", "--max_new_tokens", "200"),
     ),
+    "vllm backend without its package or a GPU": BadInput(
+        "--generation_backend vllm needs", ("--lmbda", "1", "--generation_backend", "vllm")
+    ),
+    "vllm backend for a seq2seq student": BadInput(
+        "--generation_backend vllm runs causal students only",
+        ("--task_type", "seq2seq", "--lmbda", "1", "--generation_backend", "vllm"),
+        family="t5",
+    ),
     "no room left for prompts": BadInput(
         "--max_new_tokens 600 leaves no room for the prompts",
         ("--seq_kd", "--max_new_tokens", "600"),

@@ -6,6 +6,7 @@ refusals that come before any model loads."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -398,3 +399,34 @@ def test_seq2seq_trains_on_its_own_targets_and_kd_dist_eval_measures_them(
     measured = json.loads(result.read_text())
     for key in ("on_policy_teacher_nll", "on_policy_reverse_kl", "on_policy_tokens"):
         assert measured[key] == pytest.approx(final[f"eval_{key}"], rel=1e-5), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+    reason="--generation_backend vllm needs a CUDA GPU and the vllm package",
+)
+def test_vllm_completions_train_as_the_transformers_ones(model_pair, dolly_dataset, tmp_path):
+    """Greedy, two steps (the second after vLLM took the first step's weights): vLLM's
+    completions are the transformers ones, so the runs generate as many tokens and end on the
+    same weights (up to the kernels' rounding).
+
+    Run on a GPU machine with vLLM: ``pytest tests/test_on_policy.py -m gpu``."""
+    teacher, student = model_pair("llama")
+    runs = {}
+    for backend in ("transformers", "vllm"):
+        runs[backend] = tmp_path / backend
+        argv = train_args(teacher, student, dolly_dataset, runs[backend], "--max_steps", "2",
+                          "--lmbda", "1", "--generation_temperature", "0", "--max_new_tokens",
+                          "8", "--max_length", "96", "--save_every", "0",
+                          "--generation_backend", backend)  # fmt: skip
+        assert main(argv) == 0
+    logged = {
+        backend: [json.loads(line)["generated_tokens"]
+                  for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for backend, run in runs.items()
+    }  # fmt: skip
+    assert logged["vllm"] == logged["transformers"]
+    expected, actual = (load_file(run / "model.safetensors") for run in runs.values())
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-3, atol=1e-4, msg=key)
