@@ -22,7 +22,9 @@ normalisation and the evaluation read it unchanged.
 - Generation runs the unwrapped model in eval mode (no dropout) with its KV cache. A ZeRO-3
   student is gathered once per optimizer step and generates without ZeRO's per-module hooks
   (DeepSpeed's ``unwrap_model_for_generation``); a ZeRO-3-sharded teacher, which need not fit on
-  one device, generates with its shards gathered layer by layer (``synced_gpus``).
+  one device, generates with its shards gathered layer by layer (``synced_gpus``). With
+  --generation_backend vllm the student's completions come from a vLLM engine colocated on
+  each process's GPU instead (``VllmStudent``).
 """
 
 from __future__ import annotations
