@@ -586,6 +586,12 @@ class TrainConfig:
         if problems:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 
+    def generation_flags(self) -> list[str]:
+        """The flags that make this run generate responses (in training or its evaluation)."""
+        flags = (("--lmbda", self.lmbda > 0), ("--seq_kd", self.seq_kd),
+                 ("--eval_on_policy", self.eval_on_policy))  # fmt: skip
+        return [flag for flag, on in flags if on]
+
     def generation_problems(self, command: str) -> list[str]:
         """What keeps --lmbda, --seq_kd and --eval_on_policy from running as asked."""
         problems = []
@@ -610,15 +616,24 @@ class TrainConfig:
                 "--generation_backend vllm runs causal students only (vLLM has no "
                 "encoder-decoder models): pass --generation_backend transformers."
             )
-        generating = [
-            flag
-            for flag, on in (("--lmbda", self.lmbda > 0), ("--seq_kd", self.seq_kd),
-                             ("--eval_on_policy", self.eval_on_policy))
-            if on
-        ]  # fmt: skip
-        if not generating:
+        if self.generation_backend == "vllm" and self.lmbda == 0:
+            problems.append(
+                "--generation_backend vllm writes the student's responses, and --lmbda 0 "
+                "generates none: pass --lmbda > 0, or drop --generation_backend."
+            )
+        if self.seq_kd and self.lmbda == 1:
+            problems.append(
+                "--seq_kd has the teacher answer the batches the student does not, and "
+                "--lmbda 1 leaves it none: lower --lmbda, or drop --seq_kd."
+            )
+        if not self.generation_flags():
             return problems
-        flags = " and ".join(generating)
+        flags = " and ".join(self.generation_flags())
+        if self.dataset_format == "text":
+            problems.append(
+                f"{flags} generate responses to the dataset's prompts, and --dataset_format "
+                "text has none: use instruction, chat or seq2seq data, or drop them."
+            )
         if command == "cache-teacher":
             problems.append(
                 f"{flags} generate responses while training; a cache stores the teacher's "

@@ -57,7 +57,7 @@ def check_hardware_supports(cfg: TrainConfig) -> None:
                 "--attn_implementation flash_attention_2 needs a CUDA GPU and none is "
                 "available: pass sdpa or eager (or leave it at auto)."
             )
-    if cfg.generation_backend == "vllm" and cfg.lmbda > 0:
+    if cfg.generation_backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
             problems.append(
                 "--generation_backend vllm needs the vllm package: pip install 'kd_dist[vllm]' "

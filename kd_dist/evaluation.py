@@ -311,6 +311,27 @@ def evaluate_on_policy(
     return dict(zip(ON_POLICY_KEYS, values, strict=True))
 
 
+def held_out_metrics(
+    accelerator: Accelerator,
+    student: torch.nn.Module,
+    teacher: PreTrainedModel | TeacherSignal | None,
+    teacher_model: PreTrainedModel | None,
+    batches: Iterable[dict[str, torch.Tensor]],
+    on_policy: Sampling | None,
+    seed: int,
+    **options: Any,
+) -> dict[str, float | None]:
+    """``evaluate``'s metrics of ``student`` (as prepared) against ``teacher`` (a model or its
+    signal), and with ``on_policy`` sampling (--eval_on_policy) ``evaluate_on_policy``'s of its
+    own completions, scored by ``teacher_model``. ``options``: ``evaluate``'s keyword arguments."""
+    metrics = evaluate(accelerator.unwrap_model(student), teacher, batches, **options)
+    if on_policy is not None:
+        metrics |= evaluate_on_policy(
+            accelerator, student, teacher_model, batches, on_policy, seed, **options
+        )
+    return metrics
+
+
 def eval_loader(
     accelerator: Accelerator,
     examples: torch.utils.data.Dataset,
@@ -372,13 +393,12 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
             autocast=accelerator.autocast, gather=accelerator.gather_for_metrics,
             fused=cfg.fused_loss, compute_dtype=precision_dtype(cfg),
         )  # fmt: skip
-        metrics = evaluate(student, teacher, batches, **options)
+        on_policy = None
         if cfg.measures_on_policy:
-            sampling = sampling_settings(cfg, tokenizer, data.end_of_turn_id)
-            metrics |= evaluate_on_policy(
-                accelerator, student, teacher, batches, sampling, cfg.seed, **options
-            )
-        return metrics
+            on_policy = sampling_settings(cfg, tokenizer, data.end_of_turn_id, [student])
+        return held_out_metrics(
+            accelerator, student, teacher, teacher, batches, on_policy, cfg.seed, **options
+        )
 
 
 def json_safe(record: dict[str, Any]) -> dict[str, Any]:

@@ -30,9 +30,10 @@ normalisation and the evaluation read it unchanged.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
+import os
 import random
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -70,9 +71,7 @@ class Sampling:
     vocab_size: int  # the tokenizer's: rows of a padded embedding beyond it are never sampled
 
     def generation_config(self) -> GenerationConfig:
-        """Every sampling setting explicit: a checkpoint's generation_config (its top_k,
-        temperature, repetition penalty) would otherwise change what the model samples, and
-        on-policy distillation needs samples of the student's own distribution."""
+        """The settings ``sample`` generates with (and nothing from the checkpoint's)."""
         sampled = self.temperature > 0
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
@@ -156,15 +155,30 @@ def with_completions(
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def generation_options(sampling: Sampling, sharded: bool) -> dict:
-    """``generate``'s keyword arguments. A ZeRO-3-sharded model gathers each layer's weights
-    from every rank at each of its forwards (synced_gpus): every rank runs as many as the
-    longest generation needs."""
-    return {
-        "generation_config": sampling.generation_config(),
-        "synced_gpus": sharded,
-        "logits_processor": LogitsProcessorList([TokenizerVocabulary(sampling.vocab_size)]),
-    }
+# How a model starts a sequence: kept from the checkpoint's generation_config while it samples.
+STRUCTURAL_IDS = ("bos_token_id", "decoder_start_token_id", "forced_bos_token_id")
+
+
+def sample(
+    model: PreTrainedModel, sampling: Sampling, sharded: bool, **inputs: torch.Tensor
+) -> torch.Tensor:
+    """``model.generate(**inputs)`` with ``sampling``'s settings alone. transformers fills
+    whatever a call leaves unset from the checkpoint's generation_config (its beams, top-k,
+    temperature, repetition penalty, minimum length, forced eos...): it is set aside for the
+    call, but for how the model starts a sequence, so that the samples are of the model's own
+    distribution. A ZeRO-3-sharded model gathers each layer's weights from every rank at each
+    of its forwards (``synced_gpus``): every rank runs as many as the longest generation needs."""
+    checkpoint = model.generation_config
+    model.generation_config = GenerationConfig(
+        **{name: getattr(checkpoint, name, None) for name in STRUCTURAL_IDS}
+    )
+    try:
+        return model.generate(
+            **inputs, generation_config=sampling.generation_config(), synced_gpus=sharded,
+            logits_processor=LogitsProcessorList([TokenizerVocabulary(sampling.vocab_size)]),
+        )  # fmt: skip
+    finally:
+        model.generation_config = checkpoint
 
 
 def transformers_completions(
@@ -182,10 +196,8 @@ def transformers_completions(
     for i, prompt in enumerate(prompts):
         left[i, width - len(prompt) :] = torch.as_tensor(prompt)
         left_mask[i, width - len(prompt) :] = 1
-    out = model.generate(
-        input_ids=left.to(device), attention_mask=left_mask.to(device),
-        **generation_options(sampling, sharded),
-    )  # fmt: skip
+    out = sample(model, sampling, sharded, input_ids=left.to(device),
+                 attention_mask=left_mask.to(device))  # fmt: skip
     return out[:, width:].tolist()
 
 
@@ -219,10 +231,8 @@ def generate_responses(
         return with_completions(prompts, starts, completions, sampling, device)
     # seq2seq: the source is the prompt; the decoder writes the completion.
     with seeded(seed, device):
-        out = model.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            **generation_options(sampling, sharded),
-        )  # fmt: skip
+        out = sample(model, sampling, sharded, input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"])  # fmt: skip
     trained = (batch["labels"] != IGNORE_INDEX).any(1).tolist()
     labels = [
         completion(tokens, sampling.stop_ids) if keep else [IGNORE_INDEX]
@@ -312,7 +322,10 @@ class GeneratedResponses:
     causal: bool
     vllm: VllmStudent | None = None  # --generation_backend vllm: the student's completions
     generates = True
-    tokens: int = 0  # generated (trained) tokens on this rank since the last report
+    # Since the last report, on this rank: the generated tokens trained on (those of rows with
+    # nothing to train on are not counted), and the time spent generating (the vLLM engine's
+    # weight updates and the teacher's generations included).
+    tokens: int = 0
     seconds: float = 0.0
 
     def fill(self, window: list[Batch], step: int) -> list[Batch]:
@@ -327,21 +340,20 @@ class GeneratedResponses:
             self.write(self.vllm.responses, "student", writers, filled, step)
         elif "student" in writers:  # gathered whole under ZeRO-3: no per-layer gathers
             with generating(self.accelerator, self.student) as student:
-                respond = functools.partial(self.transformers_responses, student, sharded=False)
-                self.write(respond, "student", writers, filled, step)
+                self.write(self.responder(student, sharded=False), "student", writers, filled,
+                           step)  # fmt: skip
         if "teacher" in writers:  # frozen, in eval mode already
             with self.accelerator.autocast():
-                respond = functools.partial(
-                    self.transformers_responses, self.teacher, sharded=is_sharded(self.teacher)
-                )
+                respond = self.responder(self.teacher, sharded=is_sharded(self.teacher))
                 self.write(respond, "teacher", writers, filled, step)
         self.seconds += time.perf_counter() - start
         return filled
 
-    def transformers_responses(
-        self, model: PreTrainedModel, batch: Batch, seed: int, sharded: bool
-    ) -> Batch:
-        return generate_responses(model, batch, self.sampling, seed, self.causal, sharded)
+    def responder(self, model: PreTrainedModel, sharded: bool) -> Callable[[Batch, int], Batch]:
+        """``write``'s ``respond`` for a transformers model."""
+        return lambda batch, seed: generate_responses(
+            model, batch, self.sampling, seed, self.causal, sharded
+        )
 
     def write(
         self,
@@ -382,6 +394,17 @@ class VllmStudent:
         from vllm import LLM
 
         self.accelerator, self.sampling = accelerator, sampling
+        # The external launcher joins this run's processes through torch.distributed's
+        # environment, which a plain one-process start (`kd-dist train`) leaves unset.
+        for name, value in (("RANK", accelerator.process_index),
+                            ("LOCAL_RANK", accelerator.local_process_index),
+                            ("WORLD_SIZE", accelerator.num_processes),
+                            ("MASTER_ADDR", "127.0.0.1")):  # fmt: skip
+            os.environ.setdefault(name, str(value))
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as free:
+                free.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(free.getsockname()[1])
         self.llm = LLM(
             model=cfg.student_model,
             tensor_parallel_size=1,
@@ -391,6 +414,9 @@ class VllmStudent:
             dtype="bfloat16" if cfg.bf16 else "float16" if cfg.fp16 else "auto",
             seed=cfg.seed + accelerator.process_index,
             trust_remote_code=cfg.trust_remote_code,
+            # vLLM's memory profiling reserves room for this many tokens in one forward; its
+            # default (tens of thousands) misjudges what is left beside the training.
+            max_num_batched_tokens=4096,
         )
         self.weights_of_step: int | None = None  # the step whose weights the engine holds
         accelerator.wait_for_everyone()  # every engine is up before training goes on
@@ -453,25 +479,29 @@ def generated_batches(
 
 
 def sampling_settings(
-    cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, end_of_turn: int | None
+    cfg: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    end_of_turn: int | None,
+    models: Iterable[PreTrainedModel],
 ) -> Sampling:
-    """The run's sampling: a completion stops at eos or at the chat template's end of turn."""
-    stops = tuple(token for token in (tokenizer.eos_token_id, end_of_turn) if token is not None)
+    """The run's sampling. A completion stops at the tokenizer's eos, the chat template's end of
+    turn, or any eos the generating models' checkpoints list (Llama-3-Instruct's lists three)."""
+    stops = [tokenizer.eos_token_id, end_of_turn]
+    for model in models:
+        listed = model.generation_config.eos_token_id if model.generation_config else None
+        stops += listed if isinstance(listed, list) else [listed]
     return Sampling(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.generation_temperature,
-        top_p=cfg.top_p, stop_ids=stops, pad_id=tokenizer.pad_token_id,
-        vocab_size=len(tokenizer),
+        top_p=cfg.top_p, stop_ids=tuple(dict.fromkeys(t for t in stops if t is not None)),
+        pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
     )  # fmt: skip
 
 
 def check_prompts(cfg: TrainConfig, data_format: str) -> None:
     """Generated responses need prompts: refuse plain text data (before any model loads)."""
-    if data_format != "text" or not (cfg.generates or cfg.measures_on_policy):
-        return
-    flags = [f for f, on in (("--lmbda", cfg.lmbda > 0), ("--seq_kd", cfg.seq_kd)) if on]
-    flags = flags or ["--eval_on_policy"]
-    raise ConfigError(
-        f"{' and '.join(flags)} generate responses to the dataset's prompts, and {cfg.dataset} "
-        "is plain text, which has none: use instruction, prompt/completion, chat or seq2seq "
-        "data (--dataset_format), or drop them."
-    )
+    if data_format == "text" and cfg.generation_flags():
+        raise ConfigError(
+            f"{' and '.join(cfg.generation_flags())} generate responses to the dataset's "
+            f"prompts, and {cfg.dataset} is plain text, which has none: use instruction, "
+            "prompt/completion, chat or seq2seq data (--dataset_format), or drop them."
+        )

@@ -134,13 +134,13 @@ def resolve_lengths(cfg: TrainConfig) -> TrainConfig:
             whose = "models'" if len(binding) > 1 else f"{binding[0]}'s"
             less = f" less --max_new_tokens {room}" if room else ""
             why = f"min of {DEFAULT_MAX_LENGTH} and the {whose} {smallest} positions{less}"
+            if length < 2:
+                raise ConfigError(
+                    f"--max_new_tokens {room} leaves no room for the prompts in the {whose} "
+                    f"{smallest} positions: lower --max_new_tokens."
+                )
         else:
             why = "the models have no position limit"
-        if length < 2:
-            raise ConfigError(
-                f"--max_new_tokens {room} leaves no room for the prompts in the {whose} "
-                f"{smallest} positions: lower --max_new_tokens."
-            )
         logger.info("--max_length not set: using %d (%s).", length, why)
         cfg = replace(cfg, max_length=length)
     if cfg.task_type == "seq2seq" and cfg.max_target_length is None:

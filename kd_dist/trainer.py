@@ -65,7 +65,7 @@ from kd_dist.engine import (
     partitioned_loading,
     place_teacher,
 )
-from kd_dist.evaluation import eval_loader, evaluate, evaluate_on_policy, json_safe
+from kd_dist.evaluation import eval_loader, held_out_metrics, json_safe
 from kd_dist.generation import (
     DatasetResponses,
     GeneratedResponses,
@@ -596,10 +596,11 @@ def prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> RunData:
             before, now = teacher_source(saved.teacher_cache), teacher_source(cache_id)
             differences.append(f"what the loss compares with ({before} -> {now})")
         refuse_mismatch(checkpoint, differences, cfg)
-    if data.eval is None and (cfg.eval_steps or cfg.eval_before_training):
+    if data.eval is None and (cfg.eval_steps or cfg.eval_before_training or cfg.eval_on_policy):
         raise ConfigError(
-            "--eval_steps and --eval_before_training need an eval split, and the dataset has "
-            "none: pass --eval_ratio (e.g. 0.05) or --eval_split, or drop those flags."
+            "--eval_steps, --eval_before_training and --eval_on_policy need an eval split, and "
+            "the dataset has none: pass --eval_ratio (e.g. 0.05) or --eval_split, or drop those "
+            "flags."
         )
     accelerator.wait_for_everyone()  # every rank has checked output_dir before anything is written
     if accelerator.is_main_process:
@@ -676,7 +677,8 @@ def prepare_models(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> 
     micro_step = make_micro_step(cfg, accelerator, student, signal, vocab_size, chunk_rows, fused)
     responses: ResponseSource = DatasetResponses()
     if cfg.generates:
-        sampling = sampling_settings(cfg, run.tokenizer, run.data.end_of_turn_id)
+        generators = [accelerator.unwrap_model(student), *([teacher] if cfg.seq_kd else [])]
+        sampling = sampling_settings(cfg, run.tokenizer, run.data.end_of_turn_id, generators)
         use_vllm = cfg.generation_backend == "vllm" and cfg.lmbda > 0
         responses = GeneratedResponses(
             accelerator, student, teacher, sampling, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd,
@@ -714,20 +716,14 @@ def make_evaluator(
         gather=accelerator.gather_for_metrics, fused=models.fused,
         compute_dtype=precision_dtype(cfg), autocast=accelerator.autocast,
     )  # fmt: skip
-    student = accelerator.unwrap_model(models.student)
-    if not cfg.measures_on_policy:
-        return functools.partial(evaluate, student, signal, batches, **options)
-    sampling = sampling_settings(cfg, run.tokenizer, run.data.end_of_turn_id)
-
-    def evaluate_both() -> dict[str, float | None]:
-        return {
-            **evaluate(student, signal, batches, **options),
-            **evaluate_on_policy(
-                accelerator, models.student, models.teacher, batches, sampling, cfg.seed, **options
-            ),
-        }
-
-    return evaluate_both
+    on_policy = None
+    if cfg.measures_on_policy:
+        student = accelerator.unwrap_model(models.student)
+        on_policy = sampling_settings(cfg, run.tokenizer, run.data.end_of_turn_id, [student])
+    return functools.partial(
+        held_out_metrics, accelerator, models.student, signal, models.teacher, batches,
+        on_policy, cfg.seed, **options,
+    )  # fmt: skip
 
 
 def restore_state(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> TrainerState:
@@ -788,6 +784,7 @@ def train_steps(
 
     # An optimizer step waits on the host once and runs one small collective of its own, at its
     # end (agree_on_step): every decision that must be the same on every rank is taken there.
+    # (A step that generates its responses also counts its tokens once they are written.)
     # accelerate divides each backward by the accumulation steps and DDP/ZeRO average over
     # ranks; this undoes both so the step's gradient is sum(loss) / the step's tokens.
     backward_scale = cfg.gradient_accumulation_steps * accelerator.num_processes
@@ -812,12 +809,11 @@ def train_steps(
             # --lmbda / --seq_kd: generated responses replace the dataset's (on every rank the
             # same micro-batches), so this step's tokens are counted after them.
             window = models.responses.fill(window, step)
+            count_ahead = not models.responses.generates  # else counted once generated
             if step_counts is None:  # an epoch's first step, or a generated window
                 step_counts = accelerator.reduce(
                     local_counts(window, causal, accelerator.device), reduction="sum"
                 )
-            # A generated window is counted once generated, not a step ahead.
-            counted_ahead = None if models.responses.generates else upcoming
             # Set before the backward passes: DeepSpeed steps inside the window's last one.
             learning_rate = learning_rate_at(state.global_step, cfg, total_steps)
             for group in models.optimizer.param_groups:
@@ -830,10 +826,11 @@ def train_steps(
             faults.after_step(step)  # injected signals and hangs land before the agreement
             report = agree_on_step(
                 accelerator, step_counts, sums, skipped,
-                next_counts=local_counts(counted_ahead, causal, accelerator.device),
+                next_counts=local_counts(upcoming if count_ahead else None, causal,
+                                         accelerator.device),
                 grad_norm=grad_norm, preempted=preemption.received is not None,
             )  # fmt: skip
-            step_counts = None if models.responses.generates else report.next_counts
+            step_counts = report.next_counts if count_ahead else None
             take_step(cfg, accelerator, models.optimizer, state, report, step, len(window))
             progress.update(1)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from kd_dist.cli import main
@@ -80,6 +82,10 @@ def test_output_dir_that_is_a_file_is_refused(capsys, model_pair, text_dataset, 
     assert "is a file" in err
 
 
+def vllm_can_run() -> bool:
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
 def other_tokenizer_student(tmp_path: Path, tokenizer) -> str:
     other = build_tokenizer(["completely different words here"] * 20, vocab_size=280)
     return save_pair(tmp_path / "student", build_model("gpt2", other, "tiny"), other)
@@ -104,6 +110,11 @@ def folder_with_notes(tmp_path: Path) -> Path:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     return tmp_path / "out"
+
+
+def dolly_like(tmp_path: Path) -> Path:
+    rows = [{"instruction": f"say {word}", "response": word} for word in ("a", "b", "c", "d")]
+    return write_jsonl(tmp_path / "instructions.jsonl", rows)
 
 
 @dataclass
@@ -165,6 +176,25 @@ BAD_INPUTS = {
         "--max_length + --max_new_tokens 600 is longer than the 512 positions",
         ("--lmbda", "1", "--max_length", "400", "--max_new_tokens", "200"),
     ),
+    "generation on a text format": BadInput(
+        "--dataset_format text has none", ("--eval_on_policy", "--dataset_format", "text")
+    ),
+    "on-policy with the prompt trained": BadInput(
+        "drop --train_on_prompt", ("--lmbda", "0.5", "--train_on_prompt")
+    ),
+    "negative generation temperature": BadInput(
+        "--generation_temperature must be >= 0", ("--generation_temperature", "-1")
+    ),
+    "no new tokens": BadInput("--max_new_tokens must be at least 1", ("--max_new_tokens", "0")),
+    "sequence-level KD with every batch the student's": BadInput(
+        "--lmbda 1 leaves it none", ("--seq_kd", "--lmbda", "1")
+    ),
+    "vllm backend with nothing for it to write": BadInput(
+        "--lmbda 0 generates none", ("--seq_kd", "--generation_backend", "vllm")
+    ),
+    "on-policy evaluation without an eval split": BadInput(
+        "--eval_on_policy need an eval split", ("--eval_on_policy",), dataset=dolly_like
+    ),
     "vllm backend without its package or a GPU": BadInput(
         "--generation_backend vllm needs", ("--lmbda", "1", "--generation_backend", "vllm")
     ),
@@ -184,6 +214,9 @@ BAD_INPUTS = {
 def test_bad_input_is_a_clear_error_before_any_model_loads_and_nothing_is_written(
     case, capsys, model_pair, tokenizer, text_dataset, tmp_path, monkeypatch
 ):
+    if case.flags[-2:] == ("--generation_backend", "vllm") and vllm_can_run():
+        pytest.skip("this machine has vLLM and a CUDA GPU: the backend is not refused here")
+
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded before the error")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from kd_dist.cli import main
 from kd_dist.config import TrainConfig
@@ -28,6 +28,7 @@ from kd_dist.generation import (
 )
 from kd_dist.losses import IGNORE_INDEX
 from kd_dist.tiny import build_model
+from tests.conftest import write_jsonl
 from tests.test_distributed import (
     accelerate_launch,
     deepspeed_config,
@@ -35,7 +36,7 @@ from tests.test_distributed import (
     relative_difference,
     torchrun,
 )
-from tests.test_evaluation import documented_keys
+from tests.test_evaluation import documented_keys, saved_tokenizer
 from tests.test_train import train_args, training_examples
 
 ONE_SGD_STEP = ["--optimizer", "sgd", "--max_steps", "1", "--clip_grad_norm", "0",
@@ -142,6 +143,35 @@ def test_a_generated_batch_trains_on_its_completions_only(tokenizer, dolly_datas
     assert not torch.equal(other["input_ids"], generated["input_ids"])
 
 
+def test_the_checkpoints_own_generation_settings_do_not_change_the_samples(
+    tokenizer, dolly_dataset
+):
+    """A checkpoint's generation_config (beam search, a repetition penalty, a minimum length,
+    top-k, its temperature) is not how on-policy samples are drawn: they are those of the same
+    model without one, and its generation_config is left as it was."""
+    model = padded_vocab_student(tokenizer)
+    batch = dolly_batch(tokenizer, dolly_dataset)
+    sampling = Sampling(max_new_tokens=6, temperature=1.0, top_p=1.0,
+                        stop_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.eos_token_id,
+                        vocab_size=len(tokenizer))  # fmt: skip
+    plain = generate_responses(model, batch, sampling, seed=3, causal=True)
+    settings = dict(num_beams=3, no_repeat_ngram_size=1, repetition_penalty=3.0, top_k=2,
+                    min_new_tokens=6, temperature=0.3)  # fmt: skip
+    model.generation_config.update(**settings)
+    configured = generate_responses(model, batch, sampling, seed=3, causal=True)
+    assert all(torch.equal(configured[key], plain[key]) for key in plain)
+    assert {k: getattr(model.generation_config, k) for k in settings} == settings
+    # What transformers would have done with them: another sample.
+    prompts = batch["input_ids"][:1, :12]
+    torch.manual_seed(3)
+    leaked = model.generate(input_ids=prompts, generation_config=sampling.generation_config())
+    model.generation_config = GenerationConfig()
+    torch.manual_seed(3)
+    assert not torch.equal(
+        leaked, model.generate(input_ids=prompts, generation_config=sampling.generation_config())
+    )
+
+
 def test_a_seq2seq_batch_keeps_its_source_and_trains_on_the_generated_target(
     tokenizer, pairs_dataset
 ):
@@ -179,6 +209,56 @@ def test_which_batches_are_generated_depends_on_the_seed_and_step_not_the_rank()
     assert set(writers(0.0, seq_kd=True)) == {"teacher"}
     mixed = writers(0.3, seq_kd=True)
     assert set(mixed) == {"student", "teacher"} and 0.25 < mixed.count("student") / 1000 < 0.35
+
+
+def prompt_of(example: dict) -> list[int]:
+    """An instruction example's prompt: its tokens before the first trained one."""
+    start = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    return example["input_ids"][:start]
+
+
+def stop_after(model, prompts: list[list[int]], vocab_size: int, eos: int, steps: int) -> None:
+    """Make ``model`` stop at varied lengths: eos gets the output row of the token whose first
+    greedy occurrence after the prompts is spread most widely over the first ``steps``
+    positions. A tie of logits goes to eos (its id is smaller), so greedy decoding now stops
+    where it would have written that token, and the completions end at different lengths."""
+    rows = [greedy_completion(model, prompt, vocab_size, eos, steps) for prompt in prompts]
+
+    def stops(token: int) -> set[int]:
+        return {row.index(token) if token in row else steps for row in rows}
+
+    token = max({t for row in rows for t in row}, key=lambda t: (len(stops(t)), -t))
+    with torch.no_grad():
+        model.get_output_embeddings().weight[eos] = model.get_output_embeddings().weight[token]
+
+
+@pytest.fixture(scope="module")
+def completions_dataset(sentences, tmp_path_factory) -> Path:
+    """Prompt/completion rows: a sentence's first three words, and the rest. (Unlike an
+    instruction template's, these prompts end differently: so do the continuations.)"""
+    rows = [{"prompt": " ".join(s.split()[:3]), "completion": " " + " ".join(s.split()[3:])}
+            for s in sentences]  # fmt: skip
+    return write_jsonl(tmp_path_factory.mktemp("data") / "completions.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def stopping_pair(model_pair, completions_dataset, tmp_path_factory) -> tuple[str, str]:
+    """The tiny Llama teacher and student, each made to stop at varied lengths (``stop_after``)
+    on ``completions_dataset``'s prompts: the completions of a batch, a micro-batch and a rank
+    differ in length, as real ones do."""
+    root = tmp_path_factory.mktemp("stopping")
+    tokenizer = saved_tokenizer(model_pair("llama")[1])
+    config = TrainConfig(dataset=str(completions_dataset), max_length=96)
+    examples = build_datasets(config, tokenizer).train
+    prompts = [prompt_of(example) for example in examples]
+    folders = []
+    for role, folder in zip(("teacher", "student"), model_pair("llama"), strict=True):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        stop_after(model, prompts, len(tokenizer), tokenizer.eos_token_id, steps=5)
+        model.save_pretrained(root / role)
+        tokenizer.save_pretrained(root / role)
+        folders.append(str(root / role))
+    return folders[0], folders[1]
 
 
 def greedy_completion(model, prompt: list[int], vocab_size: int, eos: int, limit: int) -> list:
@@ -223,16 +303,17 @@ def one_step_on_completions(
 @pytest.mark.parametrize(("writer", "flags"), [("student", ["--lmbda", "1"]),
                                                ("teacher", ["--seq_kd"])])  # fmt: skip
 def test_one_step_is_the_float64_step_on_the_generated_completions(
-    writer, flags, model_pair, dolly_dataset, tmp_path
+    writer, flags, stopping_pair, completions_dataset, tmp_path
 ):
     """Greedy: one SGD step over all 64 examples lands where the float64 gradient of the loss
     on the completions of their prompts says, the student's own (--lmbda 1) or the teacher's
     (--seq_kd); the loss covers the generated tokens only (the prompts and the dataset's
-    responses add nothing) and is divided by their number. A padded vocabulary's extra rows
-    are never generated."""
-    teacher, student = model_pair("llama")  # no dropout
+    responses add nothing) and is divided by their number, whatever their lengths. A padded
+    vocabulary's extra rows are never generated."""
+    teacher, student = stopping_pair  # Llama: no dropout
     out = tmp_path / "run"
-    argv = train_args(teacher, student, dolly_dataset, out, *ONE_SGD_STEP, "--batch_size", "64",
+    argv = train_args(teacher, student, completions_dataset, out, *ONE_SGD_STEP, "--batch_size",
+                      "64",
                       *flags, "--generation_temperature", "0", "--max_new_tokens", "5",
                       "--alpha", "0.2", "--max_length", "96")  # fmt: skip
     assert main(argv) == 0
@@ -242,10 +323,10 @@ def test_one_step_is_the_float64_step_on_the_generated_completions(
     model.eval()
     rows = []
     for example in examples:
-        start = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
-        prompt = example["input_ids"][:start]
+        prompt = prompt_of(example)
         written = greedy_completion(model, prompt, len(tokenizer), tokenizer.eos_token_id, 5)
         rows.append((prompt, written))
+    assert len({len(written) for _, written in rows}) >= 3  # completions of varied lengths
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["generated_tokens"] == sum(len(written) for _, written in rows)
     expected = one_step_on_completions(teacher, student, rows, cfg, len(tokenizer))
@@ -325,21 +406,21 @@ def test_a_run_preempted_mid_epoch_resumes_to_the_same_weights(
 
 @pytest.mark.distributed
 def test_two_processes_take_the_single_process_step_on_generated_completions(
-    model_pair, dolly_dataset, tmp_path
+    stopping_pair, completions_dataset, tmp_path
 ):
     """Greedy, so the completions do not depend on how the batch is split: one SGD step of 2
-    processes x batch 2 x accumulation 2 equals one process's step on the whole batch of 8,
+    processes x batch 4 x accumulation 2 equals one process's step on the whole batch of 16,
     with completions of different lengths on every rank and micro-batch (the loss is divided by
     the step's generated tokens over all of them). The student writes them under ZeRO-3
     (gathered once for generation) and DDP; the teacher under --seq_kd, sharded by its own
     ZeRO-3 engine (gathered layer by layer, every rank in step). The on-policy evaluation of the
     held-out prompts, split over the ranks, measures what one process measures."""
-    teacher, student = model_pair("llama")
+    teacher, student = stopping_pair
     common = ["--teacher_model", teacher, "--student_model", student, "--dataset",
-              str(dolly_dataset), *ONE_SGD_STEP, "--generation_temperature", "0",
+              str(completions_dataset), *ONE_SGD_STEP, "--generation_temperature", "0",
               "--max_new_tokens", "5", "--alpha", "0.2", "--max_length", "96",
               "--eval_ratio", "0.25", "--eval_on_policy"]  # fmt: skip
-    split = ["--batch_size", "2", "--gradient_accumulation_steps", "2"]
+    split = ["--batch_size", "4", "--gradient_accumulation_steps", "2"]
     start = load_file(Path(student) / "model.safetensors")
     lmbda, seq_kd = ["--lmbda", "1"], ["--seq_kd"]
     runs = {  # name: (launcher, what generates, this run's own flags)
@@ -353,7 +434,7 @@ def test_two_processes_take_the_single_process_step_on_generated_completions(
         key = generating[0]
         if key not in singles:
             singles[key] = tmp_path / f"single{len(singles)}"
-            argv = ["train", *common, *generating, "--batch_size", "8", "--output_dir",
+            argv = ["train", *common, *generating, "--batch_size", "16", "--output_dir",
                     str(singles[key])]  # fmt: skip
             assert main(argv) == 0
         out = tmp_path / name
@@ -367,6 +448,7 @@ def test_two_processes_take_the_single_process_step_on_generated_completions(
             for run in (singles[key], out)
         ]
         assert records[1][0]["loss"] == pytest.approx(records[0][0]["loss"], rel=1e-5), name
+        assert records[0][0]["generated_tokens"] < 16 * 5  # some completions stopped early
         single_eval, split_eval = (r[-1] for r in records)
         for metric in ("on_policy_teacher_nll", "on_policy_reverse_kl", "on_policy_tokens"):
             assert split_eval[f"eval_{metric}"] == pytest.approx(
@@ -406,17 +488,19 @@ def test_seq2seq_trains_on_its_own_targets_and_kd_dist_eval_measures_them(
     not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
     reason="--generation_backend vllm needs a CUDA GPU and the vllm package",
 )
-def test_vllm_completions_train_as_the_transformers_ones(model_pair, dolly_dataset, tmp_path):
+def test_vllm_completions_train_as_the_transformers_ones(
+    stopping_pair, completions_dataset, tmp_path
+):
     """Greedy, two steps (the second after vLLM took the first step's weights): vLLM's
-    completions are the transformers ones, so the runs generate as many tokens and end on the
-    same weights (up to the kernels' rounding).
+    completions, which stop at varied lengths, are the transformers ones, so the runs generate
+    as many tokens step by step and end on the same weights (up to the kernels' rounding).
 
     Run on a GPU machine with vLLM: ``pytest tests/test_on_policy.py -m gpu``."""
-    teacher, student = model_pair("llama")
+    teacher, student = stopping_pair
     runs = {}
     for backend in ("transformers", "vllm"):
         runs[backend] = tmp_path / backend
-        argv = train_args(teacher, student, dolly_dataset, runs[backend], "--max_steps", "2",
+        argv = train_args(teacher, student, completions_dataset, runs[backend], "--max_steps", "2",
                           "--lmbda", "1", "--generation_temperature", "0", "--max_new_tokens",
                           "8", "--max_length", "96", "--save_every", "0",
                           "--generation_backend", backend)  # fmt: skip
@@ -430,3 +514,15 @@ def test_vllm_completions_train_as_the_transformers_ones(model_pair, dolly_datas
     expected, actual = (load_file(run / "model.safetensors") for run in runs.values())
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_cache_teacher_refuses_generation_flags(model_pair, dolly_dataset, tmp_path, capsys):
+    """A cache holds the teacher's distributions of the dataset's responses: generating is a
+    training choice, refused before anything is read or written."""
+    teacher, _ = model_pair("gpt2")
+    out = tmp_path / "cache"
+    argv = ["cache-teacher", "--teacher_model", teacher, "--dataset", str(dolly_dataset),
+            "--output_dir", str(out), "--lmbda", "0.5"]  # fmt: skip
+    assert main(argv) == 2
+    assert "drop them from cache-teacher" in capsys.readouterr().err
+    assert not out.exists()
