@@ -391,7 +391,9 @@ def test_eval_flags_without_an_eval_split_fail_before_models_load(model_pair, te
             str(text_dataset), "--output_dir", str(tmp_path / "run"),
             "--eval_steps", "5"]  # fmt: skip
     assert main(argv) == 2
-    assert "--eval_steps and --eval_before_training need an eval split" in capsys.readouterr().err
+    assert "--eval_steps, --eval_before_training and --eval_on_policy need an eval split" in (
+        capsys.readouterr().err
+    )
 
 
 def test_eval_command_on_a_seq2seq_student_equals_the_reference(model_pair, pairs_dataset,
