@@ -1,5 +1,5 @@
-"""Command line: ``kd-dist train|tokenize|cache-teacher|eval|report|demo`` (also ``python -m
-kd_dist ...``).
+"""Command line: ``kd-dist train|tokenize|cache-teacher|eval|make-student|report|demo`` (also
+``python -m kd_dist ...``).
 
 The ``train`` flags are generated from ``TrainConfig``'s fields, so every flag can also be set in
 a ``--config run.yaml`` file; precedence is defaults < YAML < command line. ``tokenize`` and
@@ -129,6 +129,43 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def build_make_student_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--teacher_model", required=True, help="The teacher: a folder or hub name.")
+    parser.add_argument(
+        "--num_layers", type=int,
+        help="Keep this many layers, evenly spaced, the first and last included (seq2seq: in the "
+        "encoder, and in the decoder unless a decoder flag is given).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layers", metavar="0,3,6,...",
+        help="Keep these layers (seq2seq: of the encoder, and of the decoder unless a decoder "
+        "flag is given).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--num_decoder_layers", type=int, help="Seq2seq: keep this many decoder layers."
+    )
+    parser.add_argument(
+        "--decoder_layers", metavar="0,3,6,...", help="Seq2seq: keep these decoder layers."
+    )
+    parser.add_argument("--output_dir", required=True, help="A new or empty folder.")
+    return parser
+
+
+DECODER_FLAGS = ("--num_decoder_layers", "--decoder_layers")
+
+
+def run_make_student(args: argparse.Namespace) -> str:
+    from kd_dist.make_student import LayerChoice, make_student
+
+    summary = make_student(
+        args.teacher_model,
+        args.output_dir,
+        LayerChoice(args.num_layers, args.layers, ("--num_layers", "--layers")),
+        LayerChoice(args.num_decoder_layers, args.decoder_layers, DECODER_FLAGS),
+    )
+    return summary.describe()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kd-dist",
@@ -159,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(
             "eval",
             help="Held-out metrics of a saved student against its teacher.",
+            allow_abbrev=False,
+        )
+    )
+    build_make_student_parser(
+        commands.add_parser(
+            "make-student",
+            help="Cut a student from the teacher: its embeddings, final norm, output layer and "
+            "some of its layers, written as a Hugging Face model folder.",
             allow_abbrev=False,
         )
     )
@@ -228,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.output_json:
                     with open(args.output_json, "w") as handle:
                         handle.write(json.dumps(json_safe(metrics), indent=2) + "\n")
+        elif args.command == "make-student":
+            print(run_make_student(args))
         elif args.command == "report":
             from kd_dist.report import write_report
 

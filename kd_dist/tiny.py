@@ -64,7 +64,7 @@ def model_config(family: str, vocab_size: int, size: str = "small", **overrides:
             word_embed_proj_dim=hidden,
             max_position_embeddings=512,
         )
-    elif family in ("llama", "qwen2", "gemma2", "cohere"):
+    elif family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "cohere"):
         kwargs = dict(
             hidden_size=hidden,
             intermediate_size=hidden * 2,

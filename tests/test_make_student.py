@@ -1,0 +1,209 @@
+"""`kd-dist make-student`: a student cut from the teacher computes what the teacher computes with
+the dropped layers deleted, loads cleanly, keeps the tokenizer files, and trains."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+)
+
+import kd_dist.make_student as make_student_module
+from kd_dist.cli import main
+from kd_dist.make_student import LayerChoice, evenly_spaced, make_student
+from kd_dist.tiny import build_model, save_pair
+
+# Written here, not taken from make_student: each family's block containers (module paths) and
+# the config attributes that count them, as the reference cut below needs them.
+CONTAINERS = {
+    "llama": [("model.layers", "num_hidden_layers")],
+    "mistral": [("model.layers", "num_hidden_layers")],
+    "qwen2": [("model.layers", "num_hidden_layers")],
+    "qwen3": [("model.layers", "num_hidden_layers")],
+    "gemma": [("model.layers", "num_hidden_layers")],
+    "gemma2": [("model.layers", "num_hidden_layers")],
+    "gpt2": [("transformer.h", "n_layer")],
+    "opt": [("model.decoder.layers", "num_hidden_layers")],
+    "t5": [("encoder.block", "num_layers"), ("decoder.block", "num_decoder_layers")],
+    "bart": [
+        ("model.encoder.layers", "encoder_layers"),
+        ("model.decoder.layers", "decoder_layers"),
+    ],
+}
+SEQ2SEQ = ("t5", "bart")
+LAYERS = 4
+# Qwen2/3, Mistral and Gemma2 get a sliding window shorter than the inputs, so that each layer's
+# attention type matters; Qwen's bottom two layers keep full attention.
+WINDOWS = {
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
+    "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
+    "mistral": dict(sliding_window=4),
+    "gemma2": dict(sliding_window=4),
+}
+NO_DECODER_FLAGS = LayerChoice(None, None, ("--num_decoder_layers", "--decoder_layers"))
+
+
+def layers_flag(text: str) -> LayerChoice:
+    return LayerChoice(None, text, ("--num_layers", "--layers"))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tokenizer):
+    """``teacher(family)`` -> folder of a 4-layer teacher (both stacks for seq2seq), cached."""
+    cache: dict[str, str] = {}
+
+    def make(family: str) -> str:
+        if family not in cache:
+            counts = {count: LAYERS for _, count in CONTAINERS[family]}
+            torch.manual_seed(0)
+            model = build_model(family, tokenizer, "small", **counts, **WINDOWS.get(family, {}))
+            cache[family] = save_pair(tmp_path_factory.mktemp(family), model, tokenizer)
+        return cache[family]
+
+    return make
+
+
+def load(folder: str | Path, family: str):
+    auto = AutoModelForSeq2SeqLM if family in SEQ2SEQ else AutoModelForCausalLM
+    model, info = auto.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    return model.eval()
+
+
+def logits(model, family: str) -> torch.Tensor:
+    torch.manual_seed(1)
+    ids = torch.randint(4, 250, (2, 12))  # longer than the sliding windows
+    extra = {"decoder_input_ids": ids[:, :7]} if family in SEQ2SEQ else {}
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False, **extra).logits
+
+
+def delete_layers(model, family: str, kept: list[int]) -> None:
+    """The reference cut: the teacher's dropped blocks deleted from its ModuleLists in place, and
+    its config told how many blocks and which attention types are left."""
+    for path, count in CONTAINERS[family]:
+        blocks = model.get_submodule(path)
+        if family == "t5" and 0 not in kept:
+            # T5's first block computes the relative position bias the others reuse: the new
+            # first block takes over the teacher's bias table.
+            attention, first = blocks[kept[0]].layer[0].SelfAttention, blocks[0].layer[0]
+            attention.relative_attention_bias = first.SelfAttention.relative_attention_bias
+            attention.has_relative_attention_bias = True
+        for index in sorted(set(range(len(blocks))) - set(kept), reverse=True):
+            del blocks[index]
+        setattr(model.config, count, len(kept))
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+
+
+@pytest.mark.parametrize("family", list(CONTAINERS))
+def test_the_student_is_the_teacher_with_the_dropped_layers_deleted(family, teacher, tmp_path):
+    source = teacher(family)
+    teacher_model = load(source, family)
+    make_student(source, tmp_path / "all", layers_flag("0,1,2,3"), NO_DECODER_FLAGS)
+    assert torch.equal(
+        logits(load(tmp_path / "all", family), family), logits(teacher_model, family)
+    )
+
+    kept = [1, 3]  # drops layer 0: T5's position bias must move to the student's first block
+    summary = make_student(source, tmp_path / "cut", layers_flag("1,3"), NO_DECODER_FLAGS)
+    student = load(tmp_path / "cut", family)
+    delete_layers(teacher_model, family, kept)
+    assert torch.equal(logits(student, family), logits(teacher_model, family))
+    for _, count in CONTAINERS[family]:
+        assert getattr(student.config, count) == 2
+    assert student.config.get_text_config().tie_word_embeddings == (
+        teacher_model.config.get_text_config().tie_word_embeddings
+    )
+    stored = {t.data_ptr(): t.numel() for t in student.state_dict().values()}  # tied: once
+    assert summary.student_parameters == sum(stored.values())
+    assert all(layers == kept for layers in summary.kept.values())
+
+
+def test_layer_types_and_qwen_windows_follow_their_layers(teacher, tmp_path):
+    source = teacher("qwen2")
+    make_student(source, tmp_path / "s", layers_flag("1,2,3"), NO_DECODER_FLAGS)
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert config["max_window_layers"] == 1  # of the kept layers, only teacher layer 1 is below 2
+
+
+def test_seq2seq_decoder_takes_its_own_flags(teacher, tmp_path):
+    source = teacher("bart")
+    decoder = LayerChoice(1, None, ("--num_decoder_layers", "--decoder_layers"))
+    summary = make_student(source, tmp_path / "s", layers_flag("0,2,3"), decoder)
+    assert summary.kept == {"encoder": [0, 2, 3], "decoder": [0]}
+    config = load(tmp_path / "s", "bart").config
+    assert (config.encoder_layers, config.decoder_layers) == (3, 1)
+
+
+def test_sharded_bf16_teacher_gives_a_sharded_bf16_student(tokenizer, tmp_path, monkeypatch):
+    model = build_model("llama", tokenizer, "small", num_hidden_layers=LAYERS).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "teacher", max_shard_size="100KB")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    assert (tmp_path / "teacher" / "model.safetensors.index.json").is_file()
+    monkeypatch.setattr(make_student_module, "MAX_SHARD_BYTES", 60_000)
+    make_student(str(tmp_path / "teacher"), tmp_path / "s", layers_flag("0,3"), NO_DECODER_FLAGS)
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1
+    for file in files:
+        with safe_open(tmp_path / "s" / file, framework="pt") as handle:
+            assert {handle.get_tensor(name).dtype for name in handle.keys()} == {torch.bfloat16}  # noqa: SIM118
+    student = load(tmp_path / "s", "llama")
+    reference = load(tmp_path / "teacher", "llama")
+    delete_layers(reference, "llama", [0, 3])
+    assert torch.equal(logits(student, "llama"), logits(reference, "llama"))
+
+
+def test_tokenizer_chat_template_and_generation_config_are_kept(tokenizer, tmp_path):
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    model = build_model("gpt2", chat, "small", n_layer=LAYERS)
+    model.generation_config = GenerationConfig(
+        max_new_tokens=7, do_sample=True, temperature=0.7, eos_token_id=chat.eos_token_id
+    )
+    source = save_pair(tmp_path / "teacher", model, chat)
+    make_student(source, tmp_path / "s", LayerChoice(2, None, ("--num_layers", "--layers")),
+                 NO_DECODER_FLAGS)  # fmt: skip
+    kept = AutoTokenizer.from_pretrained(tmp_path / "s")
+    assert kept.chat_template == chat.chat_template
+    assert (
+        kept.get_vocab() == chat.get_vocab()
+        and kept("the cat").input_ids == chat("the cat").input_ids
+    )
+    assert GenerationConfig.from_pretrained(tmp_path / "s").to_diff_dict() == (
+        GenerationConfig.from_pretrained(source).to_diff_dict()
+    )
+
+
+def test_default_selection_is_evenly_spaced_with_the_first_and_last():
+    assert evenly_spaced(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert evenly_spaced(4, 2) == [0, 3]
+    assert evenly_spaced(5, 5) == [0, 1, 2, 3, 4]
+    assert evenly_spaced(7, 1) == [0]
+
+
+def test_the_cli_cuts_a_student_that_kd_dist_train_takes(teacher, text_dataset, tmp_path, capsys):
+    source = teacher("gpt2")
+    student = tmp_path / "student"
+    argv = ["make-student", "--teacher_model", source, "--num_layers", "2", "--output_dir"]
+    assert main([*argv, str(student)]) == 0
+    printed = capsys.readouterr().out
+    assert "kept 2 of 4: 0, 3" in printed and str(student) in printed and "parameters" in printed
+    train = ["train", "--teacher_model", source, "--student_model", str(student), "--dataset",
+             str(text_dataset), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+             "--logging_steps", "1"]  # fmt: skip
+    assert main(train) == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert load(tmp_path / "run", "gpt2").config.n_layer == 2
