@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from kd_dist.cli import main
 from kd_dist.tiny import build_model, build_tokenizer, model_config, save_pair
@@ -229,4 +229,58 @@ def test_bad_input_is_a_clear_error_before_any_model_loads_and_nothing_is_writte
     before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
     err = run_train(capsys, teacher, student, dataset, out, *case.flags)
     assert case.message in err
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
+
+
+def config_only_teacher(tmp_path: Path, model_type: str) -> str:
+    """A folder with a config.json and no weights."""
+    layers = {"bloom": {"n_layer": 2}, "gpt2": {"n_layer": 2}}[model_type]
+    AutoConfig.for_model(model_type, **layers).save_pretrained(tmp_path / "teacher")
+    return str(tmp_path / "teacher")
+
+
+MAKE_STUDENT_BAD_INPUTS = {
+    "no layer flag": ((), "Pass exactly one of --num_layers N"),
+    "both layer flags": (("--num_layers", "1", "--layers", "0"), "Pass exactly one of"),
+    "no layers": (("--num_layers", "0"), "--num_layers 0: the teacher's layers has 2 layers; "
+                                         "pass a number from 1 to 2"),
+    "more layers than the teacher": (("--num_layers", "3"), "pass a number from 1 to 2"),
+    "layer out of range": (("--layers", "0,5"), "layer(s) [5] do not exist"),
+    "layer twice": (("--layers", "1,1"), "a layer is named twice"),
+    "layers out of order": (("--layers", "1,0"), "list the layers in increasing order"),
+    "layers not numbers": (("--layers", "0,x"), "pass comma-separated layer indices"),
+    "decoder flag, decoder-only model": (("--layers", "0", "--decoder_layers", "0"),
+                                         "has one stack: use --num_layers / --layers"),
+    "both decoder flags": (("--layers", "0", "--num_decoder_layers", "1", "--decoder_layers",
+                            "0"), "Pass exactly one of --num_decoder_layers"),
+    "family it cannot cut": (("--num_layers", "1"), "a 'bloom' model, whose layers make-student "
+                                                    "cannot cut; it cuts: bart, cohere"),
+    "no safetensors": (("--num_layers", "1"), "has no safetensors weights"),
+    "output folder not empty": (("--num_layers", "1"), "already exists and is not empty"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"), MAKE_STUDENT_BAD_INPUTS.values(), ids=MAKE_STUDENT_BAD_INPUTS.keys()
+)
+def test_make_student_refuses_bad_input_before_reading_weights(
+    flags, message, capsys, model_pair, tmp_path, monkeypatch
+):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the error")
+
+    monkeypatch.setattr("kd_dist.make_student.tensor_locations", no_weights)
+    teacher = model_pair("t5" if "--num_decoder_layers" in flags else "gpt2")[0]
+    if "bloom" in message:
+        teacher = config_only_teacher(tmp_path, "bloom")
+    if "safetensors" in message:
+        teacher = config_only_teacher(tmp_path, "gpt2")
+    out = tmp_path / "student"
+    if "not empty" in message:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    argv = ["make-student", "--teacher_model", teacher, "--output_dir", str(out), *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
     assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
