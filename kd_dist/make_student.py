@@ -191,28 +191,29 @@ def plan_layers(
     ]
 
 
-def _is_sparse(values: dict[str, Any], layer: int) -> bool:
-    """Whether Qwen-MoE's layer ``layer`` has a mixture of experts (the rule of its modeling)."""
-    step = values.get("decoder_sparse_step", 1)
+def _is_sparse(config: PretrainedConfig, layer: int) -> bool:
+    """Whether Qwen-MoE's layer ``layer`` has a mixture of experts (the rule of its modeling;
+    attributes read from the config object, which resolves their aliases: num_experts is
+    stored as num_local_experts)."""
     return (
-        layer not in values["mlp_only_layers"]
-        and values.get("num_experts", 0) > 0
-        and (layer + 1) % step == 0
+        layer not in config.mlp_only_layers
+        and getattr(config, "num_experts", 0) > 0
+        and (layer + 1) % getattr(config, "decoder_sparse_step", 1) == 0
     )
 
 
-def per_layer_settings(values: dict[str, Any], kept: list[int]) -> dict[str, Any]:
+def per_layer_settings(config: PretrainedConfig, kept: list[int]) -> dict[str, Any]:
     """The config entries that describe each layer, for the kept layers of a decoder-only model:
     attention types (sliding or full: Qwen2/3, Gemma2/3, Cohere2...), Qwen's count of bottom
     layers with full attention, and which of Qwen-MoE's layers have experts."""
     settings: dict[str, Any] = {}
-    if values.get("layer_types") is not None:
-        settings["layer_types"] = [values["layer_types"][i] for i in kept]
-    if values.get("max_window_layers") is not None:
-        settings["max_window_layers"] = sum(i < values["max_window_layers"] for i in kept)
-    if values.get("mlp_only_layers") is not None:
+    if getattr(config, "layer_types", None) is not None:
+        settings["layer_types"] = [config.layer_types[i] for i in kept]
+    if getattr(config, "max_window_layers", None) is not None:
+        settings["max_window_layers"] = sum(i < config.max_window_layers for i in kept)
+    if getattr(config, "mlp_only_layers", None) is not None:
         # Listed explicitly: the sparse step counts layer numbers, which the cut changes.
-        settings["mlp_only_layers"] = [j for j, i in enumerate(kept) if not _is_sparse(values, i)]
+        settings["mlp_only_layers"] = [j for j, i in enumerate(kept) if not _is_sparse(config, i)]
         settings["decoder_sparse_step"] = 1
     return settings
 
@@ -226,7 +227,7 @@ def student_config(
     for stack, kept in plan:
         values[stack.count] = len(kept)
     if len(plan) == 1:
-        values.update(per_layer_settings(values, plan[0][1]))
+        values.update(per_layer_settings(config, plan[0][1]))
     return type(config).from_dict(values)
 
 
