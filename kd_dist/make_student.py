@@ -120,27 +120,27 @@ def evenly_spaced(total: int, count: int) -> list[int]:
     return [(2 * i * (total - 1) + count - 1) // (2 * (count - 1)) for i in range(count)]
 
 
-def select_layers(choice: LayerChoice, total: int, stack_name: str) -> list[int]:
-    """The teacher layers to keep, increasing, checked against the ``total`` the stack has."""
+def select_layers(choice: LayerChoice, total: int, scope: str) -> list[int]:
+    """The teacher layers to keep, increasing, checked against the ``total`` the stack has;
+    ``scope`` names the stack in the messages ("the teacher", "the teacher's decoder")."""
     count_flag, list_flag = choice.flags
     if (choice.num_layers is None) == (choice.layers is None):
         raise ConfigError(
             f"Pass exactly one of {count_flag} N (N evenly spaced layers, the first and last "
-            f"kept) and {list_flag} 0,3,6,... (those layers) for the {stack_name}."
+            f"kept) and {list_flag} 0,3,6,... (those layers), to cut {scope}."
         )
     if choice.num_layers is not None:
         if not 1 <= choice.num_layers <= total:
             raise ConfigError(
-                f"{count_flag} {choice.num_layers}: the teacher's {stack_name} has {total} "
-                f"layers; pass a number from 1 to {total}."
+                f"{count_flag} {choice.num_layers}: {scope} has {total} layers; pass a "
+                f"number from 1 to {total}."
             )
         return evenly_spaced(total, choice.num_layers)
     indices = parse_indices(choice.layers, list_flag)
     outside = [i for i in indices if not 0 <= i < total]
     if outside:
         raise ConfigError(
-            f"{list_flag}: layer(s) {outside} do not exist; the teacher's {stack_name} has "
-            f"layers 0 to {total - 1}."
+            f"{list_flag}: layer(s) {outside} do not exist; {scope} has layers 0 to {total - 1}."
         )
     if len(set(indices)) != len(indices):
         raise ConfigError(f"{list_flag} {choice.layers}: a layer is named twice; name each once.")
@@ -176,16 +176,19 @@ def plan_layers(
             f"{' / '.join(encoder.flags)}."
         )
     if len(stacks) == 1:
-        return [(stacks[0], select_layers(encoder, getattr(config, stacks[0].count), "layers"))]
+        (stack,) = stacks
+        return [(stack, select_layers(encoder, getattr(config, stack.count), "the teacher"))]
     encoder_stack, decoder_stack = stacks
+    decoder_total = getattr(config, decoder_stack.count)
     return [
-        (encoder_stack, select_layers(encoder, getattr(config, encoder_stack.count), "encoder")),
+        (
+            encoder_stack,
+            select_layers(encoder, getattr(config, encoder_stack.count), "the teacher's encoder"),
+        ),
         (
             decoder_stack,
             select_layers(
-                decoder if decoder_given else encoder,
-                getattr(config, decoder_stack.count),
-                "decoder",
+                decoder if decoder_given else encoder, decoder_total, "the teacher's decoder"
             ),
         ),
     ]
@@ -356,15 +359,12 @@ def write_weights(
         (output_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_side_files(source: Path, output_dir: Path) -> list[str]:
-    """Copy the tokenizer, chat template, generation config and licence files; their names."""
-    copied = []
+def copy_side_files(source: Path, output_dir: Path) -> None:
+    """Copy the tokenizer, chat template, generation config and licence files as they are."""
     for pattern in KEPT_FILE_PATTERNS:
-        for file in sorted(source.glob(pattern)):
-            if file.is_file() and file.name not in copied:
+        for file in source.glob(pattern):
+            if file.is_file():
                 shutil.copy2(file, output_dir / file.name)
-                copied.append(file.name)
-    return copied
 
 
 def check_loads(output_dir: Path, config: PretrainedConfig) -> None:

@@ -242,8 +242,8 @@ def config_only_teacher(tmp_path: Path, model_type: str) -> str:
 MAKE_STUDENT_BAD_INPUTS = {
     "no layer flag": ((), "Pass exactly one of --num_layers N"),
     "both layer flags": (("--num_layers", "1", "--layers", "0"), "Pass exactly one of"),
-    "no layers": (("--num_layers", "0"), "--num_layers 0: the teacher's layers has 2 layers; "
-                                         "pass a number from 1 to 2"),
+    "no layers": (("--num_layers", "0"), "--num_layers 0: the teacher has 2 layers; pass a "
+                                         "number from 1 to 2"),
     "more layers than the teacher": (("--num_layers", "3"), "pass a number from 1 to 2"),
     "layer out of range": (("--layers", "0,5"), "layer(s) [5] do not exist"),
     "layer twice": (("--layers", "1,1"), "a layer is named twice"),
@@ -253,6 +253,8 @@ MAKE_STUDENT_BAD_INPUTS = {
                                          "has one stack: use --num_layers / --layers"),
     "both decoder flags": (("--layers", "0", "--num_decoder_layers", "1", "--decoder_layers",
                             "0"), "Pass exactly one of --num_decoder_layers"),
+    "seq2seq encoder layer out of range": (("--layers", "0,3", "--num_decoder_layers", "1"),
+                                              "layer(s) [3] do not exist; the teacher's encoder"),
     "family it cannot cut": (("--num_layers", "1"), "a 'bloom' model, whose layers make-student "
                                                     "cannot cut; it cuts: bart, cohere"),
     "no safetensors": (("--num_layers", "1"), "has no safetensors weights"),

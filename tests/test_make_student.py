@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -20,7 +22,9 @@ from transformers import (
 
 import kd_dist.make_student as make_student_module
 from kd_dist.cli import main
-from kd_dist.make_student import LayerChoice, evenly_spaced, make_student
+from kd_dist.config import ConfigError
+from kd_dist.make_student import LayerChoice, Stack, evenly_spaced, make_student
+from kd_dist.models import FUSED_HEAD_RULES
 from kd_dist.tiny import build_model, save_pair
 
 # Written here, not taken from make_student: each family's block containers (module paths) and
@@ -258,3 +262,36 @@ def test_the_cli_cuts_a_student_that_kd_dist_train_takes(teacher, text_dataset, 
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     assert load(tmp_path / "run", "gpt2").config.n_layer == 2
+
+
+def test_every_family_the_fused_loss_knows_can_be_cut():
+    assert set(make_student_module.STACKS) == set(FUSED_HEAD_RULES)
+
+
+@pytest.mark.parametrize(("family", "prefix"), [("gpt2", "transformer."), ("opt", "model.")])
+def test_hub_checkpoints_named_without_the_base_model_prefix_are_cut(
+    family, prefix, teacher, tmp_path
+):
+    """The hub's GPT-2 and OPT files name their tensors "h.0..." and "decoder.layers.0..."."""
+    legacy = tmp_path / "teacher"
+    shutil.copytree(teacher(family), legacy)
+    stored = load_file(legacy / "model.safetensors")
+    renamed = {name.removeprefix(prefix): tensor for name, tensor in stored.items()}
+    assert renamed.keys() != stored.keys()
+    save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
+    make_student(str(legacy), tmp_path / "s", layers_flag("1,3"), NO_DECODER_FLAGS)
+    reference = load(legacy, family)
+    delete_layers(reference, family, [1, 3])
+    assert torch.equal(logits(load(tmp_path / "s", family), family), logits(reference, family))
+
+
+def test_a_student_that_would_not_load_cleanly_is_refused_and_removed(
+    teacher, tmp_path, monkeypatch
+):
+    """The meta-device check: told nothing of T5's shared position bias, the cut would leave the
+    student's first block without it."""
+    plain = tuple(Stack(stack.prefix, stack.count) for stack in make_student_module.STACKS["t5"])
+    monkeypatch.setitem(make_student_module.STACKS, "t5", plain)
+    with pytest.raises(ConfigError, match=r"does not load cleanly.*relative_attention_bias"):
+        make_student(teacher("t5"), tmp_path / "s", layers_flag("1,3"), NO_DECODER_FLAGS)
+    assert list((tmp_path / "s").iterdir()) == []
