@@ -15,7 +15,6 @@ be missing or unused.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
 from collections.abc import Iterator, Sequence
@@ -33,11 +32,10 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     PretrainedConfig,
 )
+from transformers.utils import logging as hf_logging
 
 from kd_dist.config import ConfigError
 from kd_dist.zero3_loading import SAFETENSORS_INDEX, checkpoint_files, tensor_locations
-
-logger = logging.getLogger("kd_dist")
 
 
 @dataclass(frozen=True)
@@ -371,7 +369,13 @@ def check_loads(output_dir: Path, config: PretrainedConfig) -> None:
     """from_pretrained the student on the meta device (it reads no weights): every tensor of the
     model is filled and every stored tensor is used, or the student is refused."""
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    _, info = auto.from_pretrained(output_dir, device_map="meta", output_loading_info=True)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights": it loads none
+    try:
+        _, info = auto.from_pretrained(output_dir, device_map="meta", output_loading_info=True)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     problems = {key: sorted(info[key]) for key in ("missing_keys", "unexpected_keys",
                                                    "mismatched_keys") if info[key]}  # fmt: skip
     if problems:

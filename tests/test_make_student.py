@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,13 +251,29 @@ def test_default_selection_is_evenly_spaced_with_the_first_and_last():
     assert evenly_spaced(7, 1) == [0]
 
 
-def test_the_cli_cuts_a_student_that_kd_dist_train_takes(teacher, text_dataset, tmp_path, capsys):
+def hub_cache_with(folder: str, cache: Path, repo: str) -> None:
+    """A Hugging Face hub cache holding ``folder`` as model ``repo``, as a download leaves it."""
+    commit = "0" * 40
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+
+
+def test_the_cli_cuts_a_hub_teacher_into_a_student_that_kd_dist_train_takes(
+    teacher, text_dataset, tmp_path
+):
     source = teacher("gpt2")
+    hub_cache_with(source, tmp_path / "hub", "someone/teacher")
     student = tmp_path / "student"
-    argv = ["make-student", "--teacher_model", source, "--num_layers", "2", "--output_dir"]
-    assert main([*argv, str(student)]) == 0
-    printed = capsys.readouterr().out
-    assert "kept 2 of 4: 0, 3" in printed and str(student) in printed and "parameters" in printed
+    environment = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "kd_dist", "make-student", "--teacher_model",
+               "someone/teacher", "--num_layers", "2", "--output_dir", str(student)]  # fmt: skip
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "kept 2 of 4: 0, 3" in done.stdout and str(student) in done.stdout
+    assert "parameters: teacher" in done.stdout
+    assert "Loading weights" not in done.stderr  # the meta-device check loads none
     train = ["train", "--teacher_model", source, "--student_model", str(student), "--dataset",
              str(text_dataset), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
              "--logging_steps", "1"]  # fmt: skip
