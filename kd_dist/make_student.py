@@ -303,7 +303,12 @@ def shards(names: list[str], sizes: dict[str, int]) -> list[list[str]]:
     return groups
 
 
-def _tensor_sizes(locations: dict[str, Path]) -> dict[str, tuple[int, int]]:
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,
+                "BF16": 2, "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1,
+                "BOOL": 1}  # fmt: skip
+
+
+def tensor_sizes(locations: dict[str, Path]) -> dict[str, tuple[int, int]]:
     """Each tensor's (elements, bytes), from the files' headers."""
     sizes = {}
     for file in set(locations.values()):
@@ -317,12 +322,9 @@ def _tensor_sizes(locations: dict[str, Path]) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,
-                "BF16": 2, "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1,
-                "BOOL": 1}  # fmt: skip
-
-
-def read_tensors(locations: dict[str, Path], mapping: dict[str, str]) -> Iterator[tuple[str, Any]]:
+def read_tensors(
+    locations: dict[str, Path], mapping: dict[str, str]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(student name, tensor as stored) for ``mapping``'s tensors, each file opened once."""
     by_file: dict[Path, list[str]] = {}
     for new in mapping:
@@ -437,7 +439,7 @@ def make_student(
         )
     locations = tensor_locations(files)
     mapping = name_map(sorted(locations), plan)
-    sizes = _tensor_sizes(locations)
+    sizes = tensor_sizes(locations)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     new_config.save_pretrained(output_dir)
