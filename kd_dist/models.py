@@ -255,7 +255,7 @@ def layer_pairs(
         if index >= count:
             raise ConfigError(
                 f"--hidden_layer_map {cfg.hidden_layer_map!r} names {role} block {index}, and "
-                f"the {role} has {count} blocks (0 to {count - 1}): pass blocks in range."
+                f"the {role}'s blocks are 0 to {count - 1}: pass blocks in that range."
             )
     return pairs
 
