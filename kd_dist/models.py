@@ -213,8 +213,9 @@ def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         check_model_features(concrete_class(cfg, config), role, name, cfg)
         if cfg.packing:
             check_packing(config, f"--{role}_model {name!r}")
-    if cfg.hidden_loss_weight > 0:
-        counts = {role: block_count(cfg, role, name) for role, name in model_roles(cfg)}
+    roles = model_roles(cfg)
+    if cfg.hidden_loss_weight > 0 and len(roles) == 2:  # (cache-teacher may run no student)
+        counts = {role: block_count(cfg, role, name) for role, name in roles}
         layer_pairs(cfg, counts["student"], counts["teacher"])
 
 
@@ -623,8 +624,8 @@ def forward_hidden(
 class Forward:
     """A model's outputs of a batch, per position (what ``valid_rows`` selects rows of)."""
 
-    outputs: torch.Tensor | TopKTeacher  # [B, L, H] final hidden states (fused), [B, L, V]
-    # logits, or a teacher cache's top-k rows
+    # [B, L, H] final hidden states (fused), [B, L, V] logits, or a teacher cache's top-k rows
+    outputs: torch.Tensor | TopKTeacher
     blocks: list[torch.Tensor]  # [B, L, H] outputs of the blocks asked for, in their order
 
 

@@ -6,6 +6,7 @@ them, and 2 ZeRO-3 processes equal to one."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from kd_dist.checkpoint import TrainerState, resume_mismatches
 from kd_dist.cli import main
 from kd_dist.config import TrainConfig
 from kd_dist.engine import accelerator_session
@@ -93,6 +95,18 @@ def test_the_default_map_pairs_blocks_at_the_same_relative_depth():
     assert default_layer_map(10, 30)[0] == (0, 2) and default_layer_map(10, 30)[-1] == (9, 29)
     assert default_layer_map(4, 2) == [(0, 0), (1, 0), (2, 0), (3, 1)]  # a deeper student
     assert default_layer_map(3, 3) == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_a_resume_keeps_the_map_and_the_loss_on_or_off():
+    """The student's saved state holds the projections of its run's map: another map, or the
+    loss turned on or off, cannot resume exactly (a new weight can)."""
+    run = TrainConfig(hidden_loss_weight=0.5, hidden_layer_map="0:1")
+    saved, state = run.to_dict(), TrainerState(world_size=1)
+    assert resume_mismatches(saved, replace(run, hidden_loss_weight=2.0), state, 1) == []
+    for changed, named in ((replace(run, hidden_layer_map="0:0"), "--hidden_layer_map"),
+                           (replace(run, hidden_loss_weight=0.0, hidden_layer_map=None),
+                            "the hidden-state loss on or off")):  # fmt: skip
+        assert named in "; ".join(resume_mismatches(saved, changed, state, 1))
 
 
 def three_block_pair(family: str, tokenizer, root: Path) -> tuple[str, str]:
@@ -257,7 +271,7 @@ def test_two_zero3_processes_take_the_single_process_steps(model_pair, text_data
         tmp_path / "sharded.log",
     )  # fmt: skip
     assert "2 process(es) (DistributedType.DEEPSPEED)" in output
-    assert "Teacher loaded partitioned" in output
+    assert "Teacher loaded partitioned" in output and "Hidden-state loss (cosine" in output
     for one, two in zip(records(single), records(sharded), strict=True):
         for key in ("loss", "kd_loss", "ce_loss", "hidden_loss"):
             assert two[key] == pytest.approx(one[key], rel=1e-5), key
