@@ -48,6 +48,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kd_dist import faults
 from kd_dist.config import CONFIG_FILE_NAME, ConfigError, TrainConfig
+from kd_dist.models import is_hidden_projection_key, without_hidden_projections
 
 logger = logging.getLogger("kd_dist")
 
@@ -288,7 +289,7 @@ RESUME_MUST_MATCH = (
     "dataset_format", "text_column", "messages_column", "prompt_column", "response_column",
     "max_length", "max_target_length", "train_on_prompt", "packing", "group_by_length",
     "max_train_samples", "eval_ratio", "batch_size", "gradient_accumulation_steps", "seed",
-    "optimizer", "fp16", "bf16",
+    "optimizer", "fp16", "bf16", "hidden_layer_map",
 )  # fmt: skip
 
 
@@ -303,6 +304,13 @@ def resume_mismatches(
     ]
     if state.world_size != world_size:
         differences.append(f"processes {state.world_size} -> {world_size}")
+    # With the hidden-state loss the student holds projections (its saved state does too).
+    hidden_before, hidden_now = saved.get("hidden_loss_weight", 0.0) > 0, cfg.hidden_loss_weight > 0
+    if hidden_before != hidden_now:
+        differences.append(
+            f"--hidden_loss_weight {saved.get('hidden_loss_weight', 0.0)!r} -> "
+            f"{cfg.hidden_loss_weight!r} (the hidden-state loss on or off)"
+        )
     return differences
 
 
@@ -553,7 +561,11 @@ def export_student(
         staging = output_dir / ".export.partial"
         previous = previous_export(output_dir)
         remove_entries(output_dir, (staging.name, EXPORT_MANIFEST))
-        model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        # The hidden-state loss's projections are training aids: the student is exported
+        # without them, an ordinary Hugging Face model.
+        weights = {k: v for k, v in state_dict.items() if not is_hidden_projection_key(k)}
+        with without_hidden_projections(model):
+            model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         # A previous export's files that this one does not write again (shards of a differently
         # sharded model, an old chat template) would otherwise load with the new model.

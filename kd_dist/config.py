@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import torch
 import yaml
 
-from kd_dist.losses import LossSpec, Objective, auto_chunk_rows, free_memory
+from kd_dist.losses import HiddenLoss, LossSpec, Objective, auto_chunk_rows, free_memory
 
 TaskType = Literal["causal", "seq2seq"]
 OptimizerName = Literal["adamw", "sgd", "adafactor"]
@@ -369,6 +369,30 @@ class TrainConfig:
         ),
     )
 
+    # --- hidden-state distillation ----------------------------------------------------------
+    hidden_loss_weight: float = field(
+        default=0.0,
+        metadata=_help(
+            "Weight w of a loss matching the student's block outputs to the teacher's: the loss "
+            "is (1-alpha)*KD + alpha*CE + w*hidden (0: off). Needs a live teacher."
+        ),
+    )
+    hidden_layer_map: str | None = field(
+        default=None,
+        metadata=_help(
+            "Student block -> teacher block pairs, 0-based, e.g. '0:1,1:3' (default: every "
+            "student block i, matched to teacher block max(1, (i+1)*Lt // Ls) - 1, the same "
+            "relative depth; Ls, Lt the models' block counts)."
+        ),
+    )
+    hidden_loss: HiddenLoss = field(
+        default="cosine",
+        metadata=_help(
+            "The hidden-state loss per position: cosine (1 - cosine similarity) or mse (mean "
+            "squared error over the teacher's width)."
+        ),
+    )
+
     # --- on-policy distillation -------------------------------------------------------------
     lmbda: float = field(
         default=0.0,
@@ -497,6 +521,7 @@ class TrainConfig:
             ("report_to", ReportTo),
             ("tokenize_on", TokenizeOn),
             ("generation_backend", GenerationBackend),
+            ("hidden_loss", HiddenLoss),
         ):
             allowed = get_args(kind)
             if getattr(self, name) not in allowed:
@@ -583,6 +608,7 @@ class TrainConfig:
                 "--bf16 (or --fp16), or use sdpa."
             )
         problems += self.generation_problems(command)
+        problems += self.hidden_loss_problems(command)
         if problems:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -661,6 +687,37 @@ class TrainConfig:
             )
         return problems
 
+    def hidden_loss_problems(self, command: str) -> list[str]:
+        """What keeps --hidden_loss_weight from running: it needs the teacher's own forward."""
+        problems = []
+        if self.hidden_loss_weight < 0:
+            problems.append(f"--hidden_loss_weight must be >= 0 (got {self.hidden_loss_weight}).")
+        if self.hidden_layer_map is not None:
+            try:
+                parse_layer_map(self.hidden_layer_map)
+            except ConfigError as error:
+                problems.append(str(error))
+            if self.hidden_loss_weight == 0:
+                problems.append(
+                    "--hidden_layer_map pairs blocks for the hidden-state loss, which "
+                    "--hidden_loss_weight 0 turns off: pass --hidden_loss_weight > 0, or drop "
+                    "--hidden_layer_map."
+                )
+        if self.hidden_loss_weight == 0 or command == "cache-teacher":
+            return problems
+        if self.teacher_cache:
+            problems.append(
+                "--hidden_loss_weight matches the teacher's hidden states, which no "
+                "--teacher_cache holds: pass --teacher_model instead of --teacher_cache, or "
+                "drop --hidden_loss_weight."
+            )
+        if self.alpha == 1.0:
+            problems.append(
+                "--alpha 1 trains on the ground truth alone and loads no teacher, whose hidden "
+                "states --hidden_loss_weight matches: lower --alpha or drop --hidden_loss_weight."
+            )
+        return problems
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -674,6 +731,28 @@ class TrainConfig:
         temporary.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         os.replace(temporary, path)
         return path
+
+
+def parse_layer_map(text: str) -> list[tuple[int, int]]:
+    """--hidden_layer_map "0:1,1:3" -> [(0, 1), (1, 3)]: (student block, teacher block) pairs,
+    0-based, each student block at most once. (Their range is checked against the models, in
+    ``models.check_models``.)"""
+    pairs = []
+    for item in text.split(","):
+        student, colon, teacher = item.strip().partition(":")
+        if not (colon and student.strip().isdigit() and teacher.strip().isdigit()):
+            raise ConfigError(
+                f"--hidden_layer_map {text!r}: {item.strip()!r} is not a pair of block numbers "
+                "'student:teacher' (0-based); write e.g. '0:1,1:3'."
+            )
+        pairs.append((int(student), int(teacher)))
+    students = [student for student, _ in pairs]
+    if len(set(students)) != len(students):
+        raise ConfigError(
+            f"--hidden_layer_map {text!r} names a student block twice: match each student "
+            "block to one teacher block."
+        )
+    return pairs
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -164,7 +164,7 @@ def batch_sums(
     forward = forward_hidden if fused else forward_logits
     with autocast():
         student_out = forward(student, student, batch, task_type)  # [B, L, H] or [B, L, V]
-    teacher_out = None if teacher is None else teacher.outputs(batch, student_out)
+    teacher_out = None if teacher is None else teacher.outputs(batch, student_out).outputs
     mask = valid_mask(batch["labels"], causal)  # [B, L']
     example_of_row = mask.nonzero()[:, 0]  # [N]: which example each valid row belongs to
     s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)

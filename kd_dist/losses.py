@@ -93,7 +93,7 @@ version (a bf16 product cast to fp32 per chunk, the weight cut and cast under au
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -103,6 +103,7 @@ IGNORE_INDEX = -100
 
 Objective = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+HiddenLoss = Literal["cosine", "mse"]
 
 # Automatic chunk size (``auto_chunk_rows``). On a CPU the matrix products are efficient from a
 # few hundred rows and the elementwise math runs on cache-sized blocks, so a fixed budget keeps
@@ -922,3 +923,52 @@ def _chunk_logits(
     bias = None if head.bias is None else head.bias[:vocab_size].to(rows.dtype)
     logits = _project(buffer[: rows.shape[0]], rows, weight, bias)
     return head.transform.apply(logits.float())[0]
+
+
+def hidden_state_loss(
+    student: torch.Tensor, teacher: torch.Tensor, projection: torch.Tensor | None, kind: HiddenLoss
+) -> torch.Tensor:
+    """Sum over N rows of one matched block's loss, in fp32: [N, Hs], [N, Ht] -> [] (0 for N = 0).
+
+    The student's rows are first mapped to the teacher's width, s' = s @ projection.T
+    (``projection`` [Ht, Hs]; None when the widths are equal). Per row:
+
+        cosine   1 - cos(s', t)                   (eps 1e-8 on the norms: a zero row gives 1)
+        mse      mean over the Ht features of (s' - t)^2
+
+    The teacher's rows get no gradient; the student's rows and the projection do.
+    """
+    s = student.float()
+    if projection is not None:
+        s = s @ projection.float().t()  # [N, Ht]
+    t = teacher.detach().float()
+    if kind == "cosine":
+        per_row = 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-8)
+    else:
+        per_row = (s - t).square().mean(-1)
+    return per_row.sum()
+
+
+def hidden_distillation_loss(
+    student_blocks: Sequence[torch.Tensor],
+    teacher_blocks: Sequence[torch.Tensor],
+    projections: Sequence[torch.Tensor | None],
+    kind: HiddenLoss,
+    *,
+    num_tokens: int | float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden-state term over K matched blocks: (loss, sum), fp32 scalars.
+
+    Block k pairs ``student_blocks[k]`` [N, Hs] (the valid rows, as ``valid_rows`` selects
+    them) with ``teacher_blocks[k]`` [N, Ht] through ``projections[k]`` (see
+    ``hidden_state_loss``). sum = (1/K) sum_k sum_rows loss_k: the mean over the matched blocks,
+    so --hidden_loss_weight means the same whatever the map's length; loss = sum / num_tokens
+    (default N, at least 1: an all-masked batch is an exact 0), differentiable; sum detached.
+    """
+    terms = [
+        hidden_state_loss(s, t, projection, kind)
+        for s, t, projection in zip(student_blocks, teacher_blocks, projections, strict=True)
+    ]
+    loss_sum = torch.stack(terms).mean()
+    rows = student_blocks[0].shape[0]
+    return _normalise(loss_sum, num_tokens, rows), loss_sum.detach()

@@ -6,10 +6,12 @@ mismatch is reported in seconds rather than after loading a 70B teacher.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,13 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations import deepspeed as hf_deepspeed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-from kd_dist.config import ConfigError, TrainConfig
-from kd_dist.losses import IGNORE_INDEX, LogitTransform, OutputHead
+from kd_dist.config import ConfigError, TrainConfig, parse_layer_map
+from kd_dist.losses import IGNORE_INDEX, LogitTransform, OutputHead, TopKTeacher
 from kd_dist.teacher_cache import cache_lengths
 from kd_dist.zero3_loading import load_partitioned
 
@@ -210,6 +213,64 @@ def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         check_model_features(concrete_class(cfg, config), role, name, cfg)
         if cfg.packing:
             check_packing(config, f"--{role}_model {name!r}")
+    roles = model_roles(cfg)
+    if cfg.hidden_loss_weight > 0 and len(roles) == 2:  # (cache-teacher may run no student)
+        counts = {role: block_count(cfg, role, name) for role, name in roles}
+        layer_pairs(cfg, counts["student"], counts["teacher"])
+
+
+def block_count(cfg: TrainConfig, role: str, name: str) -> int:
+    """The blocks of the model's stack that the hidden-state loss matches (``decoder_blocks``),
+    counted on a model built on the meta device from its config (no weights)."""
+    config = _load_config(name, role, cfg)
+    blocks = decoder_blocks(meta_model(cfg, config))
+    if not blocks:
+        raise ConfigError(
+            f"--hidden_loss_weight: kd_dist finds no stack of blocks in --{role}_model {name!r} "
+            f"(a {config.model_type} model) to match hidden states at: drop --hidden_loss_weight."
+        )
+    return len(blocks)
+
+
+def default_layer_map(student_blocks: int, teacher_blocks: int) -> list[tuple[int, int]]:
+    """Every student block i, paired with the teacher block at the same relative depth:
+    max(1, (i+1) * Lt // Ls) - 1, whose output ends the first (i+1)/Ls of the teacher's stack
+    (rounded down), so the last block matches the last. Ls=2, Lt=4: [(0, 1), (1, 3)]."""
+    return [
+        (i, max(1, (i + 1) * teacher_blocks // student_blocks) - 1) for i in range(student_blocks)
+    ]
+
+
+def layer_pairs(
+    cfg: TrainConfig, student_blocks: int, teacher_blocks: int
+) -> list[tuple[int, int]]:
+    """The (student block, teacher block) pairs of the hidden-state loss: --hidden_layer_map,
+    checked against the models' block counts, else ``default_layer_map``."""
+    if cfg.hidden_layer_map is None:
+        return default_layer_map(student_blocks, teacher_blocks)
+    pairs = parse_layer_map(cfg.hidden_layer_map)
+    for role, index, count in [
+        *(("student", s, student_blocks) for s, _ in pairs),
+        *(("teacher", t, teacher_blocks) for _, t in pairs),
+    ]:
+        if index >= count:
+            raise ConfigError(
+                f"--hidden_layer_map {cfg.hidden_layer_map!r} names {role} block {index}, and "
+                f"the {role}'s blocks are 0 to {count - 1}: pass blocks in that range."
+            )
+    return pairs
+
+
+def decoder_blocks(model: PreTrainedModel) -> torch.nn.ModuleList | None:
+    """The stack of blocks whose outputs the hidden-state loss matches: a causal model's, a
+    seq2seq model's decoder's. It is the first ModuleList not inside another (Llama's
+    model.layers, GPT-2's transformer.h, OPT's model.decoder.layers, T5's decoder.block, BART's
+    model.decoder.layers; not T5's per-block sublayers nor a mixture's experts)."""
+    root = model.get_decoder() if model.config.is_encoder_decoder else model
+    for module in root.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    return None
 
 
 def concrete_class(cfg: TrainConfig, config: PretrainedConfig) -> type | None:
@@ -282,6 +343,8 @@ def projection_input(student_hidden: torch.Tensor, compute_dtype: torch.dtype) -
 class ModelPair:
     teacher: PreTrainedModel | None  # None when the run needs no teacher (--alpha 1)
     student: PreTrainedModel
+    # (student block, teacher block) of the hidden-state loss; none without --hidden_loss_weight
+    hidden_pairs: list[tuple[int, int]] = field(default_factory=list)
 
 
 def model_class(cfg: TrainConfig) -> type:
@@ -291,10 +354,21 @@ def model_class(cfg: TrainConfig) -> type:
 def teacher_bytes(cfg: TrainConfig) -> int:
     """The teacher's weights in memory, in the dtype it loads in, without loading them (built
     on the meta device from its config)."""
-    config = _load_config(cfg.teacher_model, "teacher", cfg)
-    with torch.device("meta"):
-        model = model_class(cfg).from_config(config, trust_remote_code=cfg.trust_remote_code)
+    model = meta_model(cfg, _load_config(cfg.teacher_model, "teacher", cfg))
     return sum(p.numel() for p in model.parameters()) * teacher_dtype(cfg).itemsize
+
+
+def meta_model(cfg: TrainConfig, config: PretrainedConfig) -> PreTrainedModel:
+    """The model of ``config`` built on the meta device: its structure, no weights. (Built
+    while no ZeRO-3 config is registered with transformers: under one, from_config partitions
+    the model and initialises its weights, which meta tensors cannot hold.)"""
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # accelerate's, under ZeRO-3
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        with torch.device("meta"):
+            return model_class(cfg).from_config(config, trust_remote_code=cfg.trust_remote_code)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def pretrained(
@@ -331,7 +405,61 @@ def load_models(
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(student)
     set_pad_token(student, tokenizer)
-    return ModelPair(teacher=teacher, student=student)
+    pairs = []
+    if cfg.hidden_loss_weight > 0 and teacher is not None:
+        pairs = layer_pairs(cfg, len(decoder_blocks(student)), len(decoder_blocks(teacher)))
+        attach_hidden_projections(student, teacher, len(pairs), cfg.seed)
+    return ModelPair(teacher=teacher, student=student, hidden_pairs=pairs)
+
+
+# The student's submodule holding the hidden-state loss's projections: as part of the student,
+# DDP, DeepSpeed (ZeRO-3 partitions it), the optimizer and the checkpoints include it; the
+# export leaves it out (``without_hidden_projections``).
+HIDDEN_PROJECTIONS = "kd_hidden_projections"
+
+
+def attach_hidden_projections(
+    student: PreTrainedModel, teacher: PreTrainedModel, count: int, seed: int
+) -> None:
+    """Give the student ``count`` learned projections from its width to the teacher's, one per
+    matched block pair (Linear without bias, weight [Ht, Hs]), when the widths differ; none when
+    they are equal. Initialised as torch's Linear is, from a generator of ``seed``: the same on
+    every rank, and the global RNG (dropout's) is not drawn from."""
+    student_width = student.config.get_text_config().hidden_size
+    teacher_width = teacher.config.get_text_config().hidden_size
+    if student_width == teacher_width:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    projections = torch.nn.ModuleList()
+    for _ in range(count):
+        layer = torch.nn.Linear(student_width, teacher_width, bias=False, device="meta")
+        layer.to_empty(device="cpu")
+        torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+        projections.append(layer)
+    student.add_module(HIDDEN_PROJECTIONS, projections)
+
+
+def hidden_projections(student: torch.nn.Module, count: int) -> list[torch.nn.Linear | None]:
+    """The student's projection of each of ``count`` matched block pairs (None: equal widths)."""
+    projections = getattr(student, HIDDEN_PROJECTIONS, None)
+    return [None] * count if projections is None else list(projections)
+
+
+@contextlib.contextmanager
+def without_hidden_projections(student: torch.nn.Module) -> Iterator[None]:
+    """The student without its hidden-state projections for a while (its export: an ordinary
+    Hugging Face model)."""
+    projections = student._modules.pop(HIDDEN_PROJECTIONS, None)
+    try:
+        yield
+    finally:
+        if projections is not None:
+            student._modules[HIDDEN_PROJECTIONS] = projections
+
+
+def is_hidden_projection_key(key: str) -> bool:
+    """Whether a student state-dict key belongs to the hidden-state projections."""
+    return key.split(".", 1)[0] == HIDDEN_PROJECTIONS
 
 
 def load_teacher(
@@ -490,6 +618,57 @@ def forward_hidden(
     finally:
         module.set_output_embeddings(projection)
     return capture.captured[0]
+
+
+@dataclass
+class Forward:
+    """A model's outputs of a batch, per position (what ``valid_rows`` selects rows of)."""
+
+    # [B, L, H] final hidden states (fused), [B, L, V] logits, or a teacher cache's top-k rows
+    outputs: torch.Tensor | TopKTeacher
+    blocks: list[torch.Tensor]  # [B, L, H] outputs of the blocks asked for, in their order
+
+
+def forward_outputs(
+    model: torch.nn.Module,
+    module: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    task_type: str,
+    fused: bool,
+    blocks: Sequence[int] = (),
+) -> Forward:
+    """``forward_hidden`` (fused) or ``forward_logits``, and from the same forward the outputs
+    of ``decoder_blocks(module)[i]`` for i in ``blocks`` (the hidden-state loss's)."""
+    forward = forward_hidden if fused else forward_logits
+    with block_outputs(module, blocks) as states:
+        outputs = forward(model, module, batch, task_type)
+    return Forward(outputs, states)
+
+
+@contextlib.contextmanager
+def block_outputs(module: PreTrainedModel, indices: Sequence[int]) -> Iterator[list[torch.Tensor]]:
+    """Keep the outputs ([B, L, H]) of the blocks ``decoder_blocks(module)[i]``, i in
+    ``indices``, of the forward run inside; the list yielded holds them, in ``indices`` order,
+    once it ends. Forward hooks on those blocks only (not every layer's states, as
+    output_hidden_states would keep), removed as the forward ends: a backward's recomputation
+    (activation checkpointing) and later forwards (generation, evaluation) keep nothing."""
+    states: list[torch.Tensor] = []
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(index: int) -> Callable:
+        def hook(block, args, output) -> None:  # T5's blocks return a tuple, the others a tensor
+            captured[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    blocks = decoder_blocks(module) if indices else []
+    handles = [blocks[index].register_forward_hook(keep(index)) for index in set(indices)]
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+    states.extend(captured[index] for index in indices)
 
 
 def forward_logits(

@@ -11,7 +11,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,13 +79,14 @@ from kd_dist.losses import (
     LossOutput,
     distillation_loss,
     fused_distillation_loss,
+    hidden_distillation_loss,
     valid_mask,
     valid_rows,
 )
 from kd_dist.models import (
     check_models,
-    forward_hidden,
-    forward_logits,
+    forward_outputs,
+    hidden_projections,
     load_models,
     load_tokenizer,
     output_head,
@@ -293,17 +294,21 @@ def make_micro_step(
     vocab_size: int,
     chunk_rows: int,
     fused: bool,
+    hidden_pairs: Sequence[tuple[int, int]] = (),
 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """One micro-batch: the student's forward, the teacher's side (``teacher``: a live model,
     a cache, or the student itself under --alpha 1), the fused loss (or the logits loss), the
-    backward. Every teacher source reads the same here.
+    hidden-state loss over ``hidden_pairs`` (student block, teacher block; the teacher signal
+    gives its blocks' outputs), the backward. Every teacher source reads the same here.
 
-    Returns ([kd_sum, ce_sum], skipped) on the device, without waiting for them. A micro-batch
-    whose loss or teacher rows are not finite on this rank is skipped here: its backward still
-    runs (the same collectives as on every other rank, and under DeepSpeed the optimizer step
-    inside the window's last one) but carries an exact zero gradient, its sums are zero, and
-    ``skipped`` is True; the step's collective (``agree_on_step``) then counts it on every rank.
-    (A NaN in the student's own activations still shows, as a non-finite gradient norm.)
+    Returns ([kd_sum, ce_sum, hidden_sum], skipped) on the device, without waiting for them;
+    the step's loss is [(1-alpha) * kd_sum + alpha * ce_sum + w * hidden_sum] / the step's
+    tokens (w: --hidden_loss_weight). A micro-batch whose loss or teacher rows are not finite
+    on this rank is skipped here: its backward still runs (the same collectives as on every
+    other rank, and under DeepSpeed the optimizer step inside the window's last one) but
+    carries an exact zero gradient, its sums are zero, and ``skipped`` is True; the step's
+    collective (``agree_on_step``) then counts it on every rank. (A NaN in the student's own
+    activations still shows, as a non-finite gradient norm.)
     """
     causal = cfg.task_type == "causal"
     spec = cfg.loss_spec
@@ -315,6 +320,11 @@ def make_micro_step(
     layers = [student_module.get_output_embeddings(), *teacher.output_layers]
     output_weights = [p for layer in layers for p in layer.parameters()] if fused else []
     compute_dtype = precision_dtype(cfg)
+    # The hidden-state loss's projections (student width -> teacher width; None where the
+    # widths are equal) run outside any module's forward too: gathered with the output weights.
+    student_blocks = [s for s, _ in hidden_pairs]
+    projections = hidden_projections(student_module, len(hidden_pairs))
+    gathered = output_weights + [p for layer in projections if layer for p in layer.parameters()]
 
     def loss(s, t, labels, num_tokens) -> LossOutput:
         if fused:
@@ -328,28 +338,52 @@ def make_micro_step(
             chunk_rows=chunk_rows, compiled=cfg.compile_loss,
         )  # fmt: skip
 
+    def hidden_loss(
+        student_states: list[torch.Tensor],
+        teacher_states: list[torch.Tensor],
+        labels: torch.Tensor,
+        num_tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden-state term (loss, sum) on the valid rows of each matched block pair."""
+        # The K blocks side by side, [B, L, K * H], so one valid_rows selects them all.
+        s, t, _ = valid_rows(torch.cat(student_states, -1), torch.cat(teacher_states, -1),
+                             labels, causal)  # fmt: skip
+        return hidden_distillation_loss(
+            s.chunk(len(student_states), -1), t.chunk(len(teacher_states), -1),
+            [None if layer is None else layer.weight for layer in projections],
+            cfg.hidden_loss, num_tokens=num_tokens,
+        )  # fmt: skip
+
     def micro_step(
         batch: dict[str, torch.Tensor], num_tokens: torch.Tensor, backward_scale: float, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        forward = forward_hidden if fused else forward_logits
-        student_out = forward(student, student_module, batch, cfg.task_type)  # [B, L, H or V]
-        teacher_out = teacher.outputs(batch, student_out)  # per position, no gradient
+        student_side = forward_outputs(
+            student, student_module, batch, cfg.task_type, fused, student_blocks
+        )  # [B, L, H or V], and [B, L, Hs] per matched block
+        teacher_side = teacher.outputs(batch, student_side.outputs)  # likewise, no gradient
+        teacher_out = teacher_side.outputs
         if faults.wants("nan_teacher", step) and isinstance(teacher, LiveTeacher):
             teacher_out = torch.full_like(teacher_out, math.nan)
-        s, t, labels = valid_rows(student_out, teacher_out, batch["labels"], causal)
+        s, t, labels = valid_rows(student_side.outputs, teacher_out, batch["labels"], causal)
         if fused:
             s = projection_input(s, compute_dtype)
-        with GatheredParameters(output_weights):
+        with GatheredParameters(gathered):
             out = loss(s, t, labels, num_tokens)
+            total, hidden_sum = out.loss, out.loss.new_zeros(())
+            if hidden_pairs:
+                hidden, hidden_sum = hidden_loss(
+                    student_side.blocks, teacher_side.blocks, batch["labels"], num_tokens
+                )
+                total = total + cfg.hidden_loss_weight * hidden
             # The teacher's rows too: the divergences treat a NaN teacher probability like a
             # zero one (0 * log 0 = 0), so it would only surface later, in the gradient.
-            finite = torch.isfinite(out.loss) & teacher_rows_finite(t)
+            finite = torch.isfinite(total) & teacher_rows_finite(t)
             # where() sends an exact zero upstream; the loss's backward keeps it exact (see
             # losses._scaled) even where the gradients it saved are NaN.
-            kept = torch.where(finite, out.loss, 0.0)
+            kept = torch.where(finite, total, 0.0)
             overflow = 1e30 if faults.wants("overflow", step) else 1.0
             accelerator.backward(kept * (backward_scale * overflow))
-        sums = torch.where(finite, torch.stack([out.kd_sum, out.ce_sum]), 0.0)
+        sums = torch.where(finite, torch.stack([out.kd_sum, out.ce_sum, hidden_sum]), 0.0)
         return sums, ~finite
 
     return micro_step
@@ -380,8 +414,8 @@ def run_window(
     step: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's forward and backward passes, micro-batch by micro-batch, with no wait on the
-    host: ([kd_sum, ce_sum] over this rank's finite micro-batches, [micro-batches] bool: which
-    were skipped here, see ``make_micro_step``)."""
+    host: ([kd_sum, ce_sum, hidden_sum] over this rank's finite micro-batches, [micro-batches]
+    bool: which were skipped here, see ``make_micro_step``)."""
     sums, skipped = [], []
     for index, batch in enumerate(window):
         with micro_batch_context(accelerator, student, last=index == len(window) - 1):
@@ -412,6 +446,7 @@ class StepReport:
     samples: int  # sequences with at least one of them
     kd_sum: float  # over every rank's finite micro-batches
     ce_sum: float
+    hidden_sum: float
     nonfinite_ranks: list[list[int]]  # per micro-batch: the ranks that skipped it
     grad_norm: float | None
     preempted: bool  # some rank received a preemption signal
@@ -429,34 +464,36 @@ def agree_on_step(
 ) -> StepReport:
     """The step's one collective and its one wait on the host, after its backward passes.
 
-    Each rank sends [kd_sum, ce_sum, next step's tokens, next step's samples, preempted,
-    skipped per micro-batch]; the all-gather hands every rank all of them, so that each takes
-    the same decisions (count a skip, stop, save) from the same numbers. The next step's counts
-    stay on the device, as its normaliser. ``step_counts``: this step's [tokens, samples].
+    Each rank sends [kd_sum, ce_sum, hidden_sum, next step's tokens, next step's samples,
+    preempted, skipped per micro-batch]; the all-gather hands every rank all of them, so that
+    each takes the same decisions (count a skip, stop, save) from the same numbers. The next
+    step's counts stay on the device, as its normaliser. ``step_counts``: this step's [tokens,
+    samples].
     """
     preempted_flag = sums.new_full((1,), float(preempted), dtype=torch.float64)  # no copy
     local = torch.cat([sums.double(), next_counts, preempted_flag, skipped.double()])
-    gathered = accelerator.gather(local[None])  # [ranks, 5 + micro-batches]
-    totals = gathered[:, :5].sum(0)
+    gathered = accelerator.gather(local[None])  # [ranks, 6 + micro-batches]
+    totals = gathered[:, :6].sum(0)
     norm = [] if grad_norm is None else [torch.as_tensor(grad_norm, device=sums.device)]
     host = torch.cat([
-        step_counts, totals, *(n.double().reshape(1) for n in norm), gathered[:, 5:].t().flatten()
+        step_counts, totals, *(n.double().reshape(1) for n in norm), gathered[:, 6:].t().flatten()
     ]).tolist()  # fmt: skip
-    tokens, samples, kd_sum, ce_sum, _, _, preempted_ranks = host[:7]
-    flags = host[7 + len(norm) :]  # micro-batch by micro-batch, rank by rank
+    tokens, samples, kd_sum, ce_sum, hidden_sum, _, _, preempted_ranks = host[:8]
+    flags = host[8 + len(norm) :]  # micro-batch by micro-batch, rank by rank
     ranks = len(gathered)
     return StepReport(
         tokens=int(tokens),
         samples=int(samples),
         kd_sum=kd_sum,
         ce_sum=ce_sum,
+        hidden_sum=hidden_sum,
         nonfinite_ranks=[
             [rank for rank in range(ranks) if flags[start + rank]]
             for start in range(0, len(flags), ranks)
         ],
-        grad_norm=host[7] if norm else None,
+        grad_norm=host[8] if norm else None,
         preempted=preempted_ranks > 0,
-        next_counts=totals[2:4],
+        next_counts=totals[3:5],
     )
 
 
@@ -671,10 +708,15 @@ def prepare_models(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> 
     if run.cache is not None:
         signal = CachedTeacher(run.cache.temperature)
     elif teacher is not None:
-        signal = LiveTeacher(teacher, cfg.task_type, fused, accelerator.autocast)
+        teacher_blocks = [t for _, t in models.hidden_pairs]
+        signal = LiveTeacher(teacher, cfg.task_type, fused, accelerator.autocast, teacher_blocks)
     else:
         signal = StudentAsTeacher(accelerator.unwrap_model(student), fused)
-    micro_step = make_micro_step(cfg, accelerator, student, signal, vocab_size, chunk_rows, fused)
+    if models.hidden_pairs:
+        logger.info("Hidden-state loss (%s, weight %g) on (student block, teacher block) %s",
+                    cfg.hidden_loss, cfg.hidden_loss_weight, models.hidden_pairs)  # fmt: skip
+    micro_step = make_micro_step(cfg, accelerator, student, signal, vocab_size, chunk_rows, fused,
+                                 models.hidden_pairs)  # fmt: skip
     responses: ResponseSource = DatasetResponses()
     if cfg.generates:
         generators = [accelerator.unwrap_model(student), *([teacher] if cfg.seq_kd else [])]
@@ -836,13 +878,16 @@ def train_steps(
 
             state.global_step += 1
             state.batches_done += len(window)
-            kd, ce = (total / max(report.tokens, 1) for total in (report.kd_sum, report.ce_sum))
-            last_loss = (1 - cfg.alpha) * kd + cfg.alpha * ce
+            kd, ce, hidden = (
+                total / max(report.tokens, 1)
+                for total in (report.kd_sum, report.ce_sum, report.hidden_sum)
+            )
+            last_loss = (1 - cfg.alpha) * kd + cfg.alpha * ce + cfg.hidden_loss_weight * hidden
             metrics.count(report.tokens, report.samples)
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
                 metrics.log(
                     step=state.global_step, epoch=state.epoch, loss=last_loss, kd_loss=kd,
-                    ce_loss=ce, lr=learning_rate, grad_norm=report.grad_norm,
+                    ce_loss=ce, hidden_loss=hidden, lr=learning_rate, grad_norm=report.grad_norm,
                     **models.responses.report(),
                 )  # fmt: skip
             if evaluate_now and cfg.eval_steps and state.global_step % cfg.eval_steps == 0:

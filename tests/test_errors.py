@@ -61,6 +61,30 @@ def test_overwrite_output_dir_replaces_a_previous_run_but_keeps_other_files(
     [
         (["--resume_from_checkpoint", "/nonexistent/step-1"], "not a complete kd_dist checkpoint"),
         (["--max_train_samples", "0"], "--max_train_samples must be at least 1"),
+        (["--hidden_loss_weight", "-1"], "--hidden_loss_weight must be >= 0"),
+        (["--hidden_loss_weight", "1", "--alpha", "1"], "loads no teacher, whose hidden states"),
+        (
+            ["--hidden_loss_weight", "1", "--teacher_cache", "/nonexistent"],
+            "which no --teacher_cache holds",
+        ),
+        (["--hidden_layer_map", "0:1"], "--hidden_loss_weight 0 turns off"),
+        (
+            ["--hidden_loss_weight", "1", "--hidden_layer_map", "0-1"],
+            "'0-1' is not a pair of block numbers",
+        ),
+        (
+            ["--hidden_loss_weight", "1", "--hidden_layer_map", "0:1,0:0"],
+            "names a student block twice",
+        ),
+        # The tiny gpt2 pair: a student of 1 block, a teacher of 2 (checked on their configs).
+        (
+            ["--hidden_loss_weight", "1", "--hidden_layer_map", "0:2"],
+            "names teacher block 2, and the teacher's blocks are 0 to 1",
+        ),
+        (
+            ["--hidden_loss_weight", "1", "--hidden_layer_map", "1:0"],
+            "names student block 1, and the student's blocks are 0 to 0",
+        ),
     ],
 )
 def test_errors_before_any_model_loads(capsys, model_pair, text_dataset, tmp_path, extra, message,
