@@ -561,8 +561,6 @@ def export_student(
         remove_entries(output_dir, (staging.name, EXPORT_MANIFEST))
         if cfg.lora:  # the adapter (peft's format), or the merged model under --merge_lora
             lora.save_student(cfg, model, adapter, staging)
-            if accelerator.state.deepspeed_plugin is not None:  # save_student unregistered it
-                accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
         else:
             model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(staging)

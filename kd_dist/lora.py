@@ -18,6 +18,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from kd_dist.config import ConfigError, TrainConfig, split_names
+from kd_dist.zero3_loading import built_whole
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -50,10 +51,17 @@ def with_adapters(student: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
     if cfg.load_in_4bit:
         # Norms and other unquantized weights in fp32; checkpointing is enabled by load_models.
         student = prepare_model_for_kbit_training(student, use_gradient_checkpointing=False)
-    try:
-        model = get_peft_model(student, lora_config(cfg))
-    except ValueError as error:  # e.g. target modules the model does not have
-        raise ConfigError(f"--lora_target_modules {cfg.lora_target_modules!r}: {error}") from None
+    # The adapters' random start (peft's Kaiming lora_A) from --seed alone: the same on one
+    # process and on every rank, however the student was loaded (ZeRO-3's partitioned loading
+    # draws other random numbers than from_pretrained), and the run's RNG stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        try:
+            model = get_peft_model(student, lora_config(cfg))
+        except ValueError as error:  # e.g. target modules the model does not have
+            raise ConfigError(
+                f"--lora_target_modules {cfg.lora_target_modules!r}: {error}"
+            ) from None
     model.peft_config["default"].base_model_name_or_path = cfg.student_model
     return model
 
@@ -65,7 +73,7 @@ def check_lora(cfg: TrainConfig, config: PretrainedConfig, model_class: type) ->
     output_layer_trained = bool(split_names(cfg.lora_modules_to_save)) and getattr(
         config.get_text_config(), "tie_word_embeddings", False
     )
-    with torch.device("meta"):
+    with built_whole(), torch.device("meta"):
         model = model_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
     output_name = next(
         name for name, module in model.named_modules() if module is model.get_output_embeddings()
@@ -105,13 +113,12 @@ def save_student(
     into the full-precision weights).
     """
     from peft import get_peft_model, set_peft_model_state_dict
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    unset_hf_deepspeed_config()  # a ZeRO-3 config registered with transformers would shard it
     model_class = type(trained.get_base_model())
-    base = model_class.from_pretrained(
-        cfg.student_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
+    with built_whole():  # by this process alone
+        base = model_class.from_pretrained(
+            cfg.student_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        )
     base.config.pad_token_id = trained.config.pad_token_id
     base.generation_config = trained.generation_config  # (its end-of-turn stop, for one)
     rebuilt = get_peft_model(base, lora_config(cfg))
