@@ -244,7 +244,7 @@ def test_bad_input_is_a_clear_error_before_any_model_loads_and_nothing_is_writte
 ):
     if case.flags[-2:] == ("--generation_backend", "vllm") and vllm_can_run():
         pytest.skip("this machine has vLLM and a CUDA GPU: the backend is not refused here")
-    if case.flags[-1] == "--load_in_4bit" and qlora_can_run():
+    if case.flags[-1:] == ("--load_in_4bit",) and qlora_can_run():
         pytest.skip("this machine has bitsandbytes and a CUDA GPU: QLoRA is not refused here")
 
     def no_weights(*args, **kwargs):
