@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from kd_dist.cli import main
 from kd_dist.config import TrainConfig
@@ -171,3 +171,18 @@ def test_kd_dist_eval_takes_an_adapter_folder(lora_runs, model_pair, text_datase
         results[name] = json.loads(out.read_text())
     assert results["adapter"] == pytest.approx(results["merged"], rel=1e-5)
     assert results["adapter"]["kl_to_teacher"] != results["untrained"]["kl_to_teacher"]
+
+
+def test_a_seq2seq_lora_student_trains_with_activation_checkpointing(
+    model_pair, pairs_dataset, tmp_path
+):
+    """T5 (tied output layer, frozen): peft's seq2seq task type; the layers' activations
+    recomputed in the backward pass reach the adapters; the adapter loads onto the student."""
+    teacher, student = model_pair("t5")
+    out = train(tmp_path / "t5", teacher, student, pairs_dataset, "--task_type", "seq2seq",
+                "--gradient_checkpointing")  # fmt: skip
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert all(tensor.abs().max() > 0 for key, tensor in adapter.items() if "lora_B" in key)
+    model = peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(student), out)
+    assert isinstance(model, peft.PeftModelForSeq2SeqLM)
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
