@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from deepspeed.runtime.zero import GatheredParameters
 from transformers import PretrainedConfig, PreTrainedModel
 
 from kd_dist.config import ConfigError, TrainConfig, split_names
@@ -38,7 +39,6 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         modules_to_save=split_names(cfg.lora_modules_to_save) or None,
         task_type=TaskType.SEQ_2_SEQ_LM if cfg.task_type == "seq2seq" else TaskType.CAUSAL_LM,
-        base_model_name_or_path=cfg.student_model,
     )
 
 
@@ -62,6 +62,7 @@ def with_adapters(student: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
             raise ConfigError(
                 f"--lora_target_modules {cfg.lora_target_modules!r}: {error}"
             ) from None
+    # (get_peft_model takes the model's name_or_path; an export names what --student_model said.)
     model.peft_config["default"].base_model_name_or_path = cfg.student_model
     return model
 
@@ -89,14 +90,16 @@ def check_lora(cfg: TrainConfig, config: PretrainedConfig, model_class: type) ->
 
 def trained_adapter(accelerator: Any, student: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The trained adapter weights (and --lora_modules_to_save modules), by peft's names, on the
-    main process (None on the others). Every rank must call it: under ZeRO-3 the shards are
-    gathered (``get_state_dict``)."""
+    main process (None on the others). Every rank must call it: under ZeRO-3 the trained
+    parameters alone are gathered (the frozen base is read back from its files on export)."""
     from peft import get_peft_model_state_dict
 
-    state_dict = accelerator.get_state_dict(student)
-    if not accelerator.is_main_process:
-        return None
     model = accelerator.unwrap_model(student)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    with GatheredParameters(list(trained.values())):  # (a no-op without ZeRO-3)
+        if not accelerator.is_main_process:
+            return None
+        state_dict = {name: p.detach().to("cpu", copy=True) for name, p in trained.items()}
     return get_peft_model_state_dict(model, state_dict=state_dict)
 
 
