@@ -46,8 +46,8 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kd_dist import faults
-from kd_dist.config import CONFIG_FILE_NAME, ConfigError, TrainConfig
+from kd_dist import faults, lora
+from kd_dist.config import CONFIG_FIELDS, CONFIG_FILE_NAME, ConfigError, TrainConfig
 from kd_dist.models import is_hidden_projection_key, without_hidden_projections
 
 logger = logging.getLogger("kd_dist")
@@ -281,7 +281,8 @@ def resolve_checkpoint(cfg: TrainConfig) -> Path | None:
 
 
 # Settings a checkpoint can only be resumed exactly with: they decide which examples each
-# optimizer step sees and what the saved optimizer and RNG states mean.
+# optimizer step sees, what the saved optimizer and RNG states mean, and which parameters (a
+# LoRA student's adapters) the student trains. A setting a checkpoint predates ran at its default.
 # The data itself is compared by the content of its tokenized examples (the data fingerprint),
 # not by the --dataset path, so a copy of the same file elsewhere resumes.
 RESUME_MUST_MATCH = (
@@ -289,7 +290,8 @@ RESUME_MUST_MATCH = (
     "dataset_format", "text_column", "messages_column", "prompt_column", "response_column",
     "max_length", "max_target_length", "train_on_prompt", "packing", "group_by_length",
     "max_train_samples", "eval_ratio", "batch_size", "gradient_accumulation_steps", "seed",
-    "optimizer", "fp16", "bf16", "hidden_layer_map",
+    "optimizer", "fp16", "bf16", "hidden_layer_map", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "lora_modules_to_save", "load_in_4bit",
 )  # fmt: skip
 
 
@@ -300,7 +302,7 @@ def resume_mismatches(
     differences = [
         f"--{name} {saved.get(name)!r} -> {getattr(cfg, name)!r}"
         for name in RESUME_MUST_MATCH
-        if saved.get(name) != getattr(cfg, name)
+        if saved.get(name, CONFIG_FIELDS[name].default) != getattr(cfg, name)
     ]
     if state.world_size != world_size:
         differences.append(f"processes {state.world_size} -> {world_size}")
@@ -546,7 +548,8 @@ def export_student(
     cfg: TrainConfig,
     state: TrainerState,
 ) -> None:
-    """Save the trained student as a plain Hugging Face model (safetensors) in ``output_dir``.
+    """Save the trained student as a plain Hugging Face model (safetensors) in ``output_dir``
+    (a LoRA student: its adapter in peft's format, or merged under --merge_lora).
 
     It is written to a staging folder and each file renamed into place; the manifest (versions,
     config, data fingerprint, checksums) goes last and vouches for the files it lists, so an
@@ -554,18 +557,24 @@ def export_student(
     """
     accelerator.wait_for_everyone()
     # get_state_dict gathers the full weights when they are sharded (ZeRO-3) on every rank.
-    state_dict = accelerator.get_state_dict(student)
+    if cfg.lora:
+        adapter = lora.trained_adapter(accelerator, student)
+    else:
+        state_dict = accelerator.get_state_dict(student)
     model = accelerator.unwrap_model(student)
     if accelerator.is_main_process:
         output_dir = Path(cfg.output_dir)
         staging = output_dir / ".export.partial"
         previous = previous_export(output_dir)
         remove_entries(output_dir, (staging.name, EXPORT_MANIFEST))
-        # The hidden-state loss's projections are training aids: the student is exported
-        # without them, an ordinary Hugging Face model.
-        weights = {k: v for k, v in state_dict.items() if not is_hidden_projection_key(k)}
-        with without_hidden_projections(model):
-            model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
+        if cfg.lora:  # the adapter (peft's format), or the merged model under --merge_lora
+            lora.save_student(cfg, model, adapter, staging)
+        else:
+            # The hidden-state loss's projections are training aids: the student is exported
+            # without them, an ordinary Hugging Face model.
+            weights = {k: v for k, v in state_dict.items() if not is_hidden_projection_key(k)}
+            with without_hidden_projections(model):
+                model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         # A previous export's files that this one does not write again (shards of a differently
         # sharded model, an old chat template) would otherwise load with the new model.

@@ -29,6 +29,7 @@ from kd_dist.config import (
     load_yaml,
 )
 from kd_dist.engine import PREEMPTED_EXIT_CODE, NonFiniteError, TrainingPreempted
+from kd_dist.lora import ADAPTER_CONFIG
 
 logger = logging.getLogger("kd_dist")
 
@@ -93,8 +94,9 @@ def eval_defaults(student: str) -> dict[str, Any]:
 
     A training checkpoint or an unexported run folder is not a model: say how to get one."""
     folder = Path(student)
+    exported = any((folder / name).is_file() for name in ("config.json", ADAPTER_CONFIG))
     if (folder / COMPLETE_MARKER).is_file() or (
-        (folder / CONFIG_FILE_NAME).is_file() and not (folder / "config.json").is_file()
+        (folder / CONFIG_FILE_NAME).is_file() and not exported
     ):
         raise ConfigError(
             f"--student {student} is a kd-dist training checkpoint or a run that has not "

@@ -107,6 +107,49 @@ class TrainConfig:
         ),
     )
 
+    # --- LoRA students -----------------------------------------------------------------------
+    lora_r: int = field(
+        default=0,
+        metadata=_help(
+            "Train LoRA adapters of this rank on the frozen student (peft: pip install "
+            "'kd_dist[peft]'); 0: train the whole student."
+        ),
+    )
+    lora_alpha: float = field(
+        default=16.0, metadata=_help("LoRA scaling: the adapters' update is scaled by alpha / r.")
+    )
+    lora_dropout: float = field(
+        default=0.05, metadata=_help("Dropout on the LoRA adapters' input.")
+    )
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata=_help(
+            "Comma-separated names of the student's modules to adapt (e.g. q_proj,v_proj); "
+            "all-linear: every linear layer of the blocks (peft's, the output layer excluded)."
+        ),
+    )
+    lora_modules_to_save: str | None = field(
+        default=None,
+        metadata=_help(
+            "Comma-separated modules trained in full beside the adapters and saved with them "
+            "(e.g. lm_head, to train the output layer too; default: none, it stays frozen)."
+        ),
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata=_help(
+            "QLoRA: store the frozen student in 4-bit NF4 (bitsandbytes: pip install "
+            "'kd_dist[qlora]'; needs a CUDA GPU) and train LoRA adapters on it."
+        ),
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata=_help(
+            "Export the student with its adapters merged into the weights (a plain Hugging Face "
+            "model) instead of the adapters alone (peft's format)."
+        ),
+    )
+
     # --- data -------------------------------------------------------------------------------
     dataset: str = field(
         default="",
@@ -607,10 +650,50 @@ class TrainConfig:
                 "--attn_implementation flash_attention_2 computes in fp16 or bf16 only: pass "
                 "--bf16 (or --fp16), or use sdpa."
             )
+        problems += self.lora_problems()
         problems += self.generation_problems(command)
         problems += self.hidden_loss_problems(command)
         if problems:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def lora(self) -> bool:
+        """Whether the student trains LoRA adapters (--lora_r > 0) instead of its weights."""
+        return self.lora_r > 0
+
+    def lora_problems(self) -> list[str]:
+        """What keeps the LoRA flags from running as asked."""
+        problems = []
+        if self.lora_r < 0:
+            problems.append(f"--lora_r must be >= 0 (got {self.lora_r}; 0 turns LoRA off).")
+        if not self.lora:
+            given = [f"--{name}" for name in LORA_ONLY_FLAGS
+                     if getattr(self, name) != CONFIG_FIELDS[name].default]  # fmt: skip
+            if given:
+                problems.append(
+                    f"{', '.join(given)} only apply to LoRA students: pass --lora_r (e.g. 16), "
+                    "or drop them."
+                )
+            return problems
+        if self.lora_alpha <= 0:
+            problems.append(f"--lora_alpha must be > 0 (got {self.lora_alpha}).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout}).")
+        if not split_names(self.lora_target_modules):
+            problems.append(
+                "--lora_target_modules names no module: pass all-linear or names like "
+                "q_proj,v_proj."
+            )
+        if importlib.util.find_spec("peft") is None:
+            problems.append(
+                "--lora_r needs the peft package: pip install 'kd_dist[peft]' (or drop --lora_r)."
+            )
+        if self.generation_backend == "vllm":
+            problems.append(
+                "--generation_backend vllm is given the student's full weights, not LoRA "
+                "adapters: pass --generation_backend transformers, or drop --lora_r."
+            )
+        return problems
 
     def generation_flags(self) -> list[str]:
         """The flags that make this run generate responses (in training or its evaluation)."""
@@ -756,6 +839,16 @@ def parse_layer_map(text: str) -> list[tuple[int, int]]:
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# The flags that mean nothing without --lora_r.
+LORA_ONLY_FLAGS = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
+                   "load_in_4bit", "merge_lora")  # fmt: skip
+
+
+def split_names(names: str | None) -> list[str]:
+    """A comma-separated list of names (--lora_target_modules): "q_proj, v_proj" -> [...]."""
+    return [name.strip() for name in (names or "").split(",") if name.strip()]
+
+
 _TYPE_HINTS = typing.get_type_hints(TrainConfig)
 
 

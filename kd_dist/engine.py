@@ -37,9 +37,9 @@ STUDENT, TEACHER = "student", "teacher"  # DeepSpeed plugin names
 
 
 def check_hardware_supports(cfg: TrainConfig) -> None:
-    """fp16 autocast and flash-attention need a GPU (and flash-attention its package); say so
-    before anything loads. (Not in ``cfg.validate``: ``kd-dist tokenize`` takes the same flags in
-    a CPU job.)"""
+    """fp16 autocast, flash-attention, vLLM and 4-bit students need a GPU (and the last three
+    their packages); say so before anything loads. (Not in ``cfg.validate``: ``kd-dist
+    tokenize`` takes the same flags in a CPU job.)"""
     problems = []
     if cfg.fp16 and not torch.cuda.is_available():
         problems.append(
@@ -67,6 +67,17 @@ def check_hardware_supports(cfg: TrainConfig) -> None:
             problems.append(
                 "--generation_backend vllm needs a CUDA GPU and none is available: pass "
                 "--generation_backend transformers."
+            )
+    if cfg.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(
+                "--load_in_4bit needs the bitsandbytes package: pip install 'kd_dist[qlora]' "
+                "(or drop --load_in_4bit: LoRA on the full-precision student)."
+            )
+        if not torch.cuda.is_available():
+            problems.append(
+                "--load_in_4bit needs a CUDA GPU and none is available: drop --load_in_4bit "
+                "(LoRA on the full-precision student)."
             )
     if problems:
         raise ConfigError("\n".join(problems))

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from kd_dist.data import build_datasets, make_collator
 from kd_dist.data.parallel import tokenize_first
 from kd_dist.engine import accelerator_session, deepspeed_launch
 from kd_dist.generation import Sampling, check_prompts, generated_batches, sampling_settings
+from kd_dist.lora import adapter_base, merged_adapter
 from kd_dist.losses import (
     TopKTeacher,
     logit_chunks,
@@ -362,6 +364,12 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
             "kd-dist eval replicates both models on every process and does not run under a "
             "DeepSpeed config: launch it with torchrun or accelerate launch --multi_gpu."
         )
+    # A LoRA run's adapter folder: its base student is loaded, and the adapter merged into it.
+    base, adapter = adapter_base(cfg.student_model), cfg.student_model
+    if base is None:
+        adapter = None
+    else:
+        cfg = replace(cfg, student_model=base)
     cfg = resolve_lengths(cfg)
     with accelerator_session(cfg) as accelerator:
         tokenizer = load_tokenizer(cfg)
@@ -381,10 +389,11 @@ def evaluate_saved(cfg: TrainConfig) -> dict[str, float]:
                 examples = examples.select(range(cfg.max_eval_samples))
         logger.info(
             "Evaluating %s against %s on %d examples (%s format)",
-            cfg.student_model, cfg.teacher_model, len(examples), data.format,
+            adapter or cfg.student_model, cfg.teacher_model, len(examples), data.format,
         )  # fmt: skip
         models = load_models(cfg, tokenizer)
-        student = models.student.to(accelerator.device)
+        student = models.student if adapter is None else merged_adapter(models.student, adapter)
+        student = student.to(accelerator.device)
         teacher = models.teacher.to(accelerator.device)
         batches = eval_loader(accelerator, examples, cfg.batch_size, make_collator(tokenizer))
         options = dict(

@@ -573,9 +573,15 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(student_hidden, dtype=grad_dtype)
         # Gradients of the projection accumulate over chunks: fp32 so many chunks add up exactly,
         # over all V_rows rows (the padded ones stay 0) so that backward can hand them over.
-        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
+        # A frozen projection (a LoRA student's output layer) gets no [V_rows, Hs] buffer at all.
+        wants_weight, wants_bias = ctx.needs_input_grad[1:3]
+        grad_weight = (
+            torch.zeros_like(student_weight, dtype=torch.float32) if wants_weight else None
+        )
         grad_bias = (
-            None if student_bias is None else torch.zeros_like(student_bias, dtype=torch.float32)
+            torch.zeros_like(student_bias, dtype=torch.float32)
+            if wants_bias and student_bias is not None
+            else None
         )
         totals = torch.zeros(3, dtype=torch.float32, device=student_hidden.device)
         # Each chunk's logits go to buffers made once: fresh [C x V] tensors per chunk cost
@@ -613,8 +619,9 @@ class _FusedLinearLoss(torch.autograd.Function):
                 )  # fmt: skip
                 totals += torch.stack(sums)
             torch.mm(grad_logits, weight_for_grad, out=grad_hidden[rows])  # [C, Hs]
-            hidden = hidden.to(grad_dtype)
-            _accumulate_product(grad_weight[vocab], grad_logits.t(), hidden)  # [V, Hs]
+            if grad_weight is not None:
+                hidden = hidden.to(grad_dtype)
+                _accumulate_product(grad_weight[vocab], grad_logits.t(), hidden)  # [V, Hs]
             if grad_bias is not None:
                 grad_bias[vocab] += grad_logits.sum(0, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -631,7 +638,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         # once per forward, as a training step's backward does (no retain_graph).
         return (
             _scaled(grad_hidden, grad_loss),
-            _scaled(grad_weight, grad_loss, ctx.weight_dtype, in_place=True),
+            None
+            if grad_weight is None
+            else _scaled(grad_weight, grad_loss, ctx.weight_dtype, in_place=True),
             None
             if grad_bias is None
             else _scaled(grad_bias, grad_loss, ctx.bias_dtype, in_place=True),

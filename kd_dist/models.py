@@ -31,6 +31,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from kd_dist.config import ConfigError, TrainConfig, parse_layer_map
+from kd_dist.lora import check_lora, with_adapters
 from kd_dist.losses import IGNORE_INDEX, LogitTransform, OutputHead, TopKTeacher
 from kd_dist.teacher_cache import cache_lengths
 from kd_dist.zero3_loading import load_partitioned
@@ -211,6 +212,8 @@ def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         check_vocab_covers_tokenizer(config, role, tokenizer)
         check_positions(config, role, name, cfg)
         check_model_features(concrete_class(cfg, config), role, name, cfg)
+        if role == "student" and cfg.lora:
+            check_lora(cfg, config, model_class(cfg))
         if cfg.packing:
             check_packing(config, f"--{role}_model {name!r}")
     roles = model_roles(cfg)
@@ -342,7 +345,7 @@ def projection_input(student_hidden: torch.Tensor, compute_dtype: torch.dtype) -
 @dataclass
 class ModelPair:
     teacher: PreTrainedModel | None  # None when the run needs no teacher (--alpha 1)
-    student: PreTrainedModel
+    student: PreTrainedModel  # (a peft PeftModel around it under --lora_r)
     # (student block, teacher block) of the hidden-state loss; none without --hidden_loss_weight
     hidden_pairs: list[tuple[int, int]] = field(default_factory=list)
 
@@ -372,16 +375,36 @@ def meta_model(cfg: TrainConfig, config: PretrainedConfig) -> PreTrainedModel:
 
 
 def pretrained(
-    model_class: type, name: str, dtype: torch.dtype, cfg: TrainConfig
+    model_class: type, name: str, dtype: torch.dtype, cfg: TrainConfig, quantized: bool = False
 ) -> PreTrainedModel:
     """``model_class.from_pretrained``, partitioned as it loads, module by module, while a ZeRO-3
-    config is registered with transformers (see ``zero3_loading``)."""
-    options = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    config is registered with transformers (see ``zero3_loading``); ``quantized``: in 4-bit NF4
+    on this process's GPU (--load_in_4bit)."""
+    options: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation != "auto":  # auto: transformers' choice, sdpa where supported
         options["attn_implementation"] = cfg.attn_implementation
+    if quantized:
+        if is_deepspeed_zero3_enabled():
+            raise ConfigError(
+                "--load_in_4bit: a 4-bit student cannot be partitioned by ZeRO-3; launch with "
+                "DDP or ZeRO-2, or drop --load_in_4bit."
+            )
+        options.update(quantization_options(cfg))
     if is_deepspeed_zero3_enabled():
         return load_partitioned(model_class, name, options)
     return model_class.from_pretrained(name, **options)
+
+
+def quantization_options(cfg: TrainConfig) -> dict[str, Any]:
+    """from_pretrained's options for a QLoRA student: NF4 weights with double quantization
+    (the QLoRA paper's), computing in the run's precision, whole on this process's GPU."""
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=precision_dtype(cfg),
+    )  # fmt: skip
+    return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
 
 
 def load_models(
@@ -400,11 +423,16 @@ def load_models(
     """
     teacher = load_teacher(cfg, tokenizer, loading) if with_teacher else None
     with loading("student"):
-        student = pretrained(model_class(cfg), cfg.student_model, torch.float32, cfg)
+        student = pretrained(
+            model_class(cfg), cfg.student_model, torch.float32, cfg, quantized=cfg.load_in_4bit
+        )
     student.train()
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(student)
     set_pad_token(student, tokenizer)
+    if cfg.lora:  # its weights frozen, LoRA adapters trained (a PeftModel around it)
+        student = with_adapters(student, cfg)
+    # After the adapters: peft would freeze the projections, which train with them.
     pairs = []
     if cfg.hidden_loss_weight > 0 and teacher is not None:
         pairs = layer_pairs(cfg, len(decoder_blocks(student)), len(decoder_blocks(teacher)))
@@ -560,10 +588,21 @@ FUSED_HEAD_RULES: dict[str, _HeadRule] = {
 }
 
 
+def output_projection(model: PreTrainedModel) -> torch.nn.Module:
+    """The module that projects to the vocabulary: the model's output embeddings, or, where peft
+    trains a copy of them (--lora_modules_to_save lm_head: a ModulesToSaveWrapper), the copy
+    the model runs. A PeftModel passes these calls on to the model it wraps."""
+    projection = model.get_output_embeddings()
+    copies = getattr(projection, "modules_to_save", None)
+    if copies is not None and not projection.disable_adapters:
+        return copies[projection.active_adapters[0]]
+    return projection
+
+
 def output_head(model: PreTrainedModel) -> OutputHead | None:
     """The model's output projection as the fused loss needs it, or None for an unknown family."""
     rule = FUSED_HEAD_RULES.get(model.config.model_type)
-    projection = model.get_output_embeddings()
+    projection = output_projection(model)
     if rule is None or not isinstance(projection, torch.nn.Linear):
         return None
     config = model.config.get_text_config()
@@ -611,7 +650,7 @@ def forward_hidden(
     checkpointing's recomputation of the layers) never re-enters the projection.
     """
     projection = module.get_output_embeddings()
-    capture = _InputCapture(projection.out_features)
+    capture = _InputCapture(output_projection(module).out_features)
     module.set_output_embeddings(capture)
     try:
         _forward(model, module, batch, task_type)

@@ -128,10 +128,14 @@ def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int
     )
 
 
-def held_parameters(model: torch.nn.Module) -> tuple[int, int]:
+def held_parameters(model: torch.nn.Module, trainable_only: bool = False) -> tuple[int, int]:
     """(parameters this process holds, all of the model's): ZeRO-3 shards at their shard size."""
-    held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
-    return held, parameter_count(model)
+    held = sum(
+        getattr(p, "ds_tensor", p).numel()
+        for p in model.parameters()
+        if p.requires_grad or not trainable_only
+    )
+    return held, parameter_count(model, trainable_only)
 
 
 def weights(model: PreTrainedModel) -> str:
@@ -189,6 +193,8 @@ def run_summary(
             teacher_line,
             f"  student  {cfg.student_model} ({weights(student)}, "
             f"{parameter_count(student, trainable_only=True):,} trainable"
+            + (f": LoRA adapters of rank {cfg.lora_r}" if cfg.lora else "")
+            + (" on a 4-bit base" if cfg.load_in_4bit else "")
             + (", activation checkpointing" if cfg.gradient_checkpointing else "")
             + ")",
             f"  launch   {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "

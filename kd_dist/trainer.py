@@ -687,6 +687,11 @@ def prepare_models(cfg: TrainConfig, accelerator: Accelerator, run: RunData) -> 
     loader = train_data_loader(cfg, run.data.train, run.train_examples, run.collate)
     optimizer = build_optimizer(cfg, models.student)
     student, optimizer, train_loader = accelerator.prepare(models.student, optimizer, loader)
+    if any(hasattr(p, "ds_id") for p in student.parameters()):
+        # ZeRO-3 (LoRA adapters, added after the partitioned loading, are partitioned by now).
+        logger.info("Student partitioned: this process holds %d of its %d parameters, %d of its "
+                    "%d trainable ones", *held_parameters(student),
+                    *held_parameters(student, trainable_only=True))  # fmt: skip
     if cfg.group_by_length:
         # As accelerate does for its own seeded sampler: the sharded batch sampler holds it, so
         # that set_epoch reaches it on every process, through skip_first_batches too.

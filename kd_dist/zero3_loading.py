@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from deepspeed.runtime.zero import GatheredParameters
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel
+from transformers.integrations import deepspeed as transformers_deepspeed
 
 logger = logging.getLogger("kd_dist")
 
@@ -138,3 +141,18 @@ def load_partitioned(model_class: type, name: str, options: dict[str, Any]) -> P
         name,
     )
     return model_class.from_pretrained(name, **options)
+
+
+@contextmanager
+def built_whole() -> Iterator[None]:
+    """Models built inside are whole: the ZeRO-3 config registered with transformers, which
+    partitions every model it builds (collectively, on every process), is set aside meanwhile.
+    For models one process builds alone (the exported student) or that hold no weights (on the
+    meta device)."""
+    registered = transformers_deepspeed._hf_deepspeed_config_weak_ref
+    transformers_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if registered is not None and registered() is not None:
+            transformers_deepspeed.set_hf_deepspeed_config(registered())

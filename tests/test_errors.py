@@ -110,6 +110,10 @@ def vllm_can_run() -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
+def qlora_can_run() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
+
+
 def other_tokenizer_student(tmp_path: Path, tokenizer) -> str:
     other = build_tokenizer(["completely different words here"] * 20, vocab_size=280)
     return save_pair(tmp_path / "student", build_model("gpt2", other, "tiny"), other)
@@ -227,6 +231,30 @@ BAD_INPUTS = {
         ("--task_type", "seq2seq", "--lmbda", "1", "--generation_backend", "vllm"),
         family="t5",
     ),
+    # LoRA students (--lora_r): flags that need it, values, modules, and what it cannot do.
+    "LoRA flags without --lora_r": BadInput(
+        "--lora_alpha, --merge_lora only apply to LoRA students: pass --lora_r",
+        ("--lora_alpha", "32", "--merge_lora"),
+    ),
+    "negative LoRA rank": BadInput("--lora_r must be >= 0", ("--lora_r", "-1")),
+    "LoRA dropout 1": BadInput(
+        "--lora_dropout must be in [0, 1)", ("--lora_r", "4", "--lora_dropout", "1")
+    ),
+    "LoRA on modules the student lacks": BadInput(
+        "--lora_target_modules 'wq,wv'", ("--lora_r", "4", "--lora_target_modules", "wq,wv")
+    ),
+    "LoRA training a tied output layer": BadInput(
+        "ties its output layer to its input embeddings",
+        ("--lora_r", "4", "--lora_modules_to_save", "lm_head"),
+    ),
+    "LoRA with the vllm backend": BadInput(
+        "not LoRA adapters: pass --generation_backend transformers",
+        ("--lora_r", "4", "--lmbda", "1", "--generation_backend", "vllm"),
+        dataset=dolly_like,
+    ),
+    "QLoRA without bitsandbytes or a GPU": BadInput(
+        "--load_in_4bit needs", ("--lora_r", "4", "--load_in_4bit")
+    ),
     "no room left for prompts": BadInput(
         "--max_new_tokens 600 leaves no room for the prompts",
         ("--seq_kd", "--max_new_tokens", "600"),
@@ -240,6 +268,8 @@ def test_bad_input_is_a_clear_error_before_any_model_loads_and_nothing_is_writte
 ):
     if case.flags[-2:] == ("--generation_backend", "vllm") and vllm_can_run():
         pytest.skip("this machine has vLLM and a CUDA GPU: the backend is not refused here")
+    if case.flags[-1:] == ("--load_in_4bit",) and qlora_can_run():
+        pytest.skip("this machine has bitsandbytes and a CUDA GPU: QLoRA is not refused here")
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded before the error")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,3 +49,35 @@ def test_the_installed_versions_satisfy_the_declared_floors():
     for requirement in REQUIREMENTS:
         version = importlib.metadata.version(requirement.name)
         assert requirement.specifier.contains(version, prereleases=True), (requirement, version)
+
+
+def test_the_package_imports_and_trains_full_students_without_peft(tmp_path):
+    """peft is an optional extra: with it unimportable, every module imports, a full (non-LoRA)
+    student trains a step, and --lora_r names the extra to install."""
+    script = f"""
+import importlib, importlib.util, json, pkgutil, sys
+from pathlib import Path
+sys.modules["peft"] = None  # import peft -> ImportError
+real_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "peft" else real_find_spec(name, *a)
+import kd_dist
+for module in pkgutil.walk_packages(kd_dist.__path__, "kd_dist."):
+    if module.name != "kd_dist.__main__":
+        importlib.import_module(module.name)
+from kd_dist.cli import main
+from kd_dist.tiny import build_model, build_tokenizer, save_pair
+root = Path({str(tmp_path)!r})
+tokenizer = build_tokenizer(["the cat sees a dog."] * 8, vocab_size=120)
+models = [save_pair(root / size, build_model("gpt2", tokenizer, size), tokenizer)
+          for size in ("small", "tiny")]
+(root / "text.jsonl").write_text(json.dumps({{"text": "the cat sees a dog."}}) + "\\n")
+common = ["train", "--teacher_model", models[0], "--student_model", models[1], "--dataset",
+          str(root / "text.jsonl"), "--max_steps", "1", "--no-compile_loss", "--save_every", "0"]
+assert main([*common, "--output_dir", str(root / "full")]) == 0
+assert (root / "full" / "model.safetensors").is_file()
+assert main([*common, "--output_dir", str(root / "lora"), "--lora_r", "4"]) == 2
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=300,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pip install 'kd_dist[peft]'" in result.stderr
