@@ -366,7 +366,11 @@ class TrainConfig:
         ),
     )
     temperature: float = field(
-        default=2.0, metadata=_help("Softmax temperature T; the KD term is scaled by T^2.")
+        default=1.0,
+        metadata=_help(
+            "Softmax temperature T of both distributions; the KD term is scaled by T^2. 1 keeps "
+            'the models\' own distributions (README: "Choosing the temperature").'
+        ),
     )
     alpha: float = field(
         default=0.0,
@@ -573,8 +577,8 @@ class TrainConfig:
                 )
         if self.temperature <= 0:
             problems.append(
-                f"--temperature must be > 0 (got {self.temperature}); 1.0 leaves the "
-                "distributions unchanged, 2.0 is a common choice."
+                f"--temperature must be > 0 (got {self.temperature}); 1.0 (the default) leaves "
+                "the distributions unchanged."
             )
         if not 0.0 <= self.alpha <= 1.0:
             problems.append(f"--alpha must be in [0, 1] (got {self.alpha}).")

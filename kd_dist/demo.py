@@ -114,14 +114,14 @@ def prepare_demo_dir(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
-def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 6000) -> dict:
-    root = Path(output_dir)
-    prepare_demo_dir(root)
-    rng = random.Random(seed)
-    sentences = make_corpus(rng, corpus_size)
-    dataset = root / "corpus.jsonl"
-    dataset.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+def write_corpus(path: Path, sentences: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    return path
 
+
+def train_teacher(root: Path, dataset: Path, sentences: list[str], seed: int) -> tuple[str, str]:
+    """The demo's tokenizer, teacher (trained on ``dataset`` with cross-entropy) and untrained
+    student, in ``root``: returns the trained teacher's folder and the untrained student's."""
     tokenizer = build_tokenizer(sentences, vocab_size=384)
     torch.manual_seed(seed)  # the initial weights too, so that a rerun prints the same table
     teacher_init = save_pair(
@@ -134,36 +134,40 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
     student_init = save_pair(
         root / "init" / "student", build_model("llama", tokenizer, "tiny"), tokenizer
     )
-
-    print("[1/6] training the teacher (cross-entropy)")
     teacher = demo_config(
         root / "teacher", teacher_init, teacher_init, dataset, alpha=1.0, epochs=3, seed=seed
     )
     train(teacher)
+    return teacher.output_dir, student_init
+
+
+def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 6000) -> dict:
+    root = Path(output_dir)
+    prepare_demo_dir(root)
+    sentences = make_corpus(random.Random(seed), corpus_size)
+    dataset = write_corpus(root / "corpus.jsonl", sentences)
+    print("[1/6] training the teacher (cross-entropy)")
+    teacher_dir, student_init = train_teacher(root, dataset, sentences, seed)
     budget = dict(epochs=2, seed=seed)
     print("[2/6] distilling the student (forward KL to the teacher)")
     kd = train(
-        demo_config(
-            root / "student_kd", teacher.output_dir, student_init, dataset, alpha=0.0, **budget
-        )
+        demo_config(root / "student_kd", teacher_dir, student_init, dataset, alpha=0.0, **budget)
     )
     print("[3/6] training the same student on cross-entropy only (baseline)")
     ce = train(
-        demo_config(
-            root / "student_ce", teacher.output_dir, student_init, dataset, alpha=1.0, **budget
-        )
+        demo_config(root / "student_ce", teacher_dir, student_init, dataset, alpha=1.0, **budget)
     )
 
     print(f"[4/6] caching the teacher's top-{CACHE_TOP_K} tokens, distilling the same student "
           "from the cache alone")  # fmt: skip
-    cache = demo_config(root / "teacher_cache", teacher.output_dir, "", dataset, top_k=CACHE_TOP_K,
+    cache = demo_config(root / "teacher_cache", teacher_dir, "", dataset, top_k=CACHE_TOP_K,
                         **budget)  # fmt: skip
     cache_teacher(cache)
     # Evaluated against the live teacher (given too), for figures comparable with the others.
     cached = train(
         demo_config(
             root / "student_cached",
-            teacher.output_dir,
+            teacher_dir,
             student_init,
             dataset,
             teacher_cache=cache.output_dir,
@@ -173,11 +177,11 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
 
     print("[5/6] evaluating the untrained and the cross-entropy students against the teacher")
     untrained = evaluate_saved(
-        demo_config(root / "student_kd", teacher.output_dir, student_init, dataset, **budget)
+        demo_config(root / "student_kd", teacher_dir, student_init, dataset, **budget)
     )
     # --alpha 1 trains without loading the teacher, so its run measured the student alone.
     cross_entropy_only = evaluate_saved(
-        demo_config(root / "student_ce", teacher.output_dir, ce.output_dir, dataset, **budget)
+        demo_config(root / "student_ce", teacher_dir, ce.output_dir, dataset, **budget)
     )
 
     print("[6/6] distilling two students on prompts whose responses leave out the teacher's place "
@@ -191,7 +195,7 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
     recipe = dict(loss="jsd", eval_on_policy=True, max_new_tokens=40, max_steps=150, seed=seed)
     on_policy_results = {}
     for name, lmbda in (("off_policy", 0.0), ("on_policy", 0.5)):
-        config = demo_config(root / f"student_{name}", teacher.output_dir, student_init, prompts,
+        config = demo_config(root / f"student_{name}", teacher_dir, student_init, prompts,
                              lmbda=lmbda, **recipe)  # fmt: skip
         on_policy_results[name] = train(config).eval_metrics
 

@@ -110,6 +110,14 @@ def test_readme_documents_every_flag():
     assert not missing, f"flags missing from README's flag table: {missing}"
 
 
+def test_readme_states_the_shipped_temperature():
+    """The default --temperature, chosen from the README's sweep, is the one it documents."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    default = TrainConfig(teacher_model="t", student_model="s", dataset="d").temperature
+    assert f"| `--temperature` | `{default}` |" in readme
+    assert f"The default, `--temperature {default}`" in readme
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [

@@ -84,7 +84,7 @@ def test_the_cache_is_a_dataset_of_the_teacher_s_top_k_for_every_trained_positio
     log-probabilities to fp16, the tail's log mass) at every trained position, in order."""
     teacher, student = model_pair("llama")
     manifest = read_manifest(llama_cache)
-    assert manifest["complete"] and manifest["top_k"] == TOP_K and manifest["temperature"] == 2.0
+    assert manifest["complete"] and manifest["top_k"] == TOP_K and manifest["temperature"] == 1.0
     assert manifest["teacher_model"] == teacher and manifest["teacher_dtype"] == "float32"
     assert set(manifest["versions"]) == {"kd_dist", "torch", "transformers", "datasets"}
     cfg = config(teacher, student, text_dataset)
@@ -108,7 +108,7 @@ def test_the_cache_is_a_dataset_of_the_teacher_s_top_k_for_every_trained_positio
     with torch.no_grad():
         logits = forward_logits(model, model, batch, "causal")
     rows, _, _ = valid_rows(logits, None, batch["labels"], causal=True)
-    expected = top_k_teacher(rows[:, : len(tokenizer)], TOP_K, 2.0)
+    expected = top_k_teacher(rows[:, : len(tokenizer)], TOP_K, cfg.temperature)
     stored = [cached[i] for i in range(6)]
     ids = torch.cat([torch.from_numpy(row["top_ids"]).long().view(-1, TOP_K) for row in stored])
     logprobs = torch.cat([torch.from_numpy(row["top_logprobs"]).float() for row in stored])
@@ -267,7 +267,7 @@ def unloadable_student(student: str, folder: Path) -> str:
     ("flags", "message"),
     [
         (("--max_length", "24"), "--max_length 32 (cache) vs 24 (this run)"),
-        (("--temperature", "1.0"), "pass --temperature 2.0"),
+        (("--temperature", "2.0"), "pass --temperature 1.0"),
         (("--eval_ratio", "0.5"), "--eval_ratio 0.25 (cache) vs 0.5 (this run)"),
     ],
 )
