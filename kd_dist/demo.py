@@ -28,6 +28,7 @@ from kd_dist.cache_teacher import cache_teacher
 from kd_dist.checkpoint import remove_entries
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.evaluation import evaluate_saved, metrics_table
+from kd_dist.make_student import LayerChoice, make_student
 from kd_dist.tiny import build_model, build_tokenizer, save_pair
 from kd_dist.trainer import train
 
@@ -90,7 +91,13 @@ def demo_config(
 # Everything the demo writes in its folder; a rerun replaces exactly these and nothing else.
 DEMO_OUTPUTS = ("corpus.jsonl", "init", "teacher", "student_kd", "student_ce", "teacher_cache",
                 "student_cached", "prompts.jsonl", "student_off_policy", "student_on_policy",
-                "demo_results.json")  # fmt: skip
+                "student_cut", "student_cut_kd", "student_cut_ce", "student_cut_lora",
+                "student_hidden", "demo_results.json")  # fmt: skip
+# Step 7's cut student keeps CUT_LAYERS of the teacher's 3 layers (the first and the last), and
+# its LoRA adapters have rank LORA_RANK; each of its runs takes CUT_STEPS optimizer steps.
+CUT_LAYERS = 2
+LORA_RANK = 8
+CUT_STEPS = 60
 # The cached student's teacher: its top CACHE_TOP_K of the vocabulary's 384 tokens per position.
 CACHE_TOP_K = 8
 
@@ -146,19 +153,19 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
     prepare_demo_dir(root)
     sentences = make_corpus(random.Random(seed), corpus_size)
     dataset = write_corpus(root / "corpus.jsonl", sentences)
-    print("[1/6] training the teacher (cross-entropy)")
+    print("[1/7] training the teacher (cross-entropy)")
     teacher_dir, student_init = train_teacher(root, dataset, sentences, seed)
     budget = dict(epochs=2, seed=seed)
-    print("[2/6] distilling the student (forward KL to the teacher)")
+    print("[2/7] distilling the student (forward KL to the teacher)")
     kd = train(
         demo_config(root / "student_kd", teacher_dir, student_init, dataset, alpha=0.0, **budget)
     )
-    print("[3/6] training the same student on cross-entropy only (baseline)")
+    print("[3/7] training the same student on cross-entropy only (baseline)")
     ce = train(
         demo_config(root / "student_ce", teacher_dir, student_init, dataset, alpha=1.0, **budget)
     )
 
-    print(f"[4/6] caching the teacher's top-{CACHE_TOP_K} tokens, distilling the same student "
+    print(f"[4/7] caching the teacher's top-{CACHE_TOP_K} tokens, distilling the same student "
           "from the cache alone")  # fmt: skip
     cache = demo_config(root / "teacher_cache", teacher_dir, "", dataset, top_k=CACHE_TOP_K,
                         **budget)  # fmt: skip
@@ -175,7 +182,7 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
         )
     )
 
-    print("[5/6] evaluating the untrained and the cross-entropy students against the teacher")
+    print("[5/7] evaluating the untrained and the cross-entropy students against the teacher")
     untrained = evaluate_saved(
         demo_config(root / "student_kd", teacher_dir, student_init, dataset, **budget)
     )
@@ -184,7 +191,7 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
         demo_config(root / "student_ce", teacher_dir, ce.output_dir, dataset, **budget)
     )
 
-    print("[6/6] distilling two students on prompts whose responses leave out the teacher's place "
+    print("[6/7] distilling two students on prompts whose responses leave out the teacher's place "
           "phrases: off-policy, and on-policy (--lmbda 0.5)")  # fmt: skip
     # The same grammar without place phrases: what the teacher often writes, the data never
     # shows. Held-out prompts, and the students' own completions of them, measure the rest.
@@ -199,6 +206,10 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
                              lmbda=lmbda, **recipe)  # fmt: skip
         on_policy_results[name] = train(config).eval_metrics
 
+    print(f"[7/7] students users bring: a {CUT_LAYERS}-layer student cut from the teacher, "
+          "healed by KD and by cross-entropy; LoRA on it; hidden-state matching")  # fmt: skip
+    student_results = bring_students(root, teacher_dir, student_init, dataset, budget)
+
     results = {
         "untrained": untrained,
         "distilled": kd.eval_metrics,
@@ -206,7 +217,7 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
         "cross_entropy_only": cross_entropy_only,
     }
     (root / "demo_results.json").write_text(
-        json.dumps({**results, **on_policy_results}, indent=2) + "\n"
+        json.dumps({**results, **on_policy_results, **student_results}, indent=2) + "\n"
     )
     print("Held-out metrics")
     print(metrics_table(results))
@@ -215,8 +226,70 @@ def run_demo(output_dir: str = "demo_output", seed: int = 0, corpus_size: int = 
     print("On the prompts, and on each student's own completions of them")
     print(metrics_table(on_policy_results))
     print(on_policy_verdict(on_policy_results))
+    print("Students users bring (held out)")
+    print(metrics_table(student_results))
+    print(students_verdict(student_results, kd.eval_metrics))
     print(f"Distilled student saved in {root / 'student_kd'} (load it with from_pretrained).")
     return results
+
+
+def bring_students(
+    root: Path, teacher: str, student_init: str, dataset: Path, budget: dict
+) -> dict[str, dict[str, float]]:
+    """Step 7: the held-out metrics of a student cut from the teacher before and after healing
+    (distillation, cross-entropy alone, LoRA adapters), and of step 2's student distilled with
+    its hidden states matched too (each with step 2's budget)."""
+    cut = make_student(
+        teacher, root / "student_cut",
+        LayerChoice(CUT_LAYERS, None, ("--num_layers", "--layers")),
+        LayerChoice(None, None, ("--num_decoder_layers", "--decoder_layers")),
+    ).output_dir  # fmt: skip
+    # The cut student starts close to the teacher: its runs get CUT_STEPS steps each; the
+    # hidden-state run has step 2's budget, to compare with step 2's student.
+    healing = dict(max_steps=CUT_STEPS, seed=budget["seed"])
+    # name -> (output folder, student, the recipe's changes)
+    runs = {
+        "cut_distilled": ("student_cut_kd", cut, dict(alpha=0.0, **healing)),
+        "cut_cross_entropy_only": ("student_cut_ce", cut, dict(alpha=1.0, **healing)),
+        "cut_lora_distilled": ("student_cut_lora", cut,
+                               dict(alpha=0.0, lora_r=LORA_RANK, **healing)),
+        "hidden_states_distilled": ("student_hidden", student_init,
+                                    dict(alpha=0.0, hidden_loss_weight=1.0, **budget)),
+    }  # fmt: skip
+    results = {
+        "cut_untrained": evaluate_saved(
+            demo_config(root / "student_cut", teacher, str(cut), dataset, **healing)
+        )
+    }
+    for name, (folder, student, changes) in runs.items():
+        results[name] = train(demo_config(root / folder, teacher, str(student), dataset,
+                                          **changes)).eval_metrics  # fmt: skip
+    # --alpha 1 trains without loading the teacher: its student is measured against it after.
+    ce_folder = str(root / "student_cut_ce")
+    results["cut_cross_entropy_only"] = evaluate_saved(
+        demo_config(root / "student_cut_ce", teacher, ce_folder, dataset, **healing)
+    )
+    return results
+
+
+def students_verdict(results: dict[str, dict[str, float]], distilled: dict[str, float]) -> str:
+    """Step 7's findings: the healed cut student against cross-entropy, LoRA against training
+    every weight, hidden-state matching against step 2's plain distillation."""
+    kl, ppl = "kl_to_teacher", "student_ppl"
+    kd, ce = results["cut_distilled"], results["cut_cross_entropy_only"]
+    lora, hidden = results["cut_lora_distilled"], results["hidden_states_distilled"]
+    untrained = results["cut_untrained"]
+    healed = "wins" if kd[kl] < ce[kl] and kd[ppl] < ce[ppl] else "did NOT win on both this time"
+    return "\n".join([
+        f"The cut student healed by distillation {healed} against cross-entropy alone: KL to "
+        f"the teacher {kd[kl]:.4f} vs {ce[kl]:.4f}, perplexity {kd[ppl]:.3f} vs {ce[ppl]:.3f} "
+        f"(cut, untrained: {untrained[kl]:.4f}, {untrained[ppl]:.3f}).",
+        f"LoRA adapters of rank {LORA_RANK} on it, distilled: KL {lora[kl]:.4f}, perplexity "
+        f"{lora[ppl]:.3f} (all its weights trained: {kd[kl]:.4f}, {kd[ppl]:.3f}).",
+        f"Hidden states matched too (--hidden_loss_weight 1): KL {hidden[kl]:.4f}, perplexity "
+        f"{hidden[ppl]:.3f} (step 2's plain distillation: {distilled[kl]:.4f}, "
+        f"{distilled[ppl]:.3f}).",
+    ])  # fmt: skip
 
 
 def verdict(results: dict[str, dict[str, float]]) -> str:

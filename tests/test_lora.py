@@ -17,7 +17,12 @@ from kd_dist.cli import main
 from kd_dist.config import TrainConfig
 from kd_dist.lora import with_adapters
 from kd_dist.losses import LossSpec, OutputHead, fused_distillation_loss
-from kd_dist.models import forward_hidden, output_head
+from kd_dist.models import (
+    HIDDEN_PROJECTIONS,
+    attach_hidden_projections,
+    forward_hidden,
+    output_head,
+)
 
 from .test_losses import fused_reference, random_problem
 
@@ -186,3 +191,27 @@ def test_a_seq2seq_lora_student_trains_with_activation_checkpointing(
     model = peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(student), out)
     assert isinstance(model, peft.PeftModelForSeq2SeqLM)
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+
+
+def test_a_lora_student_trains_its_hidden_state_projections_and_exports_only_its_adapter(
+    model_pair, text_dataset, tmp_path
+):
+    """LoRA with --hidden_loss_weight: the projections (a student submodule, attached after the
+    adapters so that peft does not freeze them) train with the adapters and are checkpointed;
+    the exported adapter holds neither them nor the frozen base."""
+    teacher, student = model_pair("llama")  # widths 64 and 32: one projection per block pair
+    out = train(tmp_path / "run", teacher, student, text_dataset, "--hidden_loss_weight", "1",
+                "--save_steps", "3")  # fmt: skip
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    hidden = [line["hidden_loss"] for line in lines if "hidden_loss" in line]
+    assert hidden and all(value > 0 for value in hidden)
+    checkpoint = load_file(out / "checkpoints" / "step-00000003" / "model.safetensors")
+    trained = {k: v for k, v in checkpoint.items() if HIDDEN_PROJECTIONS in k}
+    # Where they started: attached to a fresh student from the run's seed, as the run did.
+    fresh = AutoModelForCausalLM.from_pretrained(student)
+    attach_hidden_projections(fresh, AutoModelForCausalLM.from_pretrained(teacher), 1, seed=42)
+    (start,) = getattr(fresh, HIDDEN_PROJECTIONS).parameters()
+    (moved,) = trained.values()
+    assert moved.shape == start.shape and not torch.equal(moved, start)
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
