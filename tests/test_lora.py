@@ -5,7 +5,9 @@ model's logits."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -215,3 +217,32 @@ def test_a_lora_student_trains_its_hidden_state_projections_and_exports_only_its
     assert moved.shape == start.shape and not torch.equal(moved, start)
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+    reason="--load_in_4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package",
+)
+def test_a_qlora_student_trains_and_exports_its_adapter_and_the_merged_model(
+    model_pair, text_dataset, tmp_path, tokenizer
+):
+    """QLoRA: the student's base weights in 4-bit NF4 on the GPU, bf16 compute, adapters
+    trained; the adapter (on the full-precision base) and the merged export give the same logits,
+    and the run's losses are finite. Run on a GPU machine: ``pytest tests/test_lora.py -m gpu``."""
+    teacher, student = model_pair("llama")
+    adapter_dir = train(tmp_path / "adapter", teacher, student, text_dataset, "--load_in_4bit",
+                        "--bf16")  # fmt: skip
+    merged_dir = train(tmp_path / "merged", teacher, student, text_dataset, "--load_in_4bit",
+                       "--bf16", "--merge_lora")  # fmt: skip
+    for run in (adapter_dir, merged_dir):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(line["loss"]) for line in lines if "loss" in line)
+    with_adapter = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(student), adapter_dir
+    )
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    ids = torch.tensor([tokenizer("the cat sees a dog in the park.")["input_ids"]])
+    # (Two runs: a GPU's kernels may round them apart a little.)
+    torch.testing.assert_close(logits(with_adapter, ids), logits(merged, ids), rtol=1e-3,
+                               atol=1e-3)  # fmt: skip
