@@ -39,8 +39,7 @@ from kd_dist.engine import (
 from kd_dist.losses import TopKTeacher, logit_chunks, top_k_teacher, valid_mask, valid_rows
 from kd_dist.models import (
     check_models,
-    forward_hidden,
-    forward_logits,
+    forward_outputs,
     load_teacher,
     load_tokenizer,
     output_head,
@@ -279,9 +278,10 @@ class TeacherRun:
     def teacher_rows(self, batch: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
         """The teacher's top-k rows of each example of a collated batch, in the stored dtypes."""
         batch = {key: value.to(self.accelerator.device) for key, value in batch.items()}
-        forward = forward_hidden if self.fused else forward_logits
         with self.accelerator.autocast():
-            outputs = forward(self.teacher, self.teacher, batch, self.cfg.task_type)
+            outputs = forward_outputs(
+                self.teacher, self.teacher, batch, self.cfg.task_type, self.fused
+            ).outputs
         rows, _, _ = valid_rows(outputs, None, batch["labels"], self.causal)
         counts = valid_mask(batch["labels"], self.causal).sum(1).tolist()
         layer = self.teacher.get_output_embeddings()

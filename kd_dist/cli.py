@@ -153,17 +153,14 @@ def build_make_student_parser(parser: argparse.ArgumentParser) -> argparse.Argum
     return parser
 
 
-DECODER_FLAGS = ("--num_decoder_layers", "--decoder_layers")
-
-
 def run_make_student(args: argparse.Namespace) -> str:
-    from kd_dist.make_student import LayerChoice, make_student
+    from kd_dist.make_student import DECODER_LAYER_FLAGS, LAYER_FLAGS, LayerChoice, make_student
 
     summary = make_student(
         args.teacher_model,
         args.output_dir,
-        LayerChoice(args.num_layers, args.layers, ("--num_layers", "--layers")),
-        LayerChoice(args.num_decoder_layers, args.decoder_layers, DECODER_FLAGS),
+        LayerChoice(args.num_layers, args.layers, LAYER_FLAGS),
+        LayerChoice(args.num_decoder_layers, args.decoder_layers, DECODER_LAYER_FLAGS),
     )
     return summary.describe()
 

@@ -790,6 +790,13 @@ class TrainConfig:
                     "--hidden_loss_weight 0 turns off: pass --hidden_loss_weight > 0, or drop "
                     "--hidden_layer_map."
                 )
+        default_loss = CONFIG_FIELDS["hidden_loss"].default
+        if self.hidden_loss != default_loss and self.hidden_loss_weight == 0:
+            problems.append(
+                f"--hidden_loss {self.hidden_loss} chooses the hidden-state loss, which "
+                "--hidden_loss_weight 0 turns off: pass --hidden_loss_weight > 0, or drop "
+                "--hidden_loss."
+            )
         if self.hidden_loss_weight == 0 or command == "cache-teacher":
             return problems
         if self.teacher_cache:

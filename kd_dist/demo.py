@@ -28,7 +28,7 @@ from kd_dist.cache_teacher import cache_teacher
 from kd_dist.checkpoint import remove_entries
 from kd_dist.config import ConfigError, TrainConfig
 from kd_dist.evaluation import evaluate_saved, metrics_table
-from kd_dist.make_student import LayerChoice, make_student
+from kd_dist.make_student import DECODER_LAYER_FLAGS, LAYER_FLAGS, LayerChoice, make_student
 from kd_dist.tiny import build_model, build_tokenizer, save_pair
 from kd_dist.trainer import train
 
@@ -241,8 +241,8 @@ def bring_students(
     its hidden states matched too (each with step 2's budget)."""
     cut = make_student(
         teacher, root / "student_cut",
-        LayerChoice(CUT_LAYERS, None, ("--num_layers", "--layers")),
-        LayerChoice(None, None, ("--num_decoder_layers", "--decoder_layers")),
+        LayerChoice(CUT_LAYERS, None, LAYER_FLAGS),
+        LayerChoice(None, None, DECODER_LAYER_FLAGS),
     ).output_dir  # fmt: skip
     # The cut student starts close to the teacher: its runs get CUT_STEPS steps each; the
     # hidden-state run has step 2's budget, to compare with step 2's student.

@@ -60,8 +60,7 @@ from kd_dist.losses import (
 )
 from kd_dist.models import (
     check_models,
-    forward_hidden,
-    forward_logits,
+    forward_outputs,
     load_models,
     load_tokenizer,
     output_head,
@@ -163,9 +162,9 @@ def batch_sums(
     (``projection_input``). The metrics' math is fp32 either way. No teacher (None): the
     student's forward alone, and its NLL; the teacher's columns stay 0."""
     causal = task_type == "causal"
-    forward = forward_hidden if fused else forward_logits
     with autocast():
-        student_out = forward(student, student, batch, task_type)  # [B, L, H] or [B, L, V]
+        # [B, L, H] (fused) or [B, L, V]
+        student_out = forward_outputs(student, student, batch, task_type, fused).outputs
     teacher_out = None if teacher is None else teacher.outputs(batch, student_out).outputs
     mask = valid_mask(batch["labels"], causal)  # [B, L']
     example_of_row = mask.nonzero()[:, 0]  # [N]: which example each valid row belongs to

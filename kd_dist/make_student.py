@@ -91,6 +91,11 @@ KEPT_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.jso
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
+# The flags of each stack's LayerChoice (the whole model's or the encoder's; a seq2seq decoder's).
+LAYER_FLAGS = ("--num_layers", "--layers")
+DECODER_LAYER_FLAGS = ("--num_decoder_layers", "--decoder_layers")
+
+
 @dataclass(frozen=True)
 class LayerChoice:
     """What the user asked for one stack: a count (evenly spaced) or explicit indices."""
@@ -395,6 +400,14 @@ class StudentSummary:
     teacher_parameters: int  # stored tensor elements
     student_parameters: int
 
+    def hidden_layer_map(self) -> str:
+        """The --hidden_layer_map pairing each student block with the teacher block it was
+        copied from, "0:0,1:3,...": in the stack the hidden-state loss matches (the last: a
+        seq2seq model's decoder). The default map pairs blocks by relative depth, which for
+        a cut student is mostly another teacher block (10 of 30: 7 of 10 pairs)."""
+        kept = list(self.kept.values())[-1]
+        return ",".join(f"{student}:{teacher}" for student, teacher in enumerate(kept))
+
     def describe(self) -> str:
         lines = [f"Student written to {self.output_dir}"]
         for stack, kept in self.kept.items():
@@ -406,6 +419,11 @@ class StudentSummary:
         lines.append(
             f"  parameters: teacher {self.teacher_parameters:,}, student "
             f"{self.student_parameters:,} ({share:.0%})"
+        )
+        lines.append(
+            f"  hidden-state loss: with --hidden_loss_weight, pass --hidden_layer_map "
+            f"{self.hidden_layer_map()} (each student block matched to the teacher block it "
+            "was copied from)"
         )
         return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 import json
 
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kd_dist.cli import main
@@ -35,14 +36,23 @@ def test_demo_trains_the_students_and_reports_the_tables(tmp_path, capsys):
     # distillation ends closer to the teacher than the same cut student trained on
     # cross-entropy alone, with the same budget. (On this small corpus the teacher is weaker than
     # the data: cross-entropy wins on perplexity here; on the demo's 6,000 sentences the
-    # distilled cut student wins on both, see the README.) LoRA on it exports an adapter; the
-    # hidden-state run exports an ordinary model (its projections left behind).
+    # distilled cut student wins on both, see the README.)
     kd, ce = results["cut_distilled"], results["cut_cross_entropy_only"]
     assert kd["kl_to_teacher"] < ce["kl_to_teacher"]
     assert "The cut student healed by distillation" in printed
-    assert (out_dir / "student_cut_lora" / "adapter_config.json").is_file()
-    for name in ("cut_lora_distilled", "hidden_states_distilled"):
-        assert f"{results[name]['kl_to_teacher']:.4f}" in printed
+    # LoRA adapters on the cut student, distilled, bring it closer to the teacher than it was
+    # cut; the export is the adapter alone (peft's format: LoRA weights only, no base model).
+    kl = "kl_to_teacher"
+    assert results["cut_lora_distilled"][kl] < results["cut_untrained"][kl]
+    lora_dir = out_dir / "student_cut_lora"
+    assert (lora_dir / "adapter_config.json").is_file()
+    assert not (lora_dir / "model.safetensors").exists()
+    adapter = load_file(lora_dir / "adapter_model.safetensors")
+    assert adapter and all(".lora_" in name for name in adapter)
+    # Step 2's student distilled with its hidden states matched ends closer to the teacher than
+    # it started (at this corpus size not closer than plain KD: 2.53 vs 2.48), and exports an
+    # ordinary model (its projections left behind).
+    assert results["hidden_states_distilled"][kl] < results["untrained"][kl]
     AutoModelForCausalLM.from_pretrained(out_dir / "student_hidden")
 
 

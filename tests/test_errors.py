@@ -68,6 +68,7 @@ def test_overwrite_output_dir_replaces_a_previous_run_but_keeps_other_files(
             "which no --teacher_cache holds",
         ),
         (["--hidden_layer_map", "0:1"], "--hidden_loss_weight 0 turns off"),
+        (["--hidden_loss", "mse"], "--hidden_loss mse chooses the hidden-state loss"),
         (
             ["--hidden_loss_weight", "1", "--hidden_layer_map", "0-1"],
             "'0-1' is not a pair of block numbers",

@@ -202,8 +202,9 @@ def test_a_lora_student_trains_its_hidden_state_projections_and_exports_only_its
     adapters so that peft does not freeze them) train with the adapters and are checkpointed;
     the exported adapter holds neither them nor the frozen base."""
     teacher, student = model_pair("llama")  # widths 64 and 32: one projection per block pair
+    seed = 7  # not the default: the projections' start below is drawn from the run's --seed
     out = train(tmp_path / "run", teacher, student, text_dataset, "--hidden_loss_weight", "1",
-                "--save_steps", "3")  # fmt: skip
+                "--save_steps", "3", "--seed", str(seed))  # fmt: skip
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     hidden = [line["hidden_loss"] for line in lines if "hidden_loss" in line]
     assert hidden and all(value > 0 for value in hidden)
@@ -211,7 +212,7 @@ def test_a_lora_student_trains_its_hidden_state_projections_and_exports_only_its
     trained = {k: v for k, v in checkpoint.items() if HIDDEN_PROJECTIONS in k}
     # Where they started: attached to a fresh student from the run's seed, as the run did.
     fresh = AutoModelForCausalLM.from_pretrained(student)
-    attach_hidden_projections(fresh, AutoModelForCausalLM.from_pretrained(teacher), 1, seed=42)
+    attach_hidden_projections(fresh, AutoModelForCausalLM.from_pretrained(teacher), 1, seed=seed)
     (start,) = getattr(fresh, HIDDEN_PROJECTIONS).parameters()
     (moved,) = trained.values()
     assert moved.shape == start.shape and not torch.equal(moved, start)

@@ -26,7 +26,14 @@ from transformers import (
 import kd_dist.make_student as make_student_module
 from kd_dist.cli import main
 from kd_dist.config import ConfigError
-from kd_dist.make_student import LayerChoice, Stack, evenly_spaced, make_student
+from kd_dist.make_student import (
+    DECODER_LAYER_FLAGS,
+    LAYER_FLAGS,
+    LayerChoice,
+    Stack,
+    evenly_spaced,
+    make_student,
+)
 from kd_dist.models import FUSED_HEAD_RULES
 from kd_dist.tiny import build_model, save_pair
 
@@ -99,11 +106,11 @@ WINDOWS = {
     "mistral": dict(sliding_window=4),
     "gemma2": dict(sliding_window=4),
 }
-NO_DECODER_FLAGS = LayerChoice(None, None, ("--num_decoder_layers", "--decoder_layers"))
+NO_DECODER_FLAGS = LayerChoice(None, None, DECODER_LAYER_FLAGS)
 
 
 def layers_flag(text: str) -> LayerChoice:
-    return LayerChoice(None, text, ("--num_layers", "--layers"))
+    return LayerChoice(None, text, LAYER_FLAGS)
 
 
 @pytest.fixture(scope="module")
@@ -197,9 +204,10 @@ def test_layer_types_and_qwen_windows_follow_their_layers(teacher, tmp_path):
 
 def test_seq2seq_decoder_takes_its_own_flags(teacher, tmp_path):
     source = teacher("bart")
-    decoder = LayerChoice(1, None, ("--num_decoder_layers", "--decoder_layers"))
+    decoder = LayerChoice(1, None, DECODER_LAYER_FLAGS)
     summary = make_student(source, tmp_path / "s", layers_flag("0,2,3"), decoder)
     assert summary.kept == {"encoder": [0, 2, 3], "decoder": [0]}
+    assert summary.hidden_layer_map() == "0:0"  # the hidden-state loss matches decoder blocks
     config = load(tmp_path / "s", "bart").config
     assert (config.encoder_layers, config.decoder_layers) == (3, 1)
 
@@ -231,7 +239,7 @@ def test_tokenizer_chat_template_and_generation_config_are_kept(tokenizer, tmp_p
         max_new_tokens=7, do_sample=True, temperature=0.7, eos_token_id=chat.eos_token_id
     )
     source = save_pair(tmp_path / "teacher", model, chat)
-    make_student(source, tmp_path / "s", LayerChoice(2, None, ("--num_layers", "--layers")),
+    make_student(source, tmp_path / "s", LayerChoice(2, None, LAYER_FLAGS),
                  NO_DECODER_FLAGS)  # fmt: skip
     kept = AutoTokenizer.from_pretrained(tmp_path / "s")
     assert kept.chat_template == chat.chat_template
@@ -274,12 +282,18 @@ def test_the_cli_cuts_a_hub_teacher_into_a_student_that_kd_dist_train_takes(
     assert "kept 2 of 4: 0, 3" in done.stdout and str(student) in done.stdout
     assert "parameters: teacher" in done.stdout
     assert "Loading weights" not in done.stderr  # the meta-device check loads none
+    # The printed map pairs each student block with the teacher block it was copied from (the
+    # default map would pair them by depth: 0:1,1:3); train takes it as printed.
+    layer_map = done.stdout.split("--hidden_layer_map ")[1].split()[0]
+    assert layer_map == "0:0,1:3"
     train = ["train", "--teacher_model", source, "--student_model", str(student), "--dataset",
              str(text_dataset), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
-             "--logging_steps", "1"]  # fmt: skip
+             "--logging_steps", "1", "--hidden_loss_weight", "1",
+             "--hidden_layer_map", layer_map]  # fmt: skip
     assert main(train) == 0
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert all(json.loads(line)["hidden_loss"] > 0 for line in lines)
     assert load(tmp_path / "run", "gpt2").config.n_layer == 2
 
 
