@@ -420,11 +420,11 @@ class StudentSummary:
             f"  parameters: teacher {self.teacher_parameters:,}, student "
             f"{self.student_parameters:,} ({share:.0%})"
         )
-        lines.append(
-            f"  hidden-state loss: with --hidden_loss_weight, pass --hidden_layer_map "
-            f"{self.hidden_layer_map()} (each student block matched to the teacher block it "
-            "was copied from)"
-        )
+        lines += [
+            f"  hidden-state loss: --hidden_layer_map {self.hidden_layer_map()}",
+            "    (each student block and the teacher block it was copied from; pass it with "
+            "--hidden_loss_weight)",
+        ]
         return "\n".join(lines)
 
 
