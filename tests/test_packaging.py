@@ -51,15 +51,17 @@ def test_the_installed_versions_satisfy_the_declared_floors():
         assert requirement.specifier.contains(version, prereleases=True), (requirement, version)
 
 
-def test_the_package_imports_and_trains_full_students_without_peft(tmp_path):
-    """peft is an optional extra: with it unimportable, every module imports, a full (non-LoRA)
-    student trains a step, and --lora_r names the extra to install."""
+def test_the_package_imports_and_trains_without_the_optional_extras(tmp_path):
+    """The extras are optional: with peft, matplotlib and the trackers unimportable, every module
+    imports, a full (non-LoRA) student trains a step and evaluates, and --lora_r names the extra
+    to install."""
     script = f"""
 import importlib, importlib.util, json, pkgutil, sys
 from pathlib import Path
-sys.modules["peft"] = None  # import peft -> ImportError
+blocked = ["peft", "matplotlib", "tensorboard", "wandb", "torch.utils.tensorboard"]
+sys.modules.update(dict.fromkeys(blocked))  # import peft -> ImportError
 real_find_spec = importlib.util.find_spec
-importlib.util.find_spec = lambda name, *a: None if name == "peft" else real_find_spec(name, *a)
+importlib.util.find_spec = lambda name, *a: None if name in blocked else real_find_spec(name, *a)
 import kd_dist
 for module in pkgutil.walk_packages(kd_dist.__path__, "kd_dist."):
     if module.name != "kd_dist.__main__":
@@ -67,14 +69,17 @@ for module in pkgutil.walk_packages(kd_dist.__path__, "kd_dist."):
 from kd_dist.cli import main
 from kd_dist.tiny import build_model, build_tokenizer, save_pair
 root = Path({str(tmp_path)!r})
-tokenizer = build_tokenizer(["the cat sees a dog."] * 8, vocab_size=120)
+sentences = ["the cat sees a dog.", "a dog finds the cat in the park."] * 10
+tokenizer = build_tokenizer(sentences, vocab_size=120)
 models = [save_pair(root / size, build_model("gpt2", tokenizer, size), tokenizer)
           for size in ("small", "tiny")]
-(root / "text.jsonl").write_text(json.dumps({{"text": "the cat sees a dog."}}) + "\\n")
+(root / "text.jsonl").write_text("".join(json.dumps({{"text": s}}) + "\\n" for s in sentences))
 common = ["train", "--teacher_model", models[0], "--student_model", models[1], "--dataset",
-          str(root / "text.jsonl"), "--max_steps", "1", "--no-compile_loss", "--save_every", "0"]
+          str(root / "text.jsonl"), "--max_steps", "1", "--no-compile_loss", "--save_every", "0",
+          "--eval_ratio", "0.2"]
 assert main([*common, "--output_dir", str(root / "full")]) == 0
 assert (root / "full" / "model.safetensors").is_file()
+assert (root / "full" / "eval_results.json").is_file()
 assert main([*common, "--output_dir", str(root / "lora"), "--lora_r", "4"]) == 2
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=300,
