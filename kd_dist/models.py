@@ -383,12 +383,7 @@ def pretrained(
     options: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation != "auto":  # auto: transformers' choice, sdpa where supported
         options["attn_implementation"] = cfg.attn_implementation
-    if quantized:
-        if is_deepspeed_zero3_enabled():
-            raise ConfigError(
-                "--load_in_4bit: a 4-bit student cannot be partitioned by ZeRO-3; launch with "
-                "DDP or ZeRO-2, or drop --load_in_4bit."
-            )
+    if quantized:  # (never under ZeRO-3: engine refuses that launch)
         options.update(quantization_options(cfg))
     if is_deepspeed_zero3_enabled():
         return load_partitioned(model_class, name, options)
