@@ -252,6 +252,16 @@ BAD_INPUTS = {
         "ties its output layer to its input embeddings",
         ("--lora_r", "4", "--lora_modules_to_save", "lm_head"),
     ),
+    "LoRA training a module the student lacks": BadInput(
+        "--lora_modules_to_save lm_haed: the student has no such module; its modules are named: ",
+        ("--lora_r", "4", "--lora_modules_to_save", "lm_head,lm_haed"),
+        family="llama",
+    ),
+    "LoRA training tied input embeddings": BadInput(
+        "(copies model.decoder.embed_tokens): the student ties its output layer to its input",
+        ("--lora_r", "4", "--lora_modules_to_save", "embed_tokens"),
+        family="opt",
+    ),
     "LoRA with the vllm backend": BadInput(
         "not LoRA adapters: pass --generation_backend transformers",
         ("--lora_r", "4", "--lmbda", "1", "--generation_backend", "vllm"),

@@ -14,18 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from kd_dist.cli import main
 from kd_dist.config import TrainConfig
 from kd_dist.data import build_datasets, make_collator
 from kd_dist.generation import Sampling, generate_responses
-from kd_dist.lora import with_adapters
+from kd_dist.lora import check_lora, with_adapters
 from kd_dist.losses import LossSpec, OutputHead, fused_distillation_loss
 from kd_dist.models import (
     HIDDEN_PROJECTIONS,
     attach_hidden_projections,
     forward_hidden,
+    meta_model,
     output_head,
 )
 
@@ -90,6 +93,31 @@ def test_the_fused_loss_reads_a_peft_students_output_layer(model_pair, trained):
     assert type(model.get_output_embeddings()).__name__ == (
         "ModulesToSaveWrapper" if trained else "Linear"
     )
+
+
+class TensorDevices(TorchDispatchMode):
+    """The devices of every tensor the operations run inside make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.devices |= {t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+        return out
+
+
+def test_the_adapters_are_checked_on_the_meta_device_alone(model_pair):
+    """check_lora adds the adapters (and the copies of --lora_modules_to_save) to a weightless
+    student without making a tensor anywhere else: peft would first make them on the CPU."""
+    _, student = model_pair("llama")
+    cfg = TrainConfig(student_model=student, lora_r=4, lora_modules_to_save="lm_head")
+    model = meta_model(cfg, AutoConfig.from_pretrained(student))
+    with TensorDevices() as made:
+        check_lora(cfg, model)
+    assert made.devices == {"meta"}
+    assert type(model.get_output_embeddings()).__name__ == "ModulesToSaveWrapper"
 
 
 def train(out: Path, teacher: str, student: str, dataset: Path, *extra: str) -> Path:
@@ -182,6 +210,21 @@ def test_kd_dist_eval_takes_an_adapter_folder(lora_runs, model_pair, text_datase
         results[name] = json.loads(out.read_text())
     assert results["adapter"] == pytest.approx(results["merged"], rel=1e-5)
     assert results["adapter"]["kl_to_teacher"] != results["untrained"]["kl_to_teacher"]
+
+
+def test_an_adapter_names_its_base_folder_by_its_absolute_path(
+    model_pair, text_dataset, tmp_path, monkeypatch
+):
+    """--student_model given relative to the working directory: the adapter loads from any
+    other (peft's AutoPeftModel reads its base_model_name_or_path)."""
+    teacher, student = model_pair("llama")
+    monkeypatch.chdir(Path(student).parent)
+    out = train(tmp_path / "run", teacher, Path(student).name, text_dataset, "--max_steps", "1")
+    monkeypatch.chdir(tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(student).resolve())
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(out)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
 def test_a_seq2seq_lora_student_trains_on_its_own_samples_with_activation_checkpointing(
