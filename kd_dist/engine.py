@@ -84,7 +84,6 @@ def check_hardware_supports(cfg: TrainConfig) -> None:
 
 
 def _build_accelerator(cfg: TrainConfig) -> Accelerator:
-    check_hardware_supports(cfg)
     handlers = []
     distributed_on_cpu = (
         int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -109,6 +108,7 @@ def _build_accelerator(cfg: TrainConfig) -> Accelerator:
     else:
         plugins = None
         check_launch_agrees(cfg, deepspeed_config=None)
+    check_hardware_supports(cfg)  # (after the launch's settings: those refusals hold anywhere)
     return Accelerator(
         cpu=distributed_on_cpu and not deepspeed,
         mixed_precision=cfg.mixed_precision,
@@ -227,6 +227,13 @@ def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
     and, unless the teacher is replicated, a ZeRO-3 inference config derived from them for the
     teacher (no optimizer, no accumulation)."""
     student = DeepSpeedPlugin()
+    if cfg.load_in_4bit and student.zero_stage == 3:
+        # (Whether or not the launch partitions models as they load, zero3_init_flag.)
+        raise ConfigError(
+            "--load_in_4bit: a 4-bit student cannot be partitioned by ZeRO-3; launch with "
+            "DDP or ZeRO-2 (accelerate_configs/multi_gpu.yaml, deepspeed_zero2.yaml), or drop "
+            "--load_in_4bit."
+        )
     student_config = student.deepspeed_config
     written = _launch_json()
     if written is not None and "gradient_accumulation_steps" not in written:

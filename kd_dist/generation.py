@@ -167,18 +167,20 @@ def sample(
     temperature, repetition penalty, minimum length, forced eos...): it is set aside for the
     call, but for how the model starts a sequence, so that the samples are of the model's own
     distribution. A ZeRO-3-sharded model gathers each layer's weights from every rank at each
-    of its forwards (``synced_gpus``): every rank runs as many as the longest generation needs."""
-    checkpoint = model.generation_config
-    model.generation_config = GenerationConfig(
-        **{name: getattr(checkpoint, name, None) for name in STRUCTURAL_IDS}
-    )
+    of its forwards (``synced_gpus``): every rank runs as many as the longest generation needs.
+    A LoRA student (a PeftModel) reads its base model's generation_config, so that one is set
+    aside (the wrapper holds none of its own)."""
+    holder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    checkpoint = holder.generation_config
+    clean = GenerationConfig(**{name: getattr(checkpoint, name, None) for name in STRUCTURAL_IDS})
+    holder.generation_config = clean
     try:
         return model.generate(
             **inputs, generation_config=sampling.generation_config(), synced_gpus=sharded,
             logits_processor=LogitsProcessorList([TokenizerVocabulary(sampling.vocab_size)]),
         )  # fmt: skip
     finally:
-        model.generation_config = checkpoint
+        holder.generation_config = checkpoint
 
 
 def transformers_completions(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from deepspeed.runtime.zero import GatheredParameters
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from kd_dist.config import ConfigError, TrainConfig, split_names
 from kd_dist.zero3_loading import built_whole
@@ -62,30 +62,52 @@ def with_adapters(student: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
             raise ConfigError(
                 f"--lora_target_modules {cfg.lora_target_modules!r}: {error}"
             ) from None
-    # (get_peft_model takes the model's name_or_path; an export names what --student_model said.)
-    model.peft_config["default"].base_model_name_or_path = cfg.student_model
+    # (get_peft_model takes the model's name_or_path; an export names the student's folder.)
+    model.peft_config["default"].base_model_name_or_path = base_name(cfg)
     return model
 
 
-def check_lora(cfg: TrainConfig, config: PretrainedConfig, model_class: type) -> None:
-    """The adapters fit the student, checked on a weightless copy built on the meta device
-    (before any weights load): the target modules exist, and training the output layer would
-    not untie it from tied input embeddings."""
-    output_layer_trained = bool(split_names(cfg.lora_modules_to_save)) and getattr(
-        config.get_text_config(), "tie_word_embeddings", False
-    )
+def base_name(cfg: TrainConfig) -> str:
+    """What an adapter names as its base: --student_model, a local folder as an absolute path
+    (the adapter then loads from any working directory)."""
+    path = Path(cfg.student_model)
+    return str(path.resolve()) if path.is_dir() else cfg.student_model
+
+
+def check_lora(cfg: TrainConfig, student: PreTrainedModel) -> None:
+    """The adapters fit the student, checked by adding them (in place) to ``student``, its
+    weightless copy built on the meta device (before any weights load): the target modules
+    exist, every --lora_modules_to_save name matches a module, and none of those is an input or
+    output embedding tied to the other (training a copy of one would untie them)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    # Their weights: a model may tie them to further modules (T5's embed_tokens of each stack).
+    layers = (student.get_input_embeddings(), student.get_output_embeddings())
+    embeddings = [layer.weight for layer in layers if layer is not None]
+    tied = getattr(student.config.get_text_config(), "tie_word_embeddings", False)
+    names = sorted({name.rsplit(".", 1)[-1] for name, _ in student.named_modules()} - {""})
     with built_whole(), torch.device("meta"):
-        model = model_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    output_name = next(
-        name for name, module in model.named_modules() if module is model.get_output_embeddings()
-    )
-    if output_layer_trained and output_name in split_names(cfg.lora_modules_to_save):
+        with_adapters(student, cfg)  # (peft wraps the student's modules in place)
+    # peft copies every module whose full name ends with a given name, at each place it is.
+    copies = {name: module for name, module in student.named_modules(remove_duplicate=False)
+              if isinstance(module, ModulesToSaveWrapper)}  # fmt: skip
+    saved = split_names(cfg.lora_modules_to_save)
+    missing = [name for name in saved if not any(full.endswith(name) for full in copies)]
+    if missing:
         raise ConfigError(
-            f"--lora_modules_to_save {output_name}: the student ties its output layer to its "
-            "input embeddings, and training a copy of one would untie them: drop it (the output "
-            "layer stays frozen) or use a student with untied embeddings."
+            f"--lora_modules_to_save {','.join(missing)}: the student has no such module; its "
+            f"modules are named: {', '.join(name for name in names if not name.isdigit())}."
         )
-    with_adapters(model, cfg)
+    untied = [name for name, wrapper in copies.items()
+              if any(getattr(wrapper.original_module, "weight", None) is weight
+                     for weight in embeddings)]  # fmt: skip
+    if tied and untied:
+        raise ConfigError(
+            f"--lora_modules_to_save {cfg.lora_modules_to_save} (copies {', '.join(untied)}): the "
+            "student ties its output layer to its input embeddings, and training a copy of one "
+            "would untie them: drop it (the embeddings stay frozen) or use a student with "
+            "untied embeddings."
+        )
 
 
 def trained_adapter(accelerator: Any, student: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -107,7 +129,7 @@ def save_student(
     cfg: TrainConfig, trained: PeftModel, adapter: dict[str, torch.Tensor], folder: Path
 ) -> None:
     """Write the LoRA student into ``folder``: the adapter in peft's format (adapter_config.json
-    and adapter_model.safetensors, whose base_model_name_or_path is --student_model), or with
+    and adapter_model.safetensors, whose base_model_name_or_path is ``base_name``), or with
     --merge_lora the merged, plain Hugging Face model (safetensors).
 
     It is rebuilt on this process's CPU from the student's own files and the trained
@@ -128,7 +150,7 @@ def save_student(
     result = set_peft_model_state_dict(rebuilt, adapter)
     if result.unexpected_keys:
         raise RuntimeError(f"adapter weights the rebuilt student lacks: {result.unexpected_keys}")
-    rebuilt.peft_config["default"].base_model_name_or_path = cfg.student_model
+    rebuilt.peft_config["default"].base_model_name_or_path = base_name(cfg)
     if cfg.merge_lora:
         rebuilt.merge_and_unload().save_pretrained(folder, safe_serialization=True)
     else:

@@ -25,7 +25,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.integrations import deepspeed as hf_deepspeed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
@@ -34,7 +33,7 @@ from kd_dist.config import ConfigError, TrainConfig, parse_layer_map
 from kd_dist.lora import check_lora, with_adapters
 from kd_dist.losses import IGNORE_INDEX, LogitTransform, OutputHead, TopKTeacher
 from kd_dist.teacher_cache import cache_lengths
-from kd_dist.zero3_loading import load_partitioned
+from kd_dist.zero3_loading import built_whole, load_partitioned
 
 logger = logging.getLogger("kd_dist")
 
@@ -213,7 +212,7 @@ def check_models(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         check_positions(config, role, name, cfg)
         check_model_features(concrete_class(cfg, config), role, name, cfg)
         if role == "student" and cfg.lora:
-            check_lora(cfg, config, model_class(cfg))
+            check_lora(cfg, meta_model(cfg, config))
         if cfg.packing:
             check_packing(config, f"--{role}_model {name!r}")
     roles = model_roles(cfg)
@@ -365,13 +364,8 @@ def meta_model(cfg: TrainConfig, config: PretrainedConfig) -> PreTrainedModel:
     """The model of ``config`` built on the meta device: its structure, no weights. (Built
     while no ZeRO-3 config is registered with transformers: under one, from_config partitions
     the model and initialises its weights, which meta tensors cannot hold.)"""
-    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # accelerate's, under ZeRO-3
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        with torch.device("meta"):
-            return model_class(cfg).from_config(config, trust_remote_code=cfg.trust_remote_code)
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+    with built_whole(), torch.device("meta"):
+        return model_class(cfg).from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 
 def pretrained(
@@ -383,12 +377,7 @@ def pretrained(
     options: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation != "auto":  # auto: transformers' choice, sdpa where supported
         options["attn_implementation"] = cfg.attn_implementation
-    if quantized:
-        if is_deepspeed_zero3_enabled():
-            raise ConfigError(
-                "--load_in_4bit: a 4-bit student cannot be partitioned by ZeRO-3; launch with "
-                "DDP or ZeRO-2, or drop --load_in_4bit."
-            )
+    if quantized:  # (never under ZeRO-3: engine refuses that launch)
         options.update(quantization_options(cfg))
     if is_deepspeed_zero3_enabled():
         return load_partitioned(model_class, name, options)

@@ -154,7 +154,12 @@ class BadInput:
     student: Callable[[Path, object], str] | None = None  # builds another student
     dataset: Callable[[Path], Path] | None = None
     output_dir: Callable[[Path], Path] | None = None
+    launch: tuple[tuple[str, str], ...] = ()  # the environment accelerate launch would set
 
+
+ZERO3_LAUNCH_WITHOUT_INIT = (("ACCELERATE_USE_DEEPSPEED", "true"),
+                             ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"),
+                             ("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false"))  # fmt: skip
 
 BAD_INPUTS = {
     "tokenizers differ": BadInput(
@@ -248,6 +253,16 @@ BAD_INPUTS = {
         "ties its output layer to its input embeddings",
         ("--lora_r", "4", "--lora_modules_to_save", "lm_head"),
     ),
+    "LoRA training a module the student lacks": BadInput(
+        "--lora_modules_to_save lm_haed: the student has no such module; its modules are named: ",
+        ("--lora_r", "4", "--lora_modules_to_save", "lm_head,lm_haed"),
+        family="llama",
+    ),
+    "LoRA training tied input embeddings": BadInput(
+        "(copies model.decoder.embed_tokens): the student ties its output layer to its input",
+        ("--lora_r", "4", "--lora_modules_to_save", "embed_tokens"),
+        family="opt",
+    ),
     "LoRA with the vllm backend": BadInput(
         "not LoRA adapters: pass --generation_backend transformers",
         ("--lora_r", "4", "--lmbda", "1", "--generation_backend", "vllm"),
@@ -255,6 +270,12 @@ BAD_INPUTS = {
     ),
     "QLoRA without bitsandbytes or a GPU": BadInput(
         "--load_in_4bit needs", ("--lora_r", "4", "--load_in_4bit")
+    ),
+    # A ZeRO-3 launch, whether or not it partitions models as they load (zero3_init_flag).
+    "QLoRA under ZeRO-3": BadInput(
+        "--load_in_4bit: a 4-bit student cannot be partitioned by ZeRO-3",
+        ("--load_in_4bit", "--lora_r", "4"),
+        launch=ZERO3_LAUNCH_WITHOUT_INIT,
     ),
     "no room left for prompts": BadInput(
         "--max_new_tokens 600 leaves no room for the prompts",
@@ -276,6 +297,8 @@ def test_bad_input_is_a_clear_error_before_any_model_loads_and_nothing_is_writte
         raise AssertionError("weights were loaded before the error")
 
     monkeypatch.setattr("kd_dist.trainer.load_models", no_weights)
+    for name, value in case.launch:
+        monkeypatch.setenv(name, value)
     teacher, student = model_pair(case.family)
     if case.student is not None:
         student = case.student(tmp_path, tokenizer)

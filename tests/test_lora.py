@@ -8,25 +8,32 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from kd_dist.cli import main
 from kd_dist.config import TrainConfig
-from kd_dist.lora import with_adapters
+from kd_dist.data import build_datasets, make_collator
+from kd_dist.generation import Sampling, generate_responses
+from kd_dist.lora import check_lora, with_adapters
 from kd_dist.losses import LossSpec, OutputHead, fused_distillation_loss
 from kd_dist.models import (
     HIDDEN_PROJECTIONS,
     attach_hidden_projections,
     forward_hidden,
+    meta_model,
     output_head,
 )
 
 from .test_losses import fused_reference, random_problem
+from .test_on_policy import dolly_batch, padded_vocab_student, with_pad_token
 
 peft = pytest.importorskip("peft")
 
@@ -86,6 +93,31 @@ def test_the_fused_loss_reads_a_peft_students_output_layer(model_pair, trained):
     assert type(model.get_output_embeddings()).__name__ == (
         "ModulesToSaveWrapper" if trained else "Linear"
     )
+
+
+class TensorDevices(TorchDispatchMode):
+    """The devices of every tensor the operations run inside make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.devices |= {t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+        return out
+
+
+def test_the_adapters_are_checked_on_the_meta_device_alone(model_pair):
+    """check_lora adds the adapters (and the copies of --lora_modules_to_save) to a weightless
+    student without making a tensor anywhere else: peft would first make them on the CPU."""
+    _, student = model_pair("llama")
+    cfg = TrainConfig(student_model=student, lora_r=4, lora_modules_to_save="lm_head")
+    model = meta_model(cfg, AutoConfig.from_pretrained(student))
+    with TensorDevices() as made:
+        check_lora(cfg, model)
+    assert made.devices == {"meta"}
+    assert type(model.get_output_embeddings()).__name__ == "ModulesToSaveWrapper"
 
 
 def train(out: Path, teacher: str, student: str, dataset: Path, *extra: str) -> Path:
@@ -180,19 +212,73 @@ def test_kd_dist_eval_takes_an_adapter_folder(lora_runs, model_pair, text_datase
     assert results["adapter"]["kl_to_teacher"] != results["untrained"]["kl_to_teacher"]
 
 
-def test_a_seq2seq_lora_student_trains_with_activation_checkpointing(
+def test_an_adapter_names_its_base_folder_by_its_absolute_path(
+    model_pair, text_dataset, tmp_path, monkeypatch
+):
+    """--student_model given relative to the working directory: the adapter loads from any
+    other (peft's AutoPeftModel reads its base_model_name_or_path)."""
+    teacher, student = model_pair("llama")
+    monkeypatch.chdir(Path(student).parent)
+    out = train(tmp_path / "run", teacher, Path(student).name, text_dataset, "--max_steps", "1")
+    monkeypatch.chdir(tmp_path)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(student).resolve())
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(out)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_a_seq2seq_lora_student_trains_on_its_own_samples_with_activation_checkpointing(
     model_pair, pairs_dataset, tmp_path
 ):
-    """T5 (tied output layer, frozen): peft's seq2seq task type; the layers' activations
+    """T5 (tied output layer, frozen): peft's seq2seq task type; --lmbda 1 samples one target
+    per source, whatever the checkpoint's generation_config says; the layers' activations
     recomputed in the backward pass reach the adapters; the adapter loads onto the student."""
-    teacher, student = model_pair("t5")
+    teacher, original = model_pair("t5")
+    student = str(tmp_path / "student")
+    shutil.copytree(original, student)
+    settings = Path(student, "generation_config.json")
+    written = json.loads(settings.read_text())
+    written.update(num_return_sequences=2, num_beams=2, min_length=5)
+    settings.write_text(json.dumps(written))
     out = train(tmp_path / "t5", teacher, student, pairs_dataset, "--task_type", "seq2seq",
-                "--gradient_checkpointing")  # fmt: skip
+                "--gradient_checkpointing", "--lmbda", "1", "--max_new_tokens", "4")  # fmt: skip
     adapter = load_file(out / "adapter_model.safetensors")
     assert all(tensor.abs().max() > 0 for key, tensor in adapter.items() if "lora_B" in key)
     model = peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(student), out)
     assert isinstance(model, peft.PeftModelForSeq2SeqLM)
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_a_lora_students_samples_ignore_its_checkpoints_generation_settings(
+    family, tokenizer, dolly_dataset, pairs_dataset
+):
+    """--lmbda with a LoRA student: peft's generate reads the base model's generation_config
+    (seq2seq) or copies the wrapper's over it (causal). The samples are those of the student
+    without its checkpoint's settings (its adapters start as the identity: lora_B is 0), and
+    the base model's generation_config is left as it was."""
+    causal = family != "t5"
+    local = with_pad_token(tokenizer)
+    if causal:
+        batch = dolly_batch(tokenizer, dolly_dataset)
+    else:
+        cfg = TrainConfig(dataset=str(pairs_dataset), task_type="seq2seq", max_length=24)
+        data = build_datasets(cfg, local)
+        batch = make_collator(local)([data.train[i] for i in range(3)])
+    model = padded_vocab_student(tokenizer, family)
+    sampling = Sampling(max_new_tokens=5, temperature=1.0, top_p=1.0,
+                        stop_ids=(local.eos_token_id,), pad_id=local.pad_token_id,
+                        vocab_size=len(local))  # fmt: skip
+    plain = generate_responses(model, batch, sampling, seed=3, causal=causal)
+    settings = dict(num_return_sequences=2, num_beams=2, min_length=5, repetition_penalty=3.0)
+    model.generation_config.update(**settings)
+    task_type = "causal" if causal else "seq2seq"
+    cfg = TrainConfig(student_model="student", lora_r=4, task_type=task_type)
+    student = with_adapters(model, cfg).eval()
+    configured = generate_responses(student, batch, sampling, seed=3, causal=causal)
+    assert all(torch.equal(configured[key], plain[key]) for key in plain)
+    base = student.get_base_model().generation_config
+    assert {k: getattr(base, k) for k in settings} == settings
 
 
 def test_a_lora_student_trains_its_hidden_state_projections_and_exports_only_its_adapter(
