@@ -46,39 +46,21 @@ def check_hardware_supports(cfg: TrainConfig) -> None:
             "--fp16 needs a CUDA GPU and none is available: use --bf16 (supported on CPU) or "
             "full precision (neither flag)."
         )
-    if cfg.attn_implementation == "flash_attention_2":
-        if importlib.util.find_spec("flash_attn") is None:
-            problems.append(
-                "--attn_implementation flash_attention_2 needs the flash-attn package: "
-                "pip install flash-attn --no-build-isolation (or pass sdpa)."
-            )
-        if not torch.cuda.is_available():
-            problems.append(
-                "--attn_implementation flash_attention_2 needs a CUDA GPU and none is "
-                "available: pass sdpa or eager (or leave it at auto)."
-            )
-    if cfg.generation_backend == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            problems.append(
-                "--generation_backend vllm needs the vllm package: pip install 'kd_dist[vllm]' "
-                "(or pass --generation_backend transformers)."
-            )
-        if not torch.cuda.is_available():
-            problems.append(
-                "--generation_backend vllm needs a CUDA GPU and none is available: pass "
-                "--generation_backend transformers."
-            )
-    if cfg.load_in_4bit:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(
-                "--load_in_4bit needs the bitsandbytes package: pip install 'kd_dist[qlora]' "
-                "(or drop --load_in_4bit: LoRA on the full-precision student)."
-            )
-        if not torch.cuda.is_available():
-            problems.append(
-                "--load_in_4bit needs a CUDA GPU and none is available: drop --load_in_4bit "
-                "(LoRA on the full-precision student)."
-            )
+    # (asked for, flag, package, how to install it, what to do instead)
+    gpu_features = [
+        (cfg.attn_implementation == "flash_attention_2", "--attn_implementation "
+         "flash_attention_2", "flash_attn", "pip install flash-attn --no-build-isolation",
+         "pass sdpa or eager (or leave it at auto)"),
+        (cfg.generation_backend == "vllm", "--generation_backend vllm", "vllm",
+         "pip install 'kd_dist[vllm]'", "pass --generation_backend transformers"),
+        (cfg.load_in_4bit, "--load_in_4bit", "bitsandbytes", "pip install 'kd_dist[qlora]'",
+         "drop --load_in_4bit (LoRA on the full-precision student)"),
+    ]  # fmt: skip
+    for asked, flag, package, install, instead in gpu_features:
+        if asked and importlib.util.find_spec(package) is None:
+            problems.append(f"{flag} needs the {package} package: {install} (or {instead}).")
+        if asked and not torch.cuda.is_available():
+            problems.append(f"{flag} needs a CUDA GPU and none is available: {instead}.")
     if problems:
         raise ConfigError("\n".join(problems))
 
