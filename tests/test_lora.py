@@ -227,6 +227,25 @@ def test_an_adapter_names_its_base_folder_by_its_absolute_path(
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
+def test_a_lora_student_trains_under_bf16_as_in_fp32_up_to_its_rounding(
+    model_pair, text_dataset, tmp_path
+):
+    """--bf16: the frozen student and its adapters keep fp32 weights and the forward autocasts;
+    the losses follow the fp32 run's to bf16's precision, and the exported adapter is fp32."""
+    teacher, student = model_pair("llama")
+    runs = {precision: train(tmp_path / precision, teacher, student, text_dataset, *flags)
+            for precision, flags in (("fp32", ()), ("bf16", ("--bf16",)))}  # fmt: skip
+    losses = {
+        precision: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()
+                    if "loss" in json.loads(line)]
+        for precision, run in runs.items()
+    }  # fmt: skip
+    assert losses["bf16"] and len(losses["bf16"]) == len(losses["fp32"])
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+    adapter = load_file(runs["bf16"] / "adapter_model.safetensors")
+    assert adapter and all(tensor.dtype == torch.float32 for tensor in adapter.values())
+
+
 def test_a_seq2seq_lora_student_trains_on_its_own_samples_with_activation_checkpointing(
     model_pair, pairs_dataset, tmp_path
 ):
