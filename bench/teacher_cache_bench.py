@@ -47,6 +47,7 @@ from kd_dist.losses import (
 )
 from kd_dist.models import forward_hidden, output_head, projection_input
 from kd_dist.teacher_cache import example_rows, write_shard
+from kd_dist.zero3_loading import from_pretrained
 
 
 def teacher_rows(run: Setup, k: int, temperature: float) -> TopKTeacher:
@@ -98,9 +99,9 @@ def real_pair(run: Setup, args: argparse.Namespace) -> None:
     """Replace the random models with a real teacher, a cut of it as student, and real text."""
     device = run.batch["input_ids"].device
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    run.teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype).to(device)
+    run.teacher = from_pretrained(AutoModelForCausalLM, args.teacher, dtype=dtype).to(device)
     run.teacher.eval().requires_grad_(False)
-    student = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
+    student = from_pretrained(AutoModelForCausalLM, args.teacher, dtype=torch.float32)
     student.model.layers = torch.nn.ModuleList(student.model.layers[::3])
     student.config.num_hidden_layers = len(student.model.layers)
     for index, layer in enumerate(student.model.layers):

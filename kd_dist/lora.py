@@ -19,7 +19,7 @@ from deepspeed.runtime.zero import GatheredParameters
 from transformers import PreTrainedModel
 
 from kd_dist.config import ConfigError, TrainConfig, split_names
-from kd_dist.zero3_loading import built_whole
+from kd_dist.zero3_loading import built_whole, from_pretrained
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -141,8 +141,11 @@ def save_student(
 
     model_class = type(trained.get_base_model())
     with built_whole():  # by this process alone
-        base = model_class.from_pretrained(
-            cfg.student_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        base = from_pretrained(
+            model_class,
+            cfg.student_model,
+            dtype=torch.float32,
+            trust_remote_code=cfg.trust_remote_code,
         )
     base.config.pad_token_id = trained.config.pad_token_id
     base.generation_config = trained.generation_config  # (its end-of-turn stop, for one)

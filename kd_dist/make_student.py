@@ -35,7 +35,12 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from kd_dist.config import ConfigError
-from kd_dist.zero3_loading import SAFETENSORS_INDEX, checkpoint_files, tensor_locations
+from kd_dist.zero3_loading import (
+    SAFETENSORS_INDEX,
+    checkpoint_files,
+    from_pretrained,
+    tensor_locations,
+)
 
 
 @dataclass(frozen=True)
@@ -379,7 +384,7 @@ def check_loads(output_dir: Path, config: PretrainedConfig) -> None:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Loading weights": it loads none
     try:
-        _, info = auto.from_pretrained(output_dir, device_map="meta", output_loading_info=True)
+        _, info = from_pretrained(auto, output_dir, device_map="meta", output_loading_info=True)
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()

@@ -33,7 +33,7 @@ from kd_dist.config import ConfigError, TrainConfig, parse_layer_map
 from kd_dist.lora import check_lora, with_adapters
 from kd_dist.losses import IGNORE_INDEX, LogitTransform, OutputHead, TopKTeacher
 from kd_dist.teacher_cache import cache_lengths
-from kd_dist.zero3_loading import built_whole, load_partitioned
+from kd_dist.zero3_loading import built_whole, from_pretrained, load_partitioned
 
 logger = logging.getLogger("kd_dist")
 
@@ -381,7 +381,7 @@ def pretrained(
         options.update(quantization_options(cfg))
     if is_deepspeed_zero3_enabled():
         return load_partitioned(model_class, name, options)
-    return model_class.from_pretrained(name, **options)
+    return from_pretrained(model_class, name, **options)
 
 
 def quantization_options(cfg: TrainConfig) -> dict[str, Any]:

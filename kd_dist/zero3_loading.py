@@ -32,6 +32,19 @@ logger = logging.getLogger("kd_dist")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
+def from_pretrained(model_class: type, name: str | Path, **options: Any) -> PreTrainedModel:
+    """``model_class.from_pretrained(name, **options)`` without the Hub's kernels.
+
+    transformers 5.25 turns ``use_kernels`` on by default: on a GPU, loading then downloads
+    layers (RMSNorm, rotary embeddings, activations) from the Hub and runs them in place of the
+    model's own, and on the meta device it cannot load at all ("Unsupported device type
+    'meta'"). kd_dist fetches no code at run time, and the models it trains, evaluates and
+    compares are the ones their configs describe, alike on every device and in train and eval
+    mode (where the kernels differ). Every model kd_dist loads comes through here.
+    """
+    return model_class.from_pretrained(name, use_kernels=False, **options)
+
+
 def checkpoint_files(name: str) -> list[Path]:
     """The safetensors files of a local folder or a hub model (fetched into the cache as
     from_pretrained would, offline under HF_HUB_OFFLINE); none when it has none."""
@@ -140,7 +153,7 @@ def load_partitioned(model_class: type, name: str, options: dict[str, Any]) -> P
         "process's memory while it is partitioned.",
         name,
     )
-    return model_class.from_pretrained(name, **options)
+    return from_pretrained(model_class, name, **options)
 
 
 @contextmanager

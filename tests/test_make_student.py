@@ -4,6 +4,7 @@ the dropped layers deleted, loads cleanly, keeps the tokenizer files, and trains
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -328,3 +330,35 @@ def test_a_student_that_would_not_load_cleanly_is_refused_and_removed(
     with pytest.raises(ConfigError, match=r"does not load cleanly.*relative_attention_bias"):
         make_student(teacher("t5"), tmp_path / "s", layers_flag("1,3"), NO_DECODER_FLAGS)
     assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_the_command_cuts_checks_and_trains_a_student_with_hub_kernels_installed(
+    model_pair, text_dataset, tmp_path
+):
+    """transformers 5.25 requires the kernels package and kernelizes every from_pretrained by
+    default, which fails on the meta device where make-student checks its cut ("Unsupported
+    device type 'meta'"). The real commands, as a user runs them: make-student, then a LoRA run
+    on the cut (its adapters are checked on the meta device too) and its evaluation. (The
+    demo's step 7, the same path, runs in test_demo.py.)"""
+    from transformers.utils.import_utils import is_kernels_available
+
+    transformers_version = Version(importlib.metadata.version("transformers"))
+    if transformers_version >= Version("5.25") and not is_kernels_available():
+        pytest.fail("transformers >= 5.25 requires the kernels package, and it is not installed")
+    teacher, _ = model_pair("llama")
+    cut = tmp_path / "cut"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    kd_dist = [str(Path(sys.executable).parent / "kd-dist")]
+    commands = [
+        ["make-student", "--teacher_model", teacher, "--num_layers", "1", "--output_dir", str(cut)],
+        ["train", "--teacher_model", teacher, "--student_model", str(cut), "--dataset",
+         str(text_dataset), "--lora_r", "4", "--max_steps", "1", "--max_length", "32",
+         "--no-compile_loss", "--output_dir", str(tmp_path / "run")],
+        ["eval", "--teacher", teacher, "--student", str(tmp_path / "run"),
+         "--dataset", str(text_dataset), "--max_length", "32"],
+    ]  # fmt: skip
+    for command in commands:
+        result = subprocess.run([*kd_dist, *command], env=env, capture_output=True, text=True,
+                                timeout=300)  # fmt: skip
+        assert result.returncode == 0, (command[0], (result.stdout + result.stderr)[-3000:])
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

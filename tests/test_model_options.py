@@ -177,6 +177,17 @@ def test_attention_implementation_reaches_both_models(model_pair, tokenizer):
         assert models.student.config._attn_implementation == kernel
 
 
+def test_the_hubs_kernels_stay_off_and_nothing_is_fetched(model_pair, tokenizer, monkeypatch):
+    """transformers 5.25 turns use_kernels on by default (kernelize swaps Hub-downloaded layers
+    in on a GPU); kd_dist loads every model with them off, offline too. (On this CPU they would
+    swap nothing, but the model would still report them on.)"""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    teacher, student = model_pair("llama")
+    models = load_models(make_cfg(teacher, student), tokenizer)
+    for model in (models.teacher, models.student):
+        assert getattr(model, "use_kernels", False) is False
+
+
 def test_flash_attention_needs_half_precision_its_package_and_a_gpu(
     model_pair, dolly_dataset, tmp_path, capsys
 ):
