@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import importlib.util
 import json
 import logging
@@ -11,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -271,9 +273,78 @@ def accelerator_session(cfg: TrainConfig) -> Iterator[Accelerator]:
     try:
         yield accelerator
     finally:
-        accelerator.end_training()
+        shut_down(accelerator)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+# The DeepSpeed engines prepared outside accelerate's bookkeeping (the teacher's: see
+# place_teacher), for ``shut_down`` to release.
+_untracked_engines: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+def shut_down(accelerator: Accelerator) -> None:
+    """End a session in order, so that no thread of a process group outlives the interpreter.
+
+    gloo's (and NCCL's) threads are joined when the last reference to their group goes. Left
+    running at interpreter exit, one aborts the process after the run has succeeded
+    ("terminate called without an active exception", SIGABRT, now and then). The models are
+    what keep the groups alive: ZeRO-3's hooks and DeepSpeed's stack of top modules hold each
+    model and its engine. So: each DeepSpeed engine removes its hooks (they still need the
+    process group) and its module leaves that stack; accelerate drops its references and the
+    collector frees the models; the trackers finish; the process group is destroyed last,
+    together with DeepSpeed's own references to its groups, and their threads are joined then.
+    """
+    release_engines(accelerator)
+    accelerator.free_memory()
+    gc.collect()
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if not torch.distributed.is_initialized() or accelerator.state.fork_launched:
+        return  # (a notebook_launcher's processes keep the launcher's group)
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():  # (it also drops DeepSpeed's references to its groups)
+        deepspeed.comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
+
+
+def release_engines(accelerator: Accelerator) -> None:
+    """Destroy the session's DeepSpeed engines: the student's (accelerate's) and the teacher's."""
+    engines = list(_untracked_engines)
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is not None:
+        engines.append(wrapped.engine)
+        accelerator.deepspeed_engine_wrapped = None  # (destroyed here, not by free_memory)
+    if not engines:
+        return
+    for engine in engines:
+        engine.destroy()
+    forget_zero3_modules([engine.module for engine in engines])
+
+
+def forget_zero3_modules(modules: list[torch.nn.Module]) -> None:
+    """Drop the two references ZeRO-3 (DeepSpeed 0.19) keeps to its modules after destroy():
+    each engine's module on a module-level stack, and every (coordinator, module) pair in a
+    class-level lru_cache. (Read defensively: private names, which a release may change; the
+    shutdown tests show whether anything is still held.)"""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import (
+        PartitionedParameterCoordinator,
+    )
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
+    stack[:] = [module for module in stack if not any(module is gone for gone in modules)]
+    # The cache is under DeepSpeed's NVTX wrapper, in the wrapper's closure.
+    release = getattr(
+        PartitionedParameterCoordinator,
+        "_PartitionedParameterCoordinator__params_to_release",
+        None,
+    )
+    for cell in getattr(release, "__closure__", None) or ():
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
 
 
 @contextlib.contextmanager
@@ -439,6 +510,7 @@ def place_teacher(
     # accelerate would otherwise try to save an optimizer-less engine, and read the ZeRO stage
     # of the export from the config it prepared last. (It keeps no public way to say either.)
     accelerator._models.remove(engine)
+    _untracked_engines.add(engine)
     accelerator.deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
     # Calling the module (not the engine) still gathers each layer's shards: ZeRO-3's hooks
     # live on the module's layers.
