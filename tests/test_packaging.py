@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (the package supports 3.10)
 ROOT = Path(__file__).parent.parent
@@ -86,3 +88,51 @@ assert main([*common, "--output_dir", str(root / "lora"), "--lora_r", "4"]) == 2
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pip install 'kd_dist[peft]'" in result.stderr
+
+
+CONSTRAINTS = ROOT / "constraints.txt"
+
+
+def pinned_versions() -> dict[str, str]:
+    """constraints.txt: canonical name -> the exact version installed by `make install`."""
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            (specifier,) = requirement.specifier
+            assert specifier.operator == "==", line
+            pins[canonicalize_name(requirement.name)] = specifier.version
+    return pins
+
+
+def test_the_constraints_pin_every_requirement_within_its_floor():
+    """The tested set covers the whole install (a requirement left unpinned would resolve to
+    whatever is newest), and every pin satisfies pyproject.toml's floors."""
+    pins = pinned_versions()
+    dev = [Requirement(line) for line in PROJECT["optional-dependencies"]["dev"]]
+    for requirement in [*REQUIREMENTS, *dev]:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (requirement, pins)
+
+
+def test_the_installed_versions_are_the_pinned_ones():
+    """Under `make test` (which sets KD_DIST_CONSTRAINTS), every package of constraints.txt is
+    installed at exactly its pinned version: a stale lock, or an environment that is not the
+    tested set, fails here instead of passing silently. (`make test-latest` runs the newest
+    releases on purpose, without it.)"""
+    if not os.environ.get("KD_DIST_CONSTRAINTS"):
+        pytest.skip("not installed with the constraints (run through `make test`)")
+    differing = {}
+    for name, version in pinned_versions().items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = "not installed"
+        # (torch's CPU and CUDA builds carry a local label: 2.13.0+cpu is the pinned 2.13.0.)
+        if installed == "not installed" or Version(installed).public != Version(version).public:
+            differing[name] = f"pinned {version}, installed {installed}"
+    assert not differing, (
+        f"installed versions differ from constraints.txt: {differing}. Reinstall the tested "
+        "set (make clean install), or, after a green `make test-latest`, `make constraints`."
+    )
