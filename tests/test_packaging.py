@@ -93,10 +93,10 @@ assert main([*common, "--output_dir", str(root / "lora"), "--lora_r", "4"]) == 2
 CONSTRAINTS = ROOT / "constraints.txt"
 
 
-def pinned_versions() -> dict[str, str]:
-    """constraints.txt: canonical name -> the exact version installed by `make install`."""
+def pinned_versions(constraints: Path = CONSTRAINTS) -> dict[str, str]:
+    """A constraints file: canonical name -> the exact version `make install` installs."""
     pins = {}
-    for line in CONSTRAINTS.read_text().splitlines():
+    for line in constraints.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             requirement = Requirement(line)
             (specifier,) = requirement.specifier
@@ -117,14 +117,14 @@ def test_the_constraints_pin_every_requirement_within_its_floor():
 
 
 def test_the_installed_versions_are_the_pinned_ones():
-    """Under `make test` (which sets KD_DIST_CONSTRAINTS), every package of constraints.txt is
-    installed at exactly its pinned version: a stale lock, or an environment that is not the
-    tested set, fails here instead of passing silently. (`make test-latest` runs the newest
-    releases on purpose, without it.)"""
+    """Under `make test` (KD_DIST_CONSTRAINTS names the constraints file it installed with),
+    every pinned package is installed at exactly its pinned version: a stale lock, or an
+    environment that is not the tested set, fails here instead of passing silently.
+    (`make test-latest` runs the newest releases on purpose, without it.)"""
     if not os.environ.get("KD_DIST_CONSTRAINTS"):
         pytest.skip("not installed with the constraints (run through `make test`)")
     differing = {}
-    for name, version in pinned_versions().items():
+    for name, version in pinned_versions(ROOT / os.environ["KD_DIST_CONSTRAINTS"]).items():
         try:
             installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
