@@ -89,59 +89,67 @@ def cache_teacher(cfg: TrainConfig) -> CacheResult:
     folder = Path(cfg.output_dir)
     check_writable_folder(folder)  # before the data is read
     with accelerator_session(cfg) as accelerator:
-        tokenizer = load_tokenizer(cfg)
-        if cfg.top_k > len(tokenizer):
-            raise ConfigError(
-                f"--top_k {cfg.top_k} is more than the tokenizer's {len(tokenizer)} tokens: pass "
-                f"--top_k {len(tokenizer)} or less (all of them: the full distribution)."
-            )
-        check_models(cfg, tokenizer)
-        data = build_datasets(cfg, tokenizer, main_process_first=tokenize_first(cfg, accelerator))
-        splits = {"train": data.train, "eval": data.eval}
-        splits = {name: examples for name, examples in splits.items() if examples is not None}
-        manifest = cache_manifest(
-            cfg,
-            tokenizer,
-            teacher_dtype(cfg),
-            {name: content_fingerprint(examples) for name, examples in splits.items()},
-            {name: len(examples) for name, examples in splits.items()},
-        )
-        check_cache_folder(folder, manifest, cfg.overwrite_output_dir)
-        accelerator.wait_for_everyone()  # every rank checked the folder before it changes
-        if accelerator.is_main_process:
-            start_cache(folder, manifest, tokenizer, cfg.overwrite_output_dir)
-        accelerator.wait_for_everyone()
-        # Planned once, before any rank writes: the ranks agree on who writes which shard.
-        pending = {
-            name: [shard for shard in split_shards(name, len(examples), cfg.cache_shard_size)
-                   if not (folder / shard.name).is_file()]
-            for name, examples in splits.items()
-        }  # fmt: skip
-        if any(pending.values()):
-            placement = choose_teacher_placement(cfg, accelerator, lambda: teacher_bytes(cfg))
-            teacher = load_teacher(
-                cfg, tokenizer, lambda role: partitioned_loading(accelerator, role, placement)
-            )
-            teacher = place_teacher(accelerator, teacher, placement)
-            run = TeacherRun(cfg, accelerator, teacher, len(tokenizer), placement)
-            for name, examples in splits.items():
-                run.cache_split(examples, pending[name], folder, make_collator(tokenizer))
-            accelerator.wait_for_everyone()  # every rank's shards are written
-        else:
-            logger.info("%s already holds the complete cache: nothing to run.", folder)
-        missing = missing_shards(folder, manifest)
-        if missing:  # a rank died without raising, or the folder is not shared by the ranks
-            raise RuntimeError(f"shards missing after caching: {', '.join(missing[:5])}")
-        if accelerator.is_main_process and not manifest["complete"]:
-            manifest["complete"] = True
-            write_manifest(folder, manifest)
-        accelerator.wait_for_everyone()
+        manifest = fill_cache(cfg, accelerator, folder)
     shard_files = [folder / shard for shard in shard_names(manifest)]
     tails = np.concatenate([stored_tails(path) for path in shard_files])
     return CacheResult(
         folder, manifest, len(tails), sum(path.stat().st_size for path in shard_files),
         top_k_mass=float((1.0 - np.exp(tails)).mean()) if len(tails) else 1.0,
     )  # fmt: skip
+
+
+def fill_cache(cfg: TrainConfig, accelerator: Accelerator, folder: Path) -> dict[str, Any]:
+    """Check the data and the folder, run the teacher over the shards not yet written, and mark
+    the cache complete; returns its manifest. (A function of its own: its teacher is freed when
+    it returns, before the session ends.)"""
+    tokenizer = load_tokenizer(cfg)
+    if cfg.top_k > len(tokenizer):
+        raise ConfigError(
+            f"--top_k {cfg.top_k} is more than the tokenizer's {len(tokenizer)} tokens: pass "
+            f"--top_k {len(tokenizer)} or less (all of them: the full distribution)."
+        )
+    check_models(cfg, tokenizer)
+    data = build_datasets(cfg, tokenizer, main_process_first=tokenize_first(cfg, accelerator))
+    splits = {"train": data.train, "eval": data.eval}
+    splits = {name: examples for name, examples in splits.items() if examples is not None}
+    manifest = cache_manifest(
+        cfg,
+        tokenizer,
+        teacher_dtype(cfg),
+        {name: content_fingerprint(examples) for name, examples in splits.items()},
+        {name: len(examples) for name, examples in splits.items()},
+    )
+    check_cache_folder(folder, manifest, cfg.overwrite_output_dir)
+    accelerator.wait_for_everyone()  # every rank checked the folder before it changes
+    if accelerator.is_main_process:
+        start_cache(folder, manifest, tokenizer, cfg.overwrite_output_dir)
+    accelerator.wait_for_everyone()
+    # Planned once, before any rank writes: the ranks agree on who writes which shard.
+    pending = {
+        name: [shard for shard in split_shards(name, len(examples), cfg.cache_shard_size)
+               if not (folder / shard.name).is_file()]
+        for name, examples in splits.items()
+    }  # fmt: skip
+    if any(pending.values()):
+        placement = choose_teacher_placement(cfg, accelerator, lambda: teacher_bytes(cfg))
+        teacher = load_teacher(
+            cfg, tokenizer, lambda role: partitioned_loading(accelerator, role, placement)
+        )
+        teacher = place_teacher(accelerator, teacher, placement)
+        run = TeacherRun(cfg, accelerator, teacher, len(tokenizer), placement)
+        for name, examples in splits.items():
+            run.cache_split(examples, pending[name], folder, make_collator(tokenizer))
+        accelerator.wait_for_everyone()  # every rank's shards are written
+    else:
+        logger.info("%s already holds the complete cache: nothing to run.", folder)
+    missing = missing_shards(folder, manifest)
+    if missing:  # a rank died without raising, or the folder is not shared by the ranks
+        raise RuntimeError(f"shards missing after caching: {', '.join(missing[:5])}")
+    if accelerator.is_main_process and not manifest["complete"]:
+        manifest["complete"] = True
+        write_manifest(folder, manifest)
+    accelerator.wait_for_everyone()
+    return manifest
 
 
 def stored_tails(shard: Path) -> np.ndarray:

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -264,7 +265,8 @@ def _deepspeed_plugins(cfg: TrainConfig) -> dict[str, DeepSpeedPlugin]:
 
 @contextlib.contextmanager
 def accelerator_session(cfg: TrainConfig) -> Iterator[Accelerator]:
-    """An Accelerator for one run, released afterwards.
+    """An Accelerator for one run (train, eval, cache-teacher), ended in order afterwards
+    (``shut_down``), also when the run raises.
 
     accelerate keeps its state in process-wide singletons; resetting them lets one process (the
     demo, a notebook, the tests) run several trainings with different settings.
@@ -272,8 +274,22 @@ def accelerator_session(cfg: TrainConfig) -> Iterator[Accelerator]:
     accelerator = _build_accelerator(cfg)
     try:
         yield accelerator
-    finally:
+    except BaseException as error:
+        if isinstance(error, RuntimeError):  # (a timed-out collective ends the process here)
+            exit_on_collective_timeout(error, accelerator.process_index, cfg.dist_timeout)
+        # The traceback's finished frames hold the run's models: cleared, so they can be freed.
+        traceback.clear_frames(error.__traceback__)
+        try:
+            # Where every rank stops at the same point for the same reason, the engines are
+            # released too; after any other error a rank's device may still wait on its peers
+            # (DeepSpeed's destroy() synchronizes the device), so only the group is destroyed.
+            shut_down(accelerator, release_models=isinstance(error, AGREED_STOPS))
+        except Exception:  # the run's own error is the one to report
+            logger.exception("While ending the run after an error, another one:")
+        raise
+    else:
         shut_down(accelerator)
+    finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
@@ -283,21 +299,22 @@ def accelerator_session(cfg: TrainConfig) -> Iterator[Accelerator]:
 _untracked_engines: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
-def shut_down(accelerator: Accelerator) -> None:
+def shut_down(accelerator: Accelerator, release_models: bool = True) -> None:
     """End a session in order, so that no thread of a process group outlives the interpreter.
 
     gloo's (and NCCL's) threads are joined when the last reference to their group goes. Left
     running at interpreter exit, one aborts the process after the run has succeeded
     ("terminate called without an active exception", SIGABRT, now and then). The models are
-    what keep the groups alive: ZeRO-3's hooks and DeepSpeed's stack of top modules hold each
-    model and its engine. So: each DeepSpeed engine removes its hooks (they still need the
-    process group) and its module leaves that stack; accelerate drops its references and the
-    collector frees the models; the trackers finish; the process group is destroyed last,
-    together with DeepSpeed's own references to its groups, and their threads are joined then.
+    what keep the groups alive: ZeRO-3's hooks and DeepSpeed's stack of modules hold each model
+    and its engine. So: each DeepSpeed engine removes its hooks (they still need the process
+    group) and its modules leave that stack; accelerate drops its references and the collector
+    frees the models; the trackers finish; the process group is destroyed last, together with
+    DeepSpeed's own references to its groups, and their threads are joined then.
     """
-    release_engines(accelerator)
-    accelerator.free_memory()
-    gc.collect()
+    if release_models:
+        release_engines(accelerator)
+        accelerator.free_memory()
+        gc.collect()
     for tracker in accelerator.trackers:
         tracker.finish()
     if not torch.distributed.is_initialized() or accelerator.state.fork_launched:
@@ -311,40 +328,45 @@ def shut_down(accelerator: Accelerator) -> None:
 
 
 def release_engines(accelerator: Accelerator) -> None:
-    """Destroy the session's DeepSpeed engines: the student's (accelerate's) and the teacher's."""
-    engines = list(_untracked_engines)
+    """Destroy the session's DeepSpeed engines: the student's (accelerate's) and the teacher's
+    (without a student, as in cache-teacher, accelerate holds the teacher's: each once)."""
+    engines = {id(engine): engine for engine in _untracked_engines}
+    _untracked_engines.clear()
     wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
     if wrapped is not None:
-        engines.append(wrapped.engine)
+        engines[id(wrapped.engine)] = wrapped.engine
         accelerator.deepspeed_engine_wrapped = None  # (destroyed here, not by free_memory)
     if not engines:
         return
-    for engine in engines:
+    for engine in engines.values():
         engine.destroy()
-    forget_zero3_modules([engine.module for engine in engines])
+    forget_zero3_modules([engine.module for engine in engines.values()])
 
 
-def forget_zero3_modules(modules: list[torch.nn.Module]) -> None:
-    """Drop the two references ZeRO-3 (DeepSpeed 0.19) keeps to its modules after destroy():
-    each engine's module on a module-level stack, and every (coordinator, module) pair in a
-    class-level lru_cache. (Read defensively: private names, which a release may change; the
-    shutdown tests show whether anything is still held.)"""
+def forget_zero3_modules(models: list[torch.nn.Module]) -> None:
+    """Drop the references ZeRO-3 (DeepSpeed 0.19) keeps to the modules of ``models`` after
+    destroy(): on a module-level stack (each engine's model, and any module whose forward an
+    error interrupted), and every (coordinator, module) pair in a class-level lru_cache. (Read
+    defensively: private names, which a release may change; tests/test_shutdown.py shows
+    whether anything is still held.)"""
     from deepspeed.runtime.zero import parameter_offload
     from deepspeed.runtime.zero.partitioned_param_coordinator import (
         PartitionedParameterCoordinator,
     )
 
+    gone = {id(module) for model in models for module in model.modules()}
     stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
-    stack[:] = [module for module in stack if not any(module is gone for gone in modules)]
-    # The cache is under DeepSpeed's NVTX wrapper, in the wrapper's closure.
+    stack[:] = [module for module in stack if id(module) not in gone]
     release = getattr(
         PartitionedParameterCoordinator,
         "_PartitionedParameterCoordinator__params_to_release",
         None,
     )
-    for cell in getattr(release, "__closure__", None) or ():
-        if hasattr(cell.cell_contents, "cache_clear"):
-            cell.cell_contents.cache_clear()
+    # The cache, or DeepSpeed's NVTX wrapper around it (then the cache is in its closure).
+    cells = [cell.cell_contents for cell in getattr(release, "__closure__", None) or ()]
+    for cached in [release, *cells]:
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
 
 
 @contextlib.contextmanager
@@ -398,6 +420,11 @@ class TrainingPreempted(Exception):
 
 class NonFiniteError(Exception):
     """A NaN or infinite loss or gradient norm, beyond what --skip_nonfinite allows."""
+
+
+# Errors every rank raises at the same point, having agreed on them (at a step boundary, or in
+# the checks before anything runs): the session ends in full order after them.
+AGREED_STOPS = (TrainingPreempted, NonFiniteError, ConfigError)
 
 
 COLLECTIVE_TIMEOUT_EXIT_CODE = 1

@@ -61,7 +61,6 @@ from kd_dist.engine import (
     accelerator_session,
     agree_on_minimum,
     choose_teacher_placement,
-    exit_on_collective_timeout,
     partitioned_loading,
     place_teacher,
 )
@@ -559,11 +558,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         PreemptionWatch(cfg.preemption_signal) as preemption,
         logging_redirect_tqdm(),  # log lines above the progress bar, not glued to it
     ):
-        try:
-            return run_training(cfg, accelerator, preemption)
-        except RuntimeError as error:
-            exit_on_collective_timeout(error, accelerator.process_index, cfg.dist_timeout)
-            raise
+        return run_training(cfg, accelerator, preemption)
 
 
 def run_training(

@@ -1,8 +1,9 @@
-"""A finished run ends in order: no thread of its process groups is left running when the
-interpreter exits, where one aborts the process now and then ("terminate called without an
-active exception", SIGABRT) after the run has succeeded and written its student, and the
-launcher reports a failure. Checked on 2 real processes in each launch form, and by repeating
-the launch that was seen to abort (``stress``: KD_DIST_STRESS_RUNS times, 3 in CI)."""
+"""A run ends in order, finished or stopped early: no thread of its process groups is left
+running when the interpreter exits, where one aborts the process now and then ("terminate
+called without an active exception", SIGABRT) after the run has succeeded and written its
+student, and the launcher reports a failure. Checked on 2 real processes in each launch form,
+after an early stop, for cache-teacher, and by repeating the launch that was seen to abort
+(``stress``: KD_DIST_STRESS_RUNS times, 3 in CI)."""
 
 from __future__ import annotations
 
@@ -26,16 +27,29 @@ from .test_distributed import (
 EXIT_THREADS = REPO / "tests" / "exit_threads.py"
 
 
-def run_recording_threads(command: list[str], argv: list[str], record: Path) -> list[list[str]]:
-    """``kd-dist train`` launched by ``command``; each rank's threads left at the end."""
+def run_recording_threads(
+    command: list[str],
+    argv: list[str],
+    record: Path,
+    exit_code: int = 0,
+    env: dict[str, str] | None = None,
+) -> None:
+    """``kd-dist ARGV`` launched by ``command``: every rank exits with ``exit_code`` and leaves
+    no thread of a process group running."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
-           "HF_HOME": str(record.parent / "hf_home"), "EXIT_THREADS": str(record)}  # fmt: skip
-    result = subprocess.run([*command, str(EXIT_THREADS), "train", *argv], env=env, cwd=REPO,
+           "HF_HOME": str(record.parent / "hf_home"), "EXIT_THREADS": str(record),
+           **(env or {})}  # fmt: skip
+    result = subprocess.run([*command, str(EXIT_THREADS), *argv], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    # (A launcher reports any rank's failure as its own exit code 1.)
+    assert (result.returncode == 0) == (exit_code == 0), output[-4000:]
     assert "terminate called" not in output, output[-4000:]
-    return [json.loads(Path(f"{record}.rank{rank}").read_text()) for rank in range(2)]
+    for rank in range(2):
+        ending = json.loads(Path(f"{record}.rank{rank}").read_text())
+        assert ending["exit_code"] == exit_code, (rank, output[-4000:])
+        gloo = [thread for thread in ending["threads"] if "gloo" in thread]
+        assert not gloo, f"rank {rank}: still running at exit: {ending['threads']}"
 
 
 def train_flags(model_pair, text_dataset, output_dir: Path) -> list[str]:
@@ -64,11 +78,40 @@ def launches(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
 )
 def test_no_process_group_thread_outlives_a_run(name, model_pair, text_dataset, tmp_path):
     launcher, flags = launches(tmp_path)[name]
-    argv = [*train_flags(model_pair, text_dataset, tmp_path / "out"), *flags, "--epochs", "1"]
-    for rank, threads in enumerate(run_recording_threads(launcher, argv, tmp_path / "threads")):
-        gloo = [thread for thread in threads if "gloo" in thread]
-        assert not gloo, f"rank {rank}: still running at exit: {threads}"
+    argv = ["train", *train_flags(model_pair, text_dataset, tmp_path / "out"), *flags,
+            "--epochs", "1"]  # fmt: skip
+    run_recording_threads(launcher, argv, tmp_path / "threads")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("ending", "fault", "exit_code"),
+    [("preempted", "signal_SIGUSR1@2:1", 75), ("non-finite loss", "nan_teacher@2", 1)],
+)
+def test_a_run_that_stops_early_leaves_no_process_group_thread(
+    ending, fault, exit_code, model_pair, text_dataset, tmp_path
+):
+    """Preempted (rank 1 warned: every rank saves and exits 75, which SLURM requeues on: an
+    abort would turn it into 134) or stopped by a NaN: the run's error carries its models in
+    its traceback, and they are freed all the same."""
+    launcher, flags = launches(tmp_path)["zero3_questionnaire_sharded_teacher"]
+    argv = ["train", *train_flags(model_pair, text_dataset, tmp_path / "out"), *flags,
+            "--epochs", "1"]  # fmt: skip
+    run_recording_threads(launcher, argv, tmp_path / "threads", exit_code,
+                          env={"KD_DIST_FAULT": fault})  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_a_teacher_cache_made_by_a_sharded_teacher_leaves_no_process_group_thread(
+    model_pair, text_dataset, tmp_path
+):
+    """cache-teacher prepares the teacher's ZeRO-3 engine with no student beside it."""
+    launcher, flags = launches(tmp_path)["zero3_questionnaire_sharded_teacher"]
+    argv = ["cache-teacher", *train_flags(model_pair, text_dataset, tmp_path / "cache"), *flags,
+            "--top_k", "8"]  # fmt: skip
+    run_recording_threads(launcher, argv, tmp_path / "threads")
+    assert (tmp_path / "cache" / "manifest.json").is_file()
 
 
 @pytest.mark.distributed
@@ -82,7 +125,8 @@ def test_the_launch_seen_to_abort_exits_cleanly_every_time(model_pair, text_data
         for run in range(runs):
             launcher, flags = launches(tmp_path)["zero3_questionnaire_sharded_teacher"]
             out = tmp_path / f"run{run}"
-            argv = [*train_flags(model_pair, text_dataset, out), *flags, "--max_steps", "2"]
+            argv = ["train", *train_flags(model_pair, text_dataset, out), *flags,
+                    "--max_steps", "2"]  # fmt: skip
             run_recording_threads(launcher, argv, tmp_path / f"threads{run}")
             assert (out / "model.safetensors").is_file()
     finally:
