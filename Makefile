@@ -49,14 +49,14 @@ test-latest:
 	$(LATEST_BIN)/ruff format --check .
 	$(LATEST_BIN)/python -m pytest $(PYTEST_ARGS)
 	@# Only once the suite passed; without local labels (torch's +cpu), which PyPI's wheels lack.
-	$(LATEST_BIN)/python -m pip freeze --exclude-editable | sed 's/+[^ ]*$$//' \
-		> $(LATEST_VENV)/versions.txt
+	$(LATEST_BIN)/python -m pip freeze --exclude-editable \
+		| sed -E 's/^([^ ]+==[^+ ]+)[+].*$$/\1/' > $(LATEST_VENV)/versions.txt
 
 # After a green `make test-latest`: its versions become the tested set (the header is kept; edit
 # its date).
 constraints:
 	@test -f $(LATEST_VENV)/versions.txt || (echo "no green make test-latest to take versions from" && exit 1)
-	(sed -n '1,/^$$/p' $(CONSTRAINTS); cat $(LATEST_VENV)/versions.txt) > $(CONSTRAINTS).new
+	(sed -n '/^#/p' $(CONSTRAINTS); echo; cat $(LATEST_VENV)/versions.txt) > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 format: install

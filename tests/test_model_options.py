@@ -177,11 +177,10 @@ def test_attention_implementation_reaches_both_models(model_pair, tokenizer):
         assert models.student.config._attn_implementation == kernel
 
 
-def test_the_hubs_kernels_stay_off_and_nothing_is_fetched(model_pair, tokenizer, monkeypatch):
+def test_the_hubs_kernels_stay_off(model_pair, tokenizer):
     """transformers 5.25 turns use_kernels on by default (kernelize swaps Hub-downloaded layers
-    in on a GPU); kd_dist loads every model with them off, offline too. (On this CPU they would
-    swap nothing, but the model would still report them on.)"""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    in on a GPU); kd_dist loads every model with them off. (On this CPU they would swap
+    nothing, but the model would still report them on.)"""
     teacher, student = model_pair("llama")
     models = load_models(make_cfg(teacher, student), tokenizer)
     for model in (models.teacher, models.student):

@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (the package supports 3.10)
 ROOT = Path(__file__).parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 REQUIREMENTS = [Requirement(line) for line in PROJECT["dependencies"]]
@@ -102,12 +102,14 @@ def pinned_versions(constraints: Path = CONSTRAINTS) -> dict[str, str]:
             (specifier,) = requirement.specifier
             assert specifier.operator == "==", line
             pins[canonicalize_name(requirement.name)] = specifier.version
+    assert pins, f"{constraints} pins nothing"
     return pins
 
 
 def test_the_constraints_pin_every_requirement_within_its_floor():
-    """The tested set covers the whole install (a requirement left unpinned would resolve to
-    whatever is newest), and every pin satisfies pyproject.toml's floors."""
+    """The tested set covers every requirement of the package and of its dev extra (one left
+    unpinned would resolve to whatever is newest), and every pin satisfies pyproject.toml's
+    floors. (Their own dependencies are pinned too: see the installed-versions test.)"""
     pins = pinned_versions()
     dev = [Requirement(line) for line in PROJECT["optional-dependencies"]["dev"]]
     for requirement in [*REQUIREMENTS, *dev]:
